@@ -1,0 +1,127 @@
+"""megapre.run: the public entry point, argument checks and backend choice."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .output import PreambleOutput, output_spec
+from .weights import PreambleWeights
+
+log = logging.getLogger("megapre")
+
+BACKENDS = ("auto", "fused", "unfused", "reference")
+ENV_BACKEND = "MEGAPRE_BACKEND"
+FUSED_MAX_TOKENS = 8      # the megakernel's tiles hold at most 8 tokens (decode)
+MAX_TOKENS = 4096         # unfused / reference: bounded so the sort scratch and GEMM tiles stay small
+
+
+def _check_tensor(name: str, t, dtype: torch.dtype, shape: tuple, device: torch.device | None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device} (where the weights are), got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous, got strides {t.stride()} for shape {list(t.shape)}")
+
+
+def check_inputs(hidden, residual, weights, out, max_tokens: int) -> int:
+    """Validate every argument before anything runs or is written. Returns M."""
+    if not isinstance(weights, PreambleWeights):
+        raise TypeError(f"weights: expected megapre.PreambleWeights, got {type(weights).__name__}")
+    cfg = weights.config
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: expected a 2-D [M, {cfg.hidden_size}] tensor, got shape {list(hidden.shape)}")
+    m = hidden.shape[0]
+    if not 1 <= m <= max_tokens:
+        raise ValueError(f"hidden: M = {m} tokens, supported range is 1..{max_tokens}")
+    dev = weights.device
+    _check_tensor("hidden", hidden, torch.bfloat16, (m, cfg.hidden_size), dev)
+    _check_tensor("residual", residual, torch.bfloat16, (m, cfg.hidden_size), dev)
+    if out is not None:
+        if not isinstance(out, PreambleOutput):
+            raise TypeError(f"out: expected megapre.PreambleOutput, got {type(out).__name__}")
+        for name, (dtype, shape) in output_spec(cfg, m).items():
+            _check_tensor(f"out.{name}", getattr(out, name), dtype, shape, dev)
+            t = getattr(out, name)
+            # out.residual may alias residual (in-place residual update); nothing else may alias an input
+            for iname, inp in (("hidden", hidden), ("residual", residual)):
+                if name == "residual" and iname == "residual":
+                    continue
+                if _overlaps(t, inp):
+                    raise ValueError(f"out.{name} overlaps the input {iname}")
+    return m
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+    return a0 < b1 and b0 < a1
+
+
+def choose_backend(backend: str, device: torch.device, m: int, config) -> str:
+    """Resolve "auto" (or MEGAPRE_BACKEND) to a concrete backend, logging why at debug level."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(ENV_BACKEND, "").strip()
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"{ENV_BACKEND}: expected one of {BACKENDS}, got {env!r}")
+            backend = env
+    if backend != "auto":
+        return backend
+    from .host import fused
+    ok, why = fused.can_run(config, m, device)
+    if ok:
+        log.debug("megapre: auto -> fused (M=%d, %s)", m, device)
+        return "fused"
+    log.debug("megapre: auto -> unfused: %s", why)
+    return "unfused"
+
+
+def run(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights, *, backend: str = "auto",
+        out: PreambleOutput | None = None) -> PreambleOutput:
+    """Run the DeepSeek-V3 MoE pre-amble for M tokens.
+
+    Parameters
+    ----------
+    hidden : bf16 [M, H], the attention output (after its all-reduce).
+    residual : bf16 [M, H], the residual stream. Not modified unless ``out.residual`` is this tensor.
+    weights : PreambleWeights of the layer (its ``config`` fixes every shape).
+    backend : "auto" (default; fused where it can run, else unfused; ``MEGAPRE_BACKEND`` overrides),
+        "fused" (one persistent kernel), "unfused" (separate kernels) or "reference" (plain torch).
+    out : preallocated PreambleOutput (``PreambleOutput.empty(config, M, device)``) for CUDA-graph capture.
+
+    Returns
+    -------
+    PreambleOutput (``out`` if given). No host-device synchronization on the GPU paths.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    limit = FUSED_MAX_TOKENS if backend == "fused" else MAX_TOKENS
+    m = check_inputs(hidden, residual, weights, out, limit)
+    chosen = choose_backend(backend, weights.device, m, weights.config)
+    if chosen == "fused" and m > FUSED_MAX_TOKENS:
+        raise ValueError(f"hidden: M = {m} tokens, the fused backend supports 1..{FUSED_MAX_TOKENS}")
+    if out is None:
+        out = PreambleOutput.empty(weights.config, m, weights.device)
+    if chosen == "reference":
+        from .host.reference import reference
+        for name, val in reference(hidden, residual, weights).items():
+            getattr(out, name).copy_(val)
+        return out
+    if chosen == "unfused":
+        from .host.unfused import run_unfused
+        return run_unfused(hidden, residual, weights, out)
+    from .host import fused
+    return fused.run_fused(hidden, residual, weights, out)

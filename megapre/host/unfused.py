@@ -1,0 +1,120 @@
+"""The unfused backend: the pre-amble as separate kernels, the way an engine runs it today.
+
+On CUDA it launches seven Triton kernels (see triton_kernels.py); this is the fallback of the fused backend
+and the baseline every speed-up is measured against. On CPU (or without triton) it runs the reference's
+stage functions one after the other, so the backend works everywhere.
+
+``run_unfused`` writes into a preallocated PreambleOutput and allocates only its scratch buffers from
+torch's caching allocator, so it can be captured in a CUDA graph; it never synchronizes with the host.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import QUANT_GROUP, PreambleConfig
+from ..output import PreambleOutput
+from ..weights import PreambleWeights
+from . import reference as ref
+
+KERNELS_PER_CALL = 7  # Triton path: the number bench reports and the acceptance limit (<= 20) checks
+
+_triton_kernels = None
+
+
+def triton_available(device: torch.device) -> bool:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        _load_triton()
+    except ImportError:
+        return False
+    return True
+
+
+def _load_triton():
+    global _triton_kernels
+    if _triton_kernels is None:
+        from . import triton_kernels
+        _triton_kernels = triton_kernels
+    return _triton_kernels
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _triton_shapes_ok(cfg: PreambleConfig) -> bool:
+    # The top-k kernel keeps the score matrix as (groups, experts per group) power-of-two tiles.
+    pow2 = lambda v: v & (v - 1) == 0  # noqa: E731
+    return pow2(cfg.n_group) and pow2(cfg.experts_per_group)
+
+
+def run_unfused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
+                out: PreambleOutput) -> PreambleOutput:
+    if triton_available(hidden.device) and _triton_shapes_ok(weights.config):
+        return _run_triton(hidden, residual, weights, out)
+    return _run_torch(hidden, residual, weights, out)
+
+
+def _run_torch(hidden, residual, w: PreambleWeights, out: PreambleOutput) -> PreambleOutput:
+    cfg = w.config
+    res, x, _ = ref.add_rmsnorm(hidden, residual, w.norm_weight, cfg.rms_norm_eps)
+    logits = ref.router_logits(x, w.gate_weight)
+    topk_w, topk_ids = ref.grouped_topk(logits, w.e_score_correction_bias, cfg)
+    a_q, a_s = ref.group_quant_fp8(x)
+    shared, _, _ = ref.shared_expert(a_q, a_s, w)
+    sorted_ids, expert_ids, ntpp = ref.moe_align_block_size(topk_ids, cfg)
+    for name, val in (("residual", res), ("router_logits", logits), ("topk_weights", topk_w),
+                      ("topk_ids", topk_ids), ("a_q", a_q), ("a_scale", a_s), ("shared_out", shared),
+                      ("sorted_token_ids", sorted_ids), ("expert_ids", expert_ids),
+                      ("num_tokens_post_padded", ntpp)):
+        getattr(out, name).copy_(val)
+    return out
+
+
+def _run_triton(hidden, residual, w: PreambleWeights, out: PreambleOutput) -> PreambleOutput:
+    tk = _load_triton()
+    cfg = w.config
+    m, h = hidden.shape
+    il = cfg.shared_local_intermediate
+    dev = hidden.device
+    x = torch.empty(m, h, dtype=torch.bfloat16, device=dev)
+    gate_up = torch.empty(m, 2 * il, dtype=torch.bfloat16, device=dev)
+    h_q = torch.empty(m, il, dtype=out.a_q.dtype, device=dev)
+    h_s = torch.empty(m, il // QUANT_GROUP, dtype=torch.float32, device=dev)
+    nb = _p2(cfg.n_local_experts + 1)
+    cursor = torch.empty(nb, dtype=torch.int32, device=dev)
+    m_p2 = max(2, _p2(m))
+
+    ng = cfg.hidden_groups
+    tk.add_rmsnorm_quant_kernel[(m,)](hidden, residual, w.norm_weight, out.residual, x, out.a_q, out.a_scale,
+                                      cfg.rms_norm_eps, H=h, NG=ng, NG_P2=_p2(ng), GROUP=QUANT_GROUP,
+                                      num_warps=8)
+    e = cfg.n_routed_experts
+    router_bn = 2
+    tk.skinny_gemm_kernel[(triton_cdiv(e, router_bn),)](x, x, w.gate_weight, w.gate_weight, out.router_logits,
+                                                       m, e, h, M_P2=m_p2, BN=router_bn, BK=512,
+                                                       BLOCK_SCALED=False, OUT_BF16=False, num_warps=4)
+    tk.grouped_topk_kernel[(m,)](out.router_logits, w.e_score_correction_bias, out.topk_weights, out.topk_ids,
+                                 cfg.routed_scaling_factor, E=e, G=cfg.n_group, EPG=cfg.experts_per_group,
+                                 TOPK_GROUP=cfg.topk_group, TOPK=cfg.top_k, TOPK_P2=_p2(cfg.top_k),
+                                 FOLD_SCALING=cfg.fold_routed_scaling, num_warps=4)
+    tk.moe_align_kernel[(1,)](out.topk_ids, out.sorted_token_ids, out.expert_ids, out.num_tokens_post_padded,
+                              cursor, cfg.first_local_expert, P=m * cfg.top_k,
+                              MAX_PADDED=out.sorted_token_ids.numel(), MAX_BLOCKS=out.expert_ids.numel(), NL=cfg.n_local_experts, NB=nb, BS=cfg.moe_block_size,
+                              CHUNK=64, num_warps=4)
+    gemm_bn = 16
+    tk.skinny_gemm_kernel[(triton_cdiv(2 * il, gemm_bn),)](out.a_q, out.a_scale, w.w13, w.w13_scale, gate_up,
+                                                          m, 2 * il, h, M_P2=m_p2, BN=gemm_bn, BK=128,
+                                                          BLOCK_SCALED=True, OUT_BF16=True, num_warps=4)
+    tk.silu_mul_quant_kernel[(m, il // QUANT_GROUP)](gate_up, h_q, h_s, I=il, GROUP=QUANT_GROUP, num_warps=4)
+    tk.skinny_gemm_kernel[(triton_cdiv(h, gemm_bn),)](h_q, h_s, w.w2, w.w2_scale, out.shared_out,
+                                                     m, h, il, M_P2=m_p2, BN=gemm_bn, BK=128,
+                                                     BLOCK_SCALED=True, OUT_BF16=True, num_warps=4)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
