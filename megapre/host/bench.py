@@ -1,0 +1,219 @@
+"""Timing as the project defines it, and the benchmark behind ``python -m megapre bench``.
+
+Per-call time: one CUDA graph holds 16 consecutive calls cycling through 8 distinct weight sets (as the
+layers of a model would), so the graph's launch cost is shared out and each call's weights come from HBM
+rather than L2; per-call time = median graph replay time / 16, after warm-up.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..api import run
+from ..config import PreambleConfig
+from ..output import PreambleOutput
+from ..weights import PreambleWeights
+
+CALLS_PER_GRAPH = 16
+WEIGHT_SETS = 8
+
+SHAPES = {
+    # The seed's deployment: routed experts EP8 (rank 0), shared expert TP8 (I = 256 per rank).
+    "ep8": lambda: PreambleConfig.deepseek_v3_ep8(ep_rank=0),
+    # One GPU holds the whole layer: all 256 experts local, shared expert TP1 (I = 2048).
+    "tp1": lambda: PreambleConfig.deepseek_v3(),
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+@dataclass
+class Case:
+    """Inputs, weights and output buffers for CALLS_PER_GRAPH consecutive calls."""
+    config: PreambleConfig
+    m: int
+    weights: list
+    hidden: list
+    residual: list
+    outs: list
+
+    @classmethod
+    def make(cls, config: PreambleConfig, m: int, device, seed: int = 0, n_sets: int = WEIGHT_SETS):
+        weights = [PreambleWeights.random(config, seed + i, device) for i in range(n_sets)]
+        g = torch.Generator(device=device).manual_seed(seed + 1000)
+        hidden = [torch.randn(m, config.hidden_size, generator=g, device=device).to(torch.bfloat16)
+                  for _ in range(n_sets)]
+        residual = [torch.randn(m, config.hidden_size, generator=g, device=device).to(torch.bfloat16)
+                    for _ in range(n_sets)]
+        outs = [PreambleOutput.empty(config, m, device) for _ in range(n_sets)]
+        return cls(config, m, weights, hidden, residual, outs)
+
+    def call(self, i: int, backend: str):
+        j = i % len(self.weights)
+        return run(self.hidden[j], self.residual[j], self.weights[j], backend=backend, out=self.outs[j])
+
+
+def time_graph(case: Case, backend: str, replays: int = 50) -> float:
+    """Per-call microseconds: median replay of a graph of CALLS_PER_GRAPH calls, divided by that count."""
+    for i in range(CALLS_PER_GRAPH):  # warm-up: JIT compiles, module loads, allocator pools
+        case.call(i, backend)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(CALLS_PER_GRAPH):
+                case.call(i, backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / CALLS_PER_GRAPH)
+    return statistics.median(times)
+
+
+def time_eager_cpu(case: Case, backend: str, reps: int = 5) -> float:
+    case.call(0, backend)
+    ts = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        case.call(i, backend)
+        ts.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(ts)
+
+
+def count_kernels(case: Case, backend: str) -> int:
+    """GPU kernels launched by one call, counted by the torch profiler (CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+    case.call(0, backend)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        case.call(1, backend)
+        torch.cuda.synchronize()
+    n = 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and not any(
+                s in ev.name.lower() for s in ("memcpy", "memset")):
+            n += 1
+    return n
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in bytes (read + written) per second."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) / 1000.0)
+    return nbytes / statistics.median(ts)
+
+
+@dataclass
+class Row:
+    shape: str
+    m: int
+    backend: str
+    us_per_call: float | None
+    kernels_per_call: int | None
+    weight_bytes: int
+    floor_us: float | None
+    fraction_of_copy_rate: float | None
+    error: str | None = None
+
+
+def bench(shapes=("ep8", "tp1"), ms=(1, 2, 4, 8), backends=("unfused", "fused"), device=None,
+          replays: int = 50) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    bw = copy_bandwidth(device) if on_gpu else None
+    rows: list[Row] = []
+    for shape in shapes:
+        cfg = SHAPES[shape]()
+        wbytes = cfg.weight_bytes()
+        floor = wbytes / bw * 1e6 if bw else None
+        for m in ms:
+            case = Case.make(cfg, m, device)
+            for backend in backends:
+                try:
+                    us = time_graph(case, backend, replays) if on_gpu else time_eager_cpu(case, backend)
+                    nk = count_kernels(case, backend) if on_gpu else None
+                    frac = (floor / us) if floor else None
+                    rows.append(Row(shape, m, backend, us, nk, wbytes, floor, frac))
+                except Exception as e:  # a backend that cannot run here is reported, not fatal
+                    rows.append(Row(shape, m, backend, None, None, wbytes, floor, None,
+                                    error=f"{type(e).__name__}: {e}"))
+            del case
+            if on_gpu:
+                torch.cuda.empty_cache()
+    return {
+        "device": device_name(device),
+        "timing": ("CUDA graph of 16 calls over 8 weight sets, median replay / 16" if on_gpu
+                   else "CPU eager, median wall time of one call"),
+        "copy_rate_bytes_per_s": bw,
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [f"device: {result['device']}   timing: {result['timing']}"]
+    if result["copy_rate_bytes_per_s"]:
+        lines.append(f"copy rate (read + write): {result['copy_rate_bytes_per_s'] / 1e12:.2f} TB/s; "
+                     f"floor = weight bytes / copy rate")
+    lines.append(f"{'shape':<6}{'M':>3}  {'backend':<10}{'us/call':>10}{'kernels':>9}{'weights MB':>12}"
+                 f"{'floor us':>10}{'floor/time':>11}  {'vs unfused':>10}")
+    base = {(r["shape"], r["m"]): r["us_per_call"] for r in result["rows"] if r["backend"] == "unfused"}
+    for r in result["rows"]:
+        us = r["us_per_call"]
+        if us is None:
+            lines.append(f"{r['shape']:<6}{r['m']:>3}  {r['backend']:<10}  n/a: {r['error']}")
+            continue
+        ref = base.get((r["shape"], r["m"]))
+        speedup = f"{ref / us:9.2f}x" if ref and r["backend"] != "unfused" else ""
+        floor = f"{r['floor_us']:10.2f}" if r["floor_us"] else f"{'-':>10}"
+        frac = f"{r['fraction_of_copy_rate']:10.0%}" if r["fraction_of_copy_rate"] else f"{'-':>10}"
+        nk = f"{r['kernels_per_call']:9d}" if r["kernels_per_call"] is not None else f"{'-':>9}"
+        lines.append(f"{r['shape']:<6}{r['m']:>3}  {r['backend']:<10}{us:10.2f}{nk}"
+                     f"{r['weight_bytes'] / 1e6:12.2f}{floor}{frac} {speedup:>10}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)

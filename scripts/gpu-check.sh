@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine runs everything that needs the GPU and leaves logs + JSON under $OUT:
+#   tests (GPU tests included), the benchmark table, and (when asked) the Nsight Systems profile.
+# Usage (from the repository root, on the GPU machine):  bash scripts/gpu-check.sh [tests] [bench] [profile]
+# The GPU machine cannot install packages: megapre runs from the source tree (PYTHONPATH) with its torch,
+# triton and cuda-bindings; fused-kernel cubins come prebuilt in .megapre-cache/ (carried, see README).
+set -uo pipefail
+OUT=${OUT:-/tmp/megapre-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+steps=${*:-tests bench}
+{
+  echo "date: $(date -u +%FT%TZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo none)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+rc=0
+for step in $steps; do
+  case $step in
+    tests)
+      python3 -m pytest -q -rs -s tests/ 2>&1 | tee "$OUT/pytest.log" | tail -40; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
+    bench)
+      python3 -m megapre bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
+    demo)
+      python3 -m megapre demo 2>&1 | tee "$OUT/demo.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
+    profile)
+      python3 -m megapre profile --out "$OUT" 2>&1 | tee "$OUT/profile.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
+    *) echo "unknown step $step"; rc=2 ;;
+  esac
+done
+echo "gpu-check exit $rc"
+exit $rc

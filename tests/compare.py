@@ -1,0 +1,93 @@
+"""Comparison of a backend's PreambleOutput with the exact reference, with the tolerances stated once.
+
+Tolerances (why each is what it is):
+  residual                exact: bf16(hidden + residual) has one right answer.
+  router_logits           |d| <= 2e-3 + 1e-3 |ref|: fp32 accumulation order plus rare 1-ulp bf16 flips of x
+                          (a kernel's fp32 rstd is not the reference's float64 one).
+  topk                    tie-aware: recomputed from the backend's own logits, a different expert is accepted
+                          only where its biased score is within 1e-5 of the one it replaced (fp32 sigmoid +
+                          bias vs float64), and the weights must be the renormalized sigmoid of the chosen ids.
+  a_q / a_scale           scale within 1e-2 relative; dequantized values within one e4m3 step (2^-3 relative)
+                          of the reference's, and at most 1% of them not bit-identical.
+  shared_out              ||d|| / ||ref|| <= 2e-2 and |d| <= 5e-2 max|ref|: two FP8 re-quantizations, where a
+                          1-ulp change of an intermediate moves a code by one step.
+  sorting                 exact, recomputed from the backend's own topk_ids.
+"""
+from __future__ import annotations
+
+import torch
+
+from megapre.host import reference as ref
+from megapre.output import PreambleOutput
+
+ROUTE_TOL = 1e-5
+
+
+def check_routing(out: PreambleOutput, bias: torch.Tensor, cfg, rows=None) -> None:
+    s, b = ref.biased_scores(out.router_logits, bias)
+    w_ref, ids_ref = ref.grouped_topk(out.router_logits, bias, cfg)
+    ids = out.topk_ids.long()
+    m = ids.shape[0]
+    assert ((ids >= 0) & (ids < cfg.n_routed_experts)).all(), f"ids out of range: {ids}"
+    for t in range(m) if rows is None else rows:
+        got, want = ids[t].tolist(), ids_ref[t].long().tolist()
+        if got != want:
+            bg = sorted((b[t, i].item() for i in got), reverse=True)
+            bw = sorted((b[t, i].item() for i in want), reverse=True)
+            diff = max(abs(x - y) for x, y in zip(bg, bw))
+            assert len(set(got)) == len(got), f"token {t}: duplicate expert ids {got}"
+            assert diff <= ROUTE_TOL, (f"token {t}: experts {got} vs reference {want}; biased scores differ by "
+                                       f"{diff:.3g} > {ROUTE_TOL} (not a tie)")
+        if torch.isfinite(b[t]).any():
+            sw = s[t, ids[t]]
+            expect = sw / (sw.sum() + ref.RENORM_EPS)
+            if cfg.fold_routed_scaling:
+                expect = expect * cfg.routed_scaling_factor
+            torch.testing.assert_close(out.topk_weights[t].double(), expect, atol=1e-5, rtol=1e-5,
+                                       msg=lambda s_: f"token {t} weights: {s_}")
+        else:
+            torch.testing.assert_close(out.topk_weights[t].double(), w_ref[t].double(), atol=1e-6, rtol=0)
+
+
+def check_sorting(out: PreambleOutput, cfg) -> None:
+    sid, eid, ntpp = ref.moe_align_block_size(out.topk_ids, cfg)
+    assert torch.equal(out.num_tokens_post_padded.cpu(), ntpp.cpu()), \
+        f"num_tokens_post_padded {out.num_tokens_post_padded.tolist()} != {ntpp.tolist()}"
+    assert torch.equal(out.sorted_token_ids.cpu(), sid.cpu()), "sorted_token_ids differ"
+    assert torch.equal(out.expert_ids.cpu(), eid.cpu()), "expert_ids differ"
+
+
+def check_quant(a_q, a_scale, want_q, want_scale, what="a_q") -> None:
+    torch.testing.assert_close(a_scale.double(), want_scale.double(), rtol=1e-2, atol=0, msg=lambda s: f"{what} scale: {s}")
+    got = ref.dequant_groups(a_q, a_scale)
+    want = ref.dequant_groups(want_q, want_scale)
+    bad = (got - want).abs() > 0.13 * want.abs() + 1e-6 * want_scale.double().max()
+    assert not bad.any(), f"{what}: {int(bad.sum())} values off by more than one e4m3 step"
+    frac = (a_q.view(torch.uint8) != want_q.view(torch.uint8)).double().mean().item()
+    assert frac <= 0.01, f"{what}: {frac:.2%} of the codes differ (> 1%)"
+
+
+def check_output(out: PreambleOutput, want: PreambleOutput, weights, finite_rows=None) -> None:
+    cfg = weights.config
+    assert torch.equal(out.residual, want.residual), "residual differs"
+    torch.testing.assert_close(out.router_logits, want.router_logits, atol=2e-3, rtol=1e-3)
+    check_routing(out, weights.e_score_correction_bias, cfg, rows=finite_rows)
+    check_quant(out.a_q, out.a_scale, want.a_q, want.a_scale)
+    d = (out.shared_out.double() - want.shared_out.double())
+    r = want.shared_out.double()
+    rel = (d.norm() / r.norm().clamp_min(1e-30)).item()
+    assert rel <= 2e-2, f"shared_out: relative error {rel:.3g}"
+    assert d.abs().max().item() <= 5e-2 * r.abs().max().item(), f"shared_out: max abs err {d.abs().max().item():.3g}"
+    check_sorting(out, cfg)
+
+
+def max_errors(out: PreambleOutput, want: PreambleOutput) -> dict:
+    """Printed by the GPU tests so the logs show how much room each tolerance had."""
+    d = lambda a, b: (a.double() - b.double()).abs().max().item()  # noqa: E731
+    return {
+        "logits": d(out.router_logits, want.router_logits),
+        "a_q_codes_differ": (out.a_q.view(torch.uint8) != want.a_q.view(torch.uint8)).double().mean().item(),
+        "shared_rel": ((out.shared_out.double() - want.shared_out.double()).norm()
+                       / want.shared_out.double().norm()).item(),
+        "ids_differ": int((out.topk_ids != want.topk_ids).sum()),
+    }
