@@ -7,6 +7,7 @@ rather than L2; per-call time = median graph replay time / 16, after warm-up.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -38,6 +39,9 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The commit measured: MEGAPRE_COMMIT where the tree travels without .git (the GPU machine)."""
+    if os.environ.get("MEGAPRE_COMMIT"):
+        return os.environ["MEGAPRE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=5).stdout.strip() or "unknown"

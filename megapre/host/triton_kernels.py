@@ -13,8 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
-QUANT_EPS = 1e-10
+FP8_MAX = tl.constexpr(448.0)
+QUANT_EPS = tl.constexpr(1e-10)
 
 
 @triton.jit
