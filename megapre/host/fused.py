@@ -1,11 +1,131 @@
-"""The fused backend's host side (placeholder until the megakernel lands: reports that it cannot run)."""
+"""The fused backend: one cooperative launch of the persistent megakernel per call.
+
+Per (device, stream, spec) it keeps a workspace (counters that the kernel resets itself, split-K partials,
+intermediates) and the task table on the device, both made on the first call, which therefore must not be
+inside a CUDA-graph capture (like Triton's JIT). Later calls allocate nothing and never synchronize.
+"""
 from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..output import PreambleOutput
+from ..weights import PreambleWeights
+from . import build, launch
+from .plan import KernelSpec, check_table, task_table
+
+_lock = threading.Lock()
+_entries: dict = {}     # spec -> (cubin, manifest, key)
+_tables: dict = {}      # (spec, device) -> int32 tensor
+_workspaces: dict = {}  # (spec, device, stream) -> uint8 tensor
 
 
 def can_run(config, m: int, device) -> tuple[bool, str]:
-    return False, "the fused megakernel is not built in this version"
+    """Whether backend="fused" can run here, and if not, why (auto logs this)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"device {device} is not CUDA"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    cap = torch.cuda.get_device_capability(device)
+    if cap != (9, 0):
+        return False, f"compute capability {cap[0]}.{cap[1]} (the megakernel is built for sm_90a: H100/H200)"
+    spec = KernelSpec.from_config(config, m)
+    why = spec.unsupported()
+    if why:
+        return False, why
+    if build.load_entry(spec) is None and not build.dsl_available():
+        return False, (f"no prebuilt kernel for M={m} in {build.default_cache_dir()} and the CuTe DSL is not "
+                       f"installed to build it (run `python -m megapre build` where nvidia-cutlass-dsl is)")
+    return True, "ok"
 
 
-def run_fused(hidden, residual, weights, out):
-    raise RuntimeError("backend='fused': the fused megakernel is not available in this version; "
-                       "use backend='unfused' or 'auto'")
+def _entry(spec: KernelSpec):
+    with _lock:
+        if spec not in _entries:
+            found = build.load_entry(spec)
+            if found is None:
+                if not build.dsl_available():
+                    raise RuntimeError(
+                        f"backend='fused': no prebuilt megakernel for M={spec.m} in {build.default_cache_dir()} "
+                        f"(key {build.cache_key(spec)}); run `python -m megapre build` on a machine with "
+                        f"nvidia-cutlass-dsl and copy that folder here, or set MEGAPRE_CACHE")
+                build.compile_spec(spec)
+                found = build.load_entry(spec)
+            cubin, manifest = found
+            _entries[spec] = (cubin, manifest, build.cache_key(spec))
+        return _entries[spec]
+
+
+def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
+    key = (spec, device.index, stream.cuda_stream)
+    ws = _workspaces.get(key)
+    table = _tables.get((spec, device.index))
+    if ws is not None and table is not None:
+        return ws, table
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("backend='fused': call megapre.run once on this stream before capturing it in a CUDA "
+                           "graph (the first call allocates the workspace and uploads the task table)")
+    with _lock:
+        if table is None:
+            rows = task_table(spec)
+            check_table(rows)
+            table = torch.tensor(rows, dtype=torch.int32, device=device).contiguous()
+            _tables[(spec, device.index)] = table
+        if ws is None:
+            with torch.cuda.stream(stream):
+                ws = torch.zeros(spec.ws_layout()["total"], dtype=torch.uint8, device=device)
+            _workspaces[key] = ws
+    return ws, table
+
+
+def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
+              out: PreambleOutput) -> PreambleOutput:
+    cfg = weights.config
+    m = hidden.shape[0]
+    spec = KernelSpec.from_config(cfg, m)
+    why = spec.unsupported()
+    if why:
+        raise ValueError(f"backend='fused' cannot run this shape: {why}")
+    device = hidden.device
+    cubin, manifest, key = _entry(spec)
+    kernel = launch.get_kernel(cubin, manifest, key, device)
+    stream = torch.cuda.current_stream(device)
+    ws, table = _prepare(spec, device, stream)
+    w = weights
+    args = (hidden.data_ptr(), residual.data_ptr(), w.norm_weight.data_ptr(), w.gate_weight.data_ptr(),
+            w.e_score_correction_bias.data_ptr(), w.w13.data_ptr(), w.w13_scale.data_ptr(), w.w2.data_ptr(),
+            w.w2_scale.data_ptr(), out.residual.data_ptr(), out.router_logits.data_ptr(),
+            out.topk_weights.data_ptr(), out.topk_ids.data_ptr(), out.a_q.data_ptr(), out.a_scale.data_ptr(),
+            out.shared_out.data_ptr(), out.sorted_token_ids.data_ptr(), out.expert_ids.data_ptr(),
+            out.num_tokens_post_padded.data_ptr(), ws.data_ptr(), table.data_ptr(), table.shape[0],
+            cfg.first_local_expert, -1)
+    kernel.launch(args, grid=kernel.num_sms, stream=stream)
+    return out
+
+
+def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) -> PreambleOutput:
+    """The same device stage functions, each as its own small kernel (grid = its tiles), in queue order.
+    For tests: a difference between this and run_fused points at the queue/sync layer, not the math."""
+    from .plan import STAGE_NAMES
+    cfg = weights.config
+    m = hidden.shape[0]
+    spec = KernelSpec.from_config(cfg, m)
+    device = hidden.device
+    cubin, manifest, key = _entry(spec)
+    kernel = launch.get_kernel(cubin, manifest, key, device)
+    stream = torch.cuda.current_stream(device)
+    ws, table = _prepare(spec, device, stream)
+    w = weights
+    base = [hidden.data_ptr(), residual.data_ptr(), w.norm_weight.data_ptr(), w.gate_weight.data_ptr(),
+            w.e_score_correction_bias.data_ptr(), w.w13.data_ptr(), w.w13_scale.data_ptr(), w.w2.data_ptr(),
+            w.w2_scale.data_ptr(), out.residual.data_ptr(), out.router_logits.data_ptr(),
+            out.topk_weights.data_ptr(), out.topk_ids.data_ptr(), out.a_q.data_ptr(), out.a_scale.data_ptr(),
+            out.shared_out.data_ptr(), out.sorted_token_ids.data_ptr(), out.expert_ids.data_ptr(),
+            out.num_tokens_post_padded.data_ptr(), ws.data_ptr(), table.data_ptr(), table.shape[0],
+            cfg.first_local_expert]
+    tiles = spec.stage_tiles()
+    for stage in range(len(STAGE_NAMES)):
+        kernel.launch(tuple(base + [stage]), grid=tiles[stage], stream=stream, cooperative=False)
+    return out

@@ -1,0 +1,522 @@
+"""The persistent pre-amble kernel (CuTe DSL): one CTA per SM, a device-side task queue, dataflow counters.
+
+What it computes: every output of megapre.run for M <= 8 tokens (see megapre/host/plan.py for the task
+protocol and megapre/host/reference.py for the semantics). Stages, each a device function that the queue
+loop dispatches to, and that ``only_stage >= 0`` runs alone (tile = blockIdx.x) for per-stage testing:
+
+    norm     (one task per token)  residual add, RMSNorm, x (bf16, workspace), a_q / a_scale
+    router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
+    gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace)
+    topk     (one task per token)  logits = sum of partials; sigmoid, grouped top-k, weights
+    sort     (one task)            moe_align_block_size over the local experts
+    act      (one task per 128 h)  gate_up = bf16(sum of partials); h = silu(gate) * up; FP8 quant of h
+    down     (row tile)            block-scaled FP8 h_q @ w2.T -> shared_out (bf16)
+
+GEMM layout (M <= 8 makes them weight streams): a warp owns a few weight rows; for each 128-wide K window
+its 32 lanes each take 4 consecutive K, keep the 4 x M activations of the window in registers (staged once
+per task in shared memory as fp32, FP8 scales folded in) and stream the rows' weights with coalesced
+non-coherent loads. Partial sums are reduced across lanes with a fixed butterfly, and split-K partials are
+added by the consumer in split order: no float atomics, bitwise-repeatable results.
+
+Limits: M <= 8, 256 experts, hidden a multiple of 1024 (KernelSpec.unsupported says which shapes).
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64, Uint32
+from cutlass.memory import SmemAllocator
+
+from ..host.plan import (ACT, DOWN, GATE_UP, NORM, ROUTER, SORT, THREADS, TOPK, WARPS, WS_COUNTERS, WS_DONE,
+                         WS_ERROR, WS_HEAD, KernelSpec)
+from . import primitives as P
+
+SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
+NEG_INF = float("-inf")
+INT_MIN = -2147483648
+
+
+def build_kernel(spec: KernelSpec):
+    """Return (kernel, launcher) for cute.compile. All shape numbers are compile-time constants."""
+    S = spec
+    M, H, E, NG = S.m, S.hidden, S.experts, S.hidden_groups
+    I = S.inter  # noqa: E741
+    LAY = S.ws_layout()
+    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS = (LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale"))
+    EPL = E // 32  # experts per lane in the top-k warp
+    LPG = S.experts_per_group // EPL  # lanes per group
+    P_PAIRS = M * S.top_k
+    SF = S.smem_floats()
+    # int scratch layout (int32 index)
+    SI_TASK, SI_RED, SI_IDS, SI_PAD, SI_END, SI_WTOT = 0, 16, 32, 96, 352, 608
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: residual add + RMSNorm + MoE input quantization, one token per task
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_norm(m: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
+                   o_as: Int64, ws: Int64, si: Int32, tid: Int32):
+        warp = tid >> 5
+        lane = tid & 31
+        vals = []
+        ss = Float32(0.0)
+        for i in cutlass.range_constexpr(NG // WARPS):
+            g = warp + WARPS * i
+            col = g * 128 + lane * 4
+            off = Int64(m * H + col) * 2
+            h0, h1 = P.ld_nc_v2(hidden + off)
+            r0, r1 = P.ld_nc_v2(residual + off)
+            ha, hb = P.bf16x2_to_f32(h0)
+            hc, hd = P.bf16x2_to_f32(h1)
+            ra, rb = P.bf16x2_to_f32(r0)
+            rc, rd = P.bf16x2_to_f32(r1)
+            v = [P.round_bf16(ha + ra), P.round_bf16(hb + rb), P.round_bf16(hc + rc), P.round_bf16(hd + rd)]
+            for j in cutlass.range_constexpr(4):
+                ss = ss + v[j] * v[j]
+            P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
+            vals.append(v)
+        ss = P.warp_sum_f32(ss)
+        if lane == 0:
+            P.sts_f32(si + (SI_RED + warp) * 4, ss)
+        cute.arch.sync_threads()
+        tot = Float32(0.0)
+        for w in cutlass.range_constexpr(WARPS):
+            tot = tot + P.lds_f32(si + (SI_RED + w) * 4)
+        rstd = P.div_rn(Float32(1.0), P.sqrt_rn(P.div_rn(tot, Float32(H)) + Float32(S.eps)))
+        for i in cutlass.range_constexpr(NG // WARPS):
+            g = warp + WARPS * i
+            col = g * 128 + lane * 4
+            off = Int64(m * H + col) * 2
+            w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
+            wa, wb = P.bf16x2_to_f32(w0)
+            wc, wd = P.bf16x2_to_f32(w1)
+            wv = [wa, wb, wc, wd]
+            x = [P.round_bf16(P.round_bf16(vals[i][j] * rstd) * wv[j]) for j in range(4)]
+            P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x[0], x[1]), P.f32x2_to_bf16x2(x[2], x[3]))
+            amax = P.fmax(P.fmax(P.fabs(x[0]), P.fabs(x[1])), P.fmax(P.fabs(x[2]), P.fabs(x[3])))
+            amax = P.warp_max_f32(amax)
+            scale = P.div_rn(P.fmax(amax, Float32(1e-10)), Float32(448.0))
+            q = P.f32x4_to_e4m3x4(P.div_rn(x[0], scale), P.div_rn(x[1], scale), P.div_rn(x[2], scale),
+                                  P.div_rn(x[3], scale))
+            P.st_b32(o_aq + Int64(m * H + col), q)
+            if lane == 0:
+                P.st_f32(o_as + Int64(m * NG + g) * 4, scale)
+
+    # ------------------------------------------------------------------------------------------------
+    # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def gemm_rows(w_ptr: Int64, ldw: cutlass.Constexpr, fp8: cutlass.Constexpr, row0: Int32, k0: Int32,
+                  rpw: cutlass.Constexpr, kc: cutlass.Constexpr, w_scale: Int64, lds_scale: cutlass.Constexpr,
+                  sf: Int32, lane: Int32):
+        """Returns acc[r][m] (this lane's share) for rows row0 + r, K in [k0, k0 + kc).
+        fp8: weights are e4m3 with one scale per 128 x 128 block (all rpw rows share a block)."""
+        acc = [[Float32(0.0) for _ in range(M)] for _ in range(rpw)]
+        for w in cutlass.range_constexpr(kc // 128):
+            kk = w * 128 + lane * 4
+            xs = []
+            wsc = Float32(1.0)
+            if cutlass.const_expr(fp8):
+                wsc = P.ld_nc_f32(w_scale + Int64((row0 // 128) * lds_scale + (k0 + w * 128) // 128) * 4)
+            for m in cutlass.range_constexpr(M):
+                a0, a1, a2, a3 = P.lds_v4f(sf + (m * kc + kk) * 4)
+                if cutlass.const_expr(fp8):
+                    xs.append([a0 * wsc, a1 * wsc, a2 * wsc, a3 * wsc])
+                else:
+                    xs.append([a0, a1, a2, a3])
+            for r in cutlass.range_constexpr(rpw):
+                wf = []
+                if cutlass.const_expr(fp8):
+                    q = P.ld_nc_b32(w_ptr + Int64(row0 + r) * ldw + Int64(k0 + kk))
+                    wf = list(P.e4m3x4_to_f32(q))
+                else:
+                    u0, u1 = P.ld_nc_v2(w_ptr + (Int64(row0 + r) * ldw + Int64(k0 + kk)) * 2)
+                    fa, fb = P.bf16x2_to_f32(u0)
+                    fc, fd = P.bf16x2_to_f32(u1)
+                    wf = [fa, fb, fc, fd]
+                for m in cutlass.range_constexpr(M):
+                    a = acc[r][m]
+                    for j in cutlass.range_constexpr(4):
+                        a = a + wf[j] * xs[m][j]
+                    acc[r][m] = a
+        return acc
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: router GEMM partials (bf16 x bf16 -> fp32)
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_router(tile: Int32, gate_w: Int64, ws: Int64, sf: Int32, tid: Int32):
+        warp = tid >> 5
+        lane = tid & 31
+        kc = S.router_kc
+        rt = tile // S.router_splits
+        split = tile % S.router_splits
+        k0 = split * kc
+        # stage x[:, k0:k0+kc] as fp32
+        nvec = M * kc // 4
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            if v < nvec:
+                m = v // (kc // 4)
+                kk = (v % (kc // 4)) * 4
+                u0, u1 = P.ld_cg_v2(ws + OFF_X + Int64(m * H + k0 + kk) * 2)
+                fa, fb = P.bf16x2_to_f32(u0)
+                fc, fd = P.bf16x2_to_f32(u1)
+                P.sts_v4f(sf + (m * kc + kk) * 4, fa, fb, fc, fd)
+        cute.arch.sync_threads()
+        rpw = S.router_rows // WARPS
+        row0 = rt * S.router_rows + warp * rpw
+        acc = gemm_rows(gate_w, H, False, row0, k0, rpw, kc, gate_w, 0, sf, lane)
+        for r in cutlass.range_constexpr(rpw):
+            for m in cutlass.range_constexpr(M):
+                t = P.warp_sum_f32(acc[r][m])
+                if lane == 0:
+                    P.st_f32(ws + OFF_RP + Int64((split * M + m) * E + row0 + r) * 4, t)
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: shared expert gate_up GEMM partials (block-scaled FP8)
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
+                      tid: Int32):
+        warp = tid >> 5
+        lane = tid & 31
+        kc = S.gu_kc
+        rt = tile // S.gu_splits
+        split = tile % S.gu_splits
+        k0 = split * kc
+        nvec = M * kc // 4
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            if v < nvec:
+                m = v // (kc // 4)
+                kk = (v % (kc // 4)) * 4
+                q = P.ld_cg_b32(o_aq + Int64(m * H + k0 + kk))
+                s = P.ld_cg_f32(o_as + Int64(m * NG + (k0 + kk) // 128) * 4)
+                fa, fb, fc, fd = P.e4m3x4_to_f32(q)
+                P.sts_v4f(sf + (m * kc + kk) * 4, fa * s, fb * s, fc * s, fd * s)
+        cute.arch.sync_threads()
+        rpw = S.gu_rows // WARPS
+        row0 = rt * S.gu_rows + warp * rpw
+        acc = gemm_rows(w13, H, True, row0, k0, rpw, kc, w13_s, NG, sf, lane)
+        for r in cutlass.range_constexpr(rpw):
+            for m in cutlass.range_constexpr(M):
+                t = P.warp_sum_f32(acc[r][m])
+                if lane == 0:
+                    P.st_f32(ws + OFF_GU + Int64((split * M + m) * 2 * I + row0 + r) * 4, t)
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_act(g: Int32, ws: Int64, tid: Int32):
+        m = tid >> 5
+        lane = tid & 31
+        if m < M:
+            c = g * 128 + lane * 4
+            gt = [Float32(0.0)] * 4
+            up = [Float32(0.0)] * 4
+            for s in cutlass.range_constexpr(S.gu_splits):
+                base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
+                a0, a1, a2, a3 = P.ld_cg_v4f(base)
+                b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
+                gt = [gt[0] + a0, gt[1] + a1, gt[2] + a2, gt[3] + a3]
+                up = [up[0] + b0, up[1] + b1, up[2] + b2, up[3] + b3]
+            h = []
+            for j in cutlass.range_constexpr(4):
+                gj = P.round_bf16(gt[j])
+                uj = P.round_bf16(up[j])
+                act = P.round_bf16(P.div_rn(gj, Float32(1.0) + P.exp_f32(-gj)))
+                h.append(P.round_bf16(act * uj))
+            amax = P.fmax(P.fmax(P.fabs(h[0]), P.fabs(h[1])), P.fmax(P.fabs(h[2]), P.fabs(h[3])))
+            amax = P.warp_max_f32(amax)
+            scale = P.div_rn(P.fmax(amax, Float32(1e-10)), Float32(448.0))
+            q = P.f32x4_to_e4m3x4(P.div_rn(h[0], scale), P.div_rn(h[1], scale), P.div_rn(h[2], scale),
+                                  P.div_rn(h[3], scale))
+            P.st_b32(ws + OFF_HQ + Int64(m * I + c), q)
+            if lane == 0:
+                P.st_f32(ws + OFF_HS + Int64(m * (I // 128) + g) * 4, scale)
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: shared expert down GEMM (block-scaled FP8) -> shared_out bf16
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_down(rt: Int32, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, sf: Int32, tid: Int32):
+        warp = tid >> 5
+        lane = tid & 31
+        nvec = M * I // 4
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            if v < nvec:
+                m = v // (I // 4)
+                kk = (v % (I // 4)) * 4
+                q = P.ld_cg_b32(ws + OFF_HQ + Int64(m * I + kk))
+                s = P.ld_cg_f32(ws + OFF_HS + Int64(m * (I // 128) + kk // 128) * 4)
+                fa, fb, fc, fd = P.e4m3x4_to_f32(q)
+                P.sts_v4f(sf + (m * I + kk) * 4, fa * s, fb * s, fc * s, fd * s)
+        cute.arch.sync_threads()
+        rpw = S.down_rows // WARPS
+        row0 = rt * S.down_rows + warp * rpw
+        acc = gemm_rows(w2, I, True, row0, 0, rpw, I, w2_s, I // 128, sf, lane)
+        for r in cutlass.range_constexpr(rpw):
+            for m in cutlass.range_constexpr(M):
+                t = P.warp_sum_f32(acc[r][m])
+                if lane == 0:
+                    P.st_b16(o_shared + Int64(m * H + row0 + r) * 2, P.f32x2_to_bf16x2(t, t))
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: router scoring + grouped top-k for one token (one warp; expert e = lane * EPL + j)
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_topk(m: Int32, bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, ws: Int64, tid: Int32):
+        lane = tid & 31
+        if tid < 32:
+            e0 = lane * EPL
+            lg = [Float32(0.0)] * EPL
+            for s in cutlass.range_constexpr(S.router_splits):
+                for v in cutlass.range_constexpr(EPL // 4):
+                    a0, a1, a2, a3 = P.ld_cg_v4f(ws + OFF_RP + Int64((s * M + m) * E + e0 + 4 * v) * 4)
+                    lg[4 * v] = lg[4 * v] + a0
+                    lg[4 * v + 1] = lg[4 * v + 1] + a1
+                    lg[4 * v + 2] = lg[4 * v + 2] + a2
+                    lg[4 * v + 3] = lg[4 * v + 3] + a3
+            for v in cutlass.range_constexpr(EPL // 4):
+                P.st_v4f(o_logits + Int64(m * E + e0 + 4 * v) * 4, lg[4 * v], lg[4 * v + 1], lg[4 * v + 2],
+                         lg[4 * v + 3])
+            sc = []
+            bs = []
+            for v in cutlass.range_constexpr(EPL // 4):
+                c0, c1, c2, c3 = P.ld_nc_v4f(bias + Int64(e0 + 4 * v) * 4)
+                cb = [c0, c1, c2, c3]
+                for j in cutlass.range_constexpr(4):
+                    s_ = P.div_rn(Float32(1.0), Float32(1.0) + P.exp_f32(-lg[4 * v + j]))
+                    b_ = s_ + cb[j]
+                    sc.append(s_)
+                    bs.append(P.sel_f32(P.is_nan(b_), Float32(NEG_INF), b_))
+            # group score: sum of the top two biased scores of the group
+            t1 = Float32(NEG_INF)
+            t2 = Float32(NEG_INF)
+            for j in cutlass.range_constexpr(EPL):
+                t2 = P.fmax(t2, -P.fmax(-t1, -bs[j]))  # max(t2, min(t1, b))
+                t1 = P.fmax(t1, bs[j])
+            for sh in cutlass.range_constexpr(LPG.bit_length() - 1):
+                o1 = cute.arch.shuffle_sync_bfly(t1, 1 << sh)
+                o2 = cute.arch.shuffle_sync_bfly(t2, 1 << sh)
+                n2 = P.fmax(-P.fmax(-t1, -o1), P.fmax(t2, o2))
+                t1 = P.fmax(t1, o1)
+                t2 = n2
+            gs = t1 + t2
+            gs = P.sel_f32(P.is_nan(gs), Float32(NEG_INF), gs)
+            grp = lane // LPG
+            gkey = P.sortable_key(gs)
+            any_finite = P.warp_max_i32(P.sel_i32(P.sel_i32(gkey > P.sortable_key(Float32(NEG_INF)), 1, 0), 1, 0))
+            kept = Int32(0)
+            for _ in cutlass.range_constexpr(S.topk_group):
+                cand = P.sel_i32(kept, Int32(INT_MIN), gkey)
+                mx = P.warp_max_i32(cand)
+                gsel = P.warp_min_i32(P.sel_i32(P.sel_i32(cand == mx, 1, 0), grp, Int32(1 << 30)))
+                kept = kept | P.sel_i32(P.sel_i32(grp == gsel, 1, 0), 1, 0)
+            taken = Int32(0)
+            ids = []
+            wts = []
+            for k in cutlass.range_constexpr(S.top_k):
+                bk = Int32(INT_MIN)
+                bi = Int32(1 << 30)
+                bsv = Float32(0.0)
+                for j in cutlass.range_constexpr(EPL):
+                    key = P.sel_i32(kept, P.sortable_key(bs[j]), Int32(INT_MIN + 1))
+                    key = P.sel_i32((taken >> j) & 1, Int32(INT_MIN), key)
+                    better = P.sel_i32(key > bk, 1, 0)
+                    bk = P.sel_i32(better, key, bk)
+                    bi = P.sel_i32(better, e0 + j, bi)
+                    bsv = P.sel_f32(better, sc[j], bsv)
+                mx = P.warp_max_i32(bk)
+                win = P.warp_min_i32(P.sel_i32(P.sel_i32(bk == mx, 1, 0), bi, Int32(1 << 30)))
+                s_win = cute.arch.shuffle_sync(bsv, win // EPL)
+                taken = taken | P.sel_i32(P.sel_i32(win // EPL == lane, 1, 0), Int32(1) << (win % EPL), 0)
+                ids.append(win)
+                wts.append(s_win)
+            tot = Float32(0.0)
+            for k in cutlass.range_constexpr(S.top_k):
+                tot = tot + wts[k]
+            denom = tot + Float32(1e-20)
+            for k in cutlass.range_constexpr(S.top_k):
+                wk = P.div_rn(wts[k], denom)
+                wk = P.sel_f32(any_finite, wk, Float32(1.0 / S.top_k))
+                if cutlass.const_expr(S.fold_scaling):
+                    wk = wk * Float32(S.scaling)
+                idk = P.sel_i32(any_finite, ids[k], Int32(k))
+                if lane == 0:
+                    P.st_f32(o_w + Int64(m * S.top_k + k) * 4, wk)
+                    P.st_b32(o_ids + Int64(m * S.top_k + k) * 4, Uint32(idk))
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: moe_align_block_size over the local experts (one task, whole CTA)
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_sort(o_ids: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64, first_local: Int32, si: Int32,
+                   tid: Int32):
+        warp = tid >> 5
+        lane = tid & 31
+        BS = S.block_size
+        NL = S.n_local
+        lid = Int32(-1)
+        if tid < P_PAIRS:
+            e = Int32(P.ld_cg_b32(o_ids + Int64(tid) * 4)) - first_local
+            lid = P.sel_i32(P.sel_i32(e >= 0, 1, 0) & P.sel_i32(e < NL, 1, 0), e, Int32(-1))
+            P.sts_b32(si + (SI_IDS + tid) * 4, lid)
+        cute.arch.sync_threads()
+        rank = Int32(0)
+        cnt = Int32(0)
+        for q in cutlass.range_constexpr(P_PAIRS):
+            iq = P.lds_b32(si + (SI_IDS + q) * 4)
+            rank = rank + P.sel_i32(P.sel_i32(iq == lid, 1, 0) & P.sel_i32(q < tid, 1, 0), 1, 0)
+            cnt = cnt + P.sel_i32(iq == tid, 1, 0)
+        padded = P.sel_i32(P.sel_i32(tid < NL, 1, 0), (cnt + (BS - 1)) & Int32(-BS), 0)
+        # block-wide inclusive scan of padded counts (warp scan + warp totals)
+        x = padded
+        for sh in cutlass.range_constexpr(5):
+            y = cute.arch.shuffle_sync_up(x, 1 << sh)
+            x = x + P.sel_i32(P.sel_i32(lane >= (1 << sh), 1, 0), y, 0)
+        if lane == 31:
+            P.sts_b32(si + (SI_WTOT + warp) * 4, x)
+        cute.arch.sync_threads()
+        prefix = Int32(0)
+        total = Int32(0)
+        for w in cutlass.range_constexpr(WARPS):
+            wt = P.lds_b32(si + (SI_WTOT + w) * 4)
+            prefix = prefix + P.sel_i32(P.sel_i32(w < warp, 1, 0), wt, 0)
+            total = total + wt
+        incl = x + prefix
+        if tid < NL:
+            P.sts_b32(si + (SI_END + tid) * 4, incl)
+            P.sts_b32(si + (SI_PAD + tid) * 4, padded)
+        cute.arch.sync_threads()
+        for i in cutlass.range_constexpr((S.max_padded + THREADS - 1) // THREADS):
+            idx = tid + i * THREADS
+            if idx < S.max_padded:
+                P.st_b32(o_sorted + Int64(idx) * 4, Uint32(P_PAIRS))
+        for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):
+            b = tid + i * THREADS
+            if b < S.max_blocks:
+                start = b * BS
+                ex = Int32(0)
+                for e in cutlass.range(NL, unroll=8):
+                    ex = ex + P.sel_i32(P.sel_i32(P.lds_b32(si + (SI_END + e) * 4) <= start, 1, 0), 1, 0)
+                eid = P.sel_i32(P.sel_i32(start < total, 1, 0), ex, Int32(-1))
+                P.st_b32(o_eids + Int64(b) * 4, Uint32(eid))
+        if tid == 0:
+            P.st_b32(o_ntpp, Uint32(total))
+        cute.arch.sync_threads()
+        if tid < P_PAIRS:
+            if lid >= 0:
+                pos = P.lds_b32(si + (SI_END + lid) * 4) - P.lds_b32(si + (SI_PAD + lid) * 4) + rank
+                P.st_b32(o_sorted + Int64(pos) * 4, Uint32(tid))
+
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def run_stage(stage: Int32, tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64,
+                  bias: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64,
+                  o_w: Int64, o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64,
+                  o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32,
+                  tid: Int32):
+        if stage == NORM:
+            stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, si, tid)
+        if stage == ROUTER:
+            stage_router(tile, gate_w, ws, sf, tid)
+        if stage == GATE_UP:
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, tid)
+        if stage == TOPK:
+            stage_topk(tile, bias, o_logits, o_w, o_ids, ws, tid)
+        if stage == SORT:
+            stage_sort(o_ids, o_sorted, o_eids, o_ntpp, first_local, si, tid)
+        if stage == ACT:
+            stage_act(tile, ws, tid)
+        if stage == DOWN:
+            stage_down(tile, w2, w2_s, o_shared, ws, sf, tid)
+
+    @cute.kernel
+    def megapre_kernel(hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64, bias: Int64, w13: Int64,
+                       w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64,
+                       o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64,
+                       o_ntpp: Int64, ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32,
+                       only_stage: Int32):
+        tid = cute.arch.thread_idx()[0]
+        alloc = SmemAllocator()
+        s_f = alloc.allocate_tensor(Float32, cute.make_layout(SF), byte_alignment=16)
+        s_i = alloc.allocate_tensor(Int32, cute.make_layout(KernelSpec.SMEM_INTS), byte_alignment=16)
+        sf = Int32(s_f.iterator.toint())
+        si = Int32(s_i.iterator.toint())
+        ctr = ws + WS_COUNTERS * 4
+        if only_stage >= 0:
+            # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
+            run_stage(only_stage, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
+                      w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
+                      first_local, sf, si, tid)
+        else:
+            running = Int32(1)
+            while running != 0:
+                if tid == 0:
+                    ticket = P.atom_add_acq_rel(ws + WS_HEAD * 4, Int32(1))
+                    P.sts_b32(si + SI_TASK * 4, ticket)
+                    if ticket < n_tasks:
+                        row = tasks + Int64(ticket) * 32
+                        for f in cutlass.range_constexpr(5):
+                            P.sts_b32(si + (SI_TASK + 1 + f) * 4, Int32(P.ld_nc_b32(row + f * 4)))
+                        wc = Int32(P.ld_nc_b32(row + 8))
+                        target = Int32(P.ld_nc_b32(row + 12))
+                        if wc >= 0:
+                            seen = P.ld_acquire(ctr + Int64(wc) * 4)
+                            spins = Int32(0)
+                            while seen < target and spins < SPIN_LIMIT:
+                                P.nanosleep(20)
+                                seen = P.ld_acquire(ctr + Int64(wc) * 4)
+                                spins = spins + 1
+                            if seen < target:
+                                # a dependency never arrived: record which task gave up, never hang
+                                P.st_relaxed(ws + WS_ERROR * 4, ticket + 1)
+                        P.fence_gpu()
+                cute.arch.sync_threads()
+                task = P.lds_b32(si + SI_TASK * 4)
+                if task >= n_tasks:
+                    running = Int32(0)
+                else:
+                    stage = P.lds_b32(si + (SI_TASK + 1) * 4)
+                    tile = P.lds_b32(si + (SI_TASK + 2) * 4)
+                    run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
+                              o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
+                              first_local, sf, si, tid)
+                    cute.arch.sync_threads()
+                    if tid == 0:
+                        P.fence_gpu()
+                        sig = P.lds_b32(si + (SI_TASK + 5) * 4)
+                        P.red_release_add(ctr + Int64(sig) * 4, Int32(1))
+            # self-reset: the last CTA out restores the queue for the next launch / graph replay
+            cute.arch.sync_threads()
+            if tid == 0:
+                P.fence_gpu()
+                old = P.atom_add_acq_rel(ws + WS_DONE * 4, Int32(1))
+                if old == cute.arch.grid_dim()[0] - 1:
+                    P.st_relaxed(ws + WS_HEAD * 4, Int32(0))
+                    for c in cutlass.range_constexpr(7):
+                        P.st_relaxed(ctr + c * 4, Int32(0))
+                    P.st_relaxed(ws + WS_DONE * 4, Int32(0))
+
+    megapre_kernel.set_name_prefix("megapre_preamble", remove_cutlass_symbol=True, keep_mangled_name=False)
+
+    @cute.jit
+    def launch(hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64, bias: Int64, w13: Int64,
+               w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64,
+               o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64,
+               ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32, only_stage: Int32, grid: Int32):
+        megapre_kernel(hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res, o_logits, o_w, o_ids,
+                       o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws, tasks, n_tasks, first_local,
+                       only_stage).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1], cooperative=True)
+
+    return megapre_kernel, launch
+
+
+PARAMS = ("hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
+          "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
+          "first_local", "only_stage")
+PARAM_TYPES = ("u64",) * 21 + ("s32",) * 3

@@ -1,0 +1,300 @@
+"""PTX-level primitives for the megakernel: memory access with explicit cache behaviour, numeric conversions
+with vLLM's rounding, warp reductions on integer keys, and the acquire/release counter protocol.
+
+Why inline PTX and not CuTe's tensor algebra: every access here has a deliberate form (16-byte non-coherent
+streaming loads for weights, coherent loads for data other CTAs produced in this launch, 32-bit shared
+addresses), and conversions must round exactly like the reference (cvt.rn / satfinite). All addresses are
+Int64 generic global addresses or Int32 shared-window addresses.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64, Uint32
+from cutlass._mlir import ir
+from cutlass._mlir.dialects import llvm
+
+
+def _coerce(a):
+    """Python ints/floats become Int32/Float32 and predicates become 0/1 Int32, so helpers take any of them."""
+    if isinstance(a, bool) or isinstance(a, cutlass.Boolean):
+        return Int32(a)
+    if isinstance(a, int):
+        return Int32(a)
+    if isinstance(a, float):
+        return Float32(a)
+    return a
+
+
+def _asm(ret_types, args, asm: str, constraints: str, side_effects: bool = False):
+    """Emit one inline-asm statement. ret_types: list of DSL numeric types (possibly empty)."""
+    vals = [_coerce(a).ir_value() for a in args]
+    kw = dict(has_side_effects=side_effects, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+    if len(ret_types) == 0:
+        llvm.inline_asm(None, vals, asm, constraints, **kw)
+        return None
+    if len(ret_types) == 1:
+        return ret_types[0](llvm.inline_asm(ret_types[0].mlir_type, vals, asm, constraints, **kw))
+    st = ir.Type.parse("!llvm.struct<(" + ", ".join(str(t.mlir_type) for t in ret_types) + ")>")
+    r = llvm.inline_asm(st, vals, asm, constraints, **kw)
+    return [t(llvm.extractvalue(t.mlir_type, r, [i])) for i, t in enumerate(ret_types)]
+
+
+# ---- global memory ------------------------------------------------------------------------------------
+# Weights and kernel inputs are read-only for the whole launch: non-coherent path, not kept in L1.
+@cute.jit
+def ld_nc_b32(addr: Int64) -> Uint32:
+    return _asm([Uint32], [addr], "ld.global.nc.L1::no_allocate.b32 $0, [$1];", "=r,l", True)
+
+
+@cute.jit
+def ld_nc_v2(addr: Int64):
+    return _asm([Uint32, Uint32], [addr], "ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2];", "=r,=r,l", True)
+
+
+@cute.jit
+def ld_nc_v4(addr: Int64):
+    return _asm([Uint32] * 4, [addr], "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];",
+                "=r,=r,=r,=r,l", True)
+
+
+# Data written by other CTAs earlier in this launch: coherent at L2 (.cg), ordered by the counter protocol.
+@cute.jit
+def ld_cg_b32(addr: Int64) -> Uint32:
+    return _asm([Uint32], [addr], "ld.global.cg.b32 $0, [$1];", "=r,l", True)
+
+
+@cute.jit
+def ld_cg_f32(addr: Int64) -> Float32:
+    return _asm([Float32], [addr], "ld.global.cg.f32 $0, [$1];", "=f,l", True)
+
+
+@cute.jit
+def ld_cg_v2(addr: Int64):
+    return _asm([Uint32, Uint32], [addr], "ld.global.cg.v2.b32 {$0, $1}, [$2];", "=r,=r,l", True)
+
+
+@cute.jit
+def ld_cg_v4f(addr: Int64):
+    return _asm([Float32] * 4, [addr], "ld.global.cg.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,l", True)
+
+
+@cute.jit
+def st_b32(addr: Int64, v: Uint32):
+    _asm([], [addr, v], "st.global.b32 [$0], $1;", "l,r", True)
+
+
+@cute.jit
+def st_f32(addr: Int64, v: Float32):
+    _asm([], [addr, v], "st.global.f32 [$0], $1;", "l,f", True)
+
+
+@cute.jit
+def st_b16(addr: Int64, v: Uint32):
+    _asm([], [addr, v], "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; st.global.b16 [$0], lo; }", "l,r", True)
+
+
+@cute.jit
+def st_v2(addr: Int64, a: Uint32, b: Uint32):
+    _asm([], [addr, a, b], "st.global.v2.b32 [$0], {$1, $2};", "l,r,r", True)
+
+
+@cute.jit
+def st_v4f(addr: Int64, a: Float32, b: Float32, c: Float32, d: Float32):
+    _asm([], [addr, a, b, c, d], "st.global.v4.f32 [$0], {$1, $2, $3, $4};", "l,f,f,f,f", True)
+
+
+# ---- shared memory (32-bit shared-window addresses) ---------------------------------------------------
+@cute.jit
+def lds_v4f(saddr: Int32):
+    return _asm([Float32] * 4, [saddr], "ld.shared.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,r", True)
+
+
+@cute.jit
+def sts_v4f(saddr: Int32, a: Float32, b: Float32, c: Float32, d: Float32):
+    _asm([], [saddr, a, b, c, d], "st.shared.v4.f32 [$0], {$1, $2, $3, $4};", "r,f,f,f,f", True)
+
+
+@cute.jit
+def lds_b32(saddr: Int32) -> Int32:
+    return _asm([Int32], [saddr], "ld.shared.b32 $0, [$1];", "=r,r", True)
+
+
+@cute.jit
+def sts_b32(saddr: Int32, v: Int32):
+    _asm([], [saddr, v], "st.shared.b32 [$0], $1;", "r,r", True)
+
+
+@cute.jit
+def lds_f32(saddr: Int32) -> Float32:
+    return _asm([Float32], [saddr], "ld.shared.f32 $0, [$1];", "=f,r", True)
+
+
+@cute.jit
+def sts_f32(saddr: Int32, v: Float32):
+    _asm([], [saddr, v], "st.shared.f32 [$0], $1;", "r,f", True)
+
+
+# ---- conversions ----------------------------------------------------------------------------------------
+@cute.jit
+def e4m3x4_to_f32(v: Uint32):
+    """Four packed e4m3 (byte 0 first) -> four f32 (exact)."""
+    return _asm([Float32] * 4, [v],
+                "{ .reg .b16 lo, hi, a, b, c, d; .reg .b32 p, q;"
+                " mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 p, lo; cvt.rn.f16x2.e4m3x2 q, hi;"
+                " mov.b32 {a, b}, p; mov.b32 {c, d}, q;"
+                " cvt.f32.f16 $0, a; cvt.f32.f16 $1, b; cvt.f32.f16 $2, c; cvt.f32.f16 $3, d; }",
+                "=f,=f,=f,=f,r")
+
+
+@cute.jit
+def bf16x2_to_f32(v: Uint32):
+    """Packed bf16 pair (low half first) -> two f32 (exact)."""
+    return _asm([Float32, Float32], [v],
+                "{ .reg .b32 t; shl.b32 t, $2, 16; mov.b32 $0, t; and.b32 t, $2, 0xffff0000; mov.b32 $1, t; }",
+                "=f,=f,r")
+
+
+@cute.jit
+def f32x2_to_bf16x2(lo: Float32, hi: Float32) -> Uint32:
+    """Round two f32 to bf16 (nearest even), packed with ``lo`` in the low half."""
+    return _asm([Uint32], [hi, lo], "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f")
+
+
+@cute.jit
+def round_bf16(x: Float32) -> Float32:
+    """x rounded to the nearest bf16, returned as f32."""
+    return _asm([Float32], [x],
+                "{ .reg .b16 h; cvt.rn.bf16.f32 h, $1; cvt.f32.bf16 $0, h; }",
+                "=f,f")
+
+
+@cute.jit
+def f32x4_to_e4m3x4(a: Float32, b: Float32, c: Float32, d: Float32) -> Uint32:
+    """Four f32 -> four e4m3 (nearest even, saturated to +-448, NaN kept), ``a`` in byte 0."""
+    return _asm([Uint32], [a, b, c, d],
+                "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;"
+                " mov.b32 $0, {lo, hi}; }",
+                "=r,f,f,f,f")
+
+
+@cute.jit
+def f32_as_i32(x: Float32) -> Int32:
+    return _asm([Int32], [x], "mov.b32 $0, $1;", "=r,f")
+
+
+@cute.jit
+def div_rn(a: Float32, b: Float32) -> Float32:
+    return _asm([Float32], [a, b], "div.rn.f32 $0, $1, $2;", "=f,f,f")
+
+
+@cute.jit
+def sqrt_rn(a: Float32) -> Float32:
+    return _asm([Float32], [a], "sqrt.rn.f32 $0, $1;", "=f,f")
+
+
+@cute.jit
+def exp_f32(x: Float32) -> Float32:
+    """e^x via ex2.approx (2 ulp), as CUDA's __expf."""
+    return _asm([Float32], [x], "{ .reg .f32 t; mul.f32 t, $1, 0f3FB8AA3B; ex2.approx.ftz.f32 $0, t; }", "=f,f")
+
+
+@cute.jit
+def fmax(a: Float32, b: Float32) -> Float32:
+    return _asm([Float32], [a, b], "max.f32 $0, $1, $2;", "=f,f,f")
+
+
+@cute.jit
+def is_nan(x: Float32) -> Int32:
+    return _asm([Int32], [x], "{ .reg .pred p; testp.notanumber.f32 p, $1; selp.b32 $0, 1, 0, p; }", "=r,f")
+
+
+@cute.jit
+def sortable_key(x: Float32) -> Int32:
+    """f32 -> i32 with the same order (for warp max/min with redux.sync); -inf -> -2139095041."""
+    b = f32_as_i32(x)
+    return b ^ ((b >> 31) & Int32(0x7FFFFFFF))
+
+
+# ---- warp collectives ----------------------------------------------------------------------------------
+@cute.jit
+def warp_max_i32(v: Int32) -> Int32:
+    return _asm([Int32], [v], "redux.sync.max.s32 $0, $1, 0xffffffff;", "=r,r", True)
+
+
+@cute.jit
+def warp_min_i32(v: Int32) -> Int32:
+    return _asm([Int32], [v], "redux.sync.min.s32 $0, $1, 0xffffffff;", "=r,r", True)
+
+
+@cute.jit
+def warp_sum_f32(v: Float32) -> Float32:
+    """Butterfly sum: every lane gets the same bits (fixed order), so results are deterministic."""
+    for off in cutlass.range_constexpr(5):
+        v = v + cute.arch.shuffle_sync_bfly(v, 16 >> off)
+    return v
+
+
+@cute.jit
+def warp_max_f32(v: Float32) -> Float32:
+    for off in cutlass.range_constexpr(5):
+        v = fmax(v, cute.arch.shuffle_sync_bfly(v, 16 >> off))
+    return v
+
+
+# ---- inter-CTA synchronization -------------------------------------------------------------------------
+@cute.jit
+def ld_acquire(addr: Int64) -> Int32:
+    return _asm([Int32], [addr], "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", True)
+
+
+@cute.jit
+def atom_add_acq_rel(addr: Int64, v: Int32) -> Int32:
+    return _asm([Int32], [addr, v], "atom.acq_rel.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r", True)
+
+
+@cute.jit
+def red_release_add(addr: Int64, v: Int32):
+    _asm([], [addr, v], "red.release.gpu.global.add.u32 [$0], $1;", "l,r", True)
+
+
+@cute.jit
+def st_relaxed(addr: Int64, v: Int32):
+    _asm([], [addr, v], "st.relaxed.gpu.global.b32 [$0], $1;", "l,r", True)
+
+
+@cute.jit
+def fence_gpu():
+    _asm([], [], "fence.acq_rel.gpu;", "", True)
+
+
+@cute.jit
+def nanosleep(ns: int):
+    _asm([], [], f"nanosleep.u32 {ns};", "", True)
+
+
+@cute.jit
+def fabs(x: Float32) -> Float32:
+    return _asm([Float32], [x], "abs.f32 $0, $1;", "=f,f")
+
+
+@cute.jit
+def sel_f32(c: Int32, a: Float32, b: Float32) -> Float32:
+    """c != 0 ? a : b"""
+    return _asm([Float32], [c, a, b], "{ .reg .pred p; setp.ne.s32 p, $1, 0; selp.f32 $0, $2, $3, p; }", "=f,r,f,f")
+
+
+@cute.jit
+def sel_i32(c: Int32, a: Int32, b: Int32) -> Int32:
+    """c != 0 ? a : b"""
+    return _asm([Int32], [c, a, b], "{ .reg .pred p; setp.ne.s32 p, $1, 0; selp.b32 $0, $2, $3, p; }", "=r,r,r,r")
+
+
+@cute.jit
+def ld_nc_f32(addr: Int64) -> Float32:
+    return _asm([Float32], [addr], "ld.global.nc.f32 $0, [$1];", "=f,l", True)
+
+
+@cute.jit
+def ld_nc_v4f(addr: Int64):
+    return _asm([Float32] * 4, [addr], "ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,l", True)

@@ -1,0 +1,178 @@
+"""The megakernel's plan for one (config, M): tile sizes, workspace layout and the task table.
+
+Pure Python (no torch, no cutlass), shared by the build step (which bakes these numbers into the kernel as
+compile-time constants) and the launcher (which allocates the workspace and uploads the task table). One
+source of truth for both sides is what keeps them in agreement.
+
+Task protocol: every task is one row of 8 int32 in the table:
+    [stage, tile, wait_counter, wait_target, signal_counter, 0, 0, 0]
+CTAs take rows in order with an atomic ticket. A task first waits until counters[wait_counter] >= wait_target
+(acquire), runs its stage on its tile, then adds 1 to counters[signal_counter] (release). A task only waits
+on tasks earlier in the queue and all CTAs are co-resident (cooperative launch), so no wait can deadlock.
+The last CTA to finish resets the ticket and every counter, so the next launch (or graph replay) starts
+clean without any host-side reset.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..config import QUANT_GROUP, PreambleConfig
+
+THREADS = 256
+WARPS = THREADS // 32
+TASK_INTS = 8
+
+# Stage ids, in queue order. Every stage has a counter of the same index that its tasks signal.
+NORM, ROUTER, GATE_UP, TOPK, SORT, ACT, DOWN = range(7)
+STAGE_NAMES = ("norm", "router", "gate_up", "topk", "sort", "act", "down")
+N_COUNTERS = len(STAGE_NAMES)
+
+# Workspace control words (int32 index): ticket, finished-CTA count, error word, then the counters.
+WS_HEAD, WS_DONE, WS_ERROR = 0, 1, 2
+WS_COUNTERS = 16
+
+
+def _align(n: int, a: int = 256) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything the device code needs to know at compile time for one (config, M)."""
+
+    m: int
+    hidden: int
+    experts: int
+    n_group: int
+    topk_group: int
+    top_k: int
+    inter: int  # shared-expert intermediate columns on this rank
+    n_local: int
+    block_size: int
+    eps: float
+    fold_scaling: bool
+    scaling: float
+    max_padded: int
+    max_blocks: int
+    # tiling
+    router_rows: int = 16  # rows per router task (2 per warp)
+    router_splits: int = 4  # K splits (1792 each for H = 7168)
+    gu_rows: int = 32
+    gu_splits: int = 7
+    down_rows: int = 64
+
+    @classmethod
+    def from_config(cls, cfg: PreambleConfig, m: int) -> "KernelSpec":
+        gu_rows = 32 if 2 * cfg.shared_local_intermediate <= 1024 else 64
+        return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
+                   topk_group=cfg.topk_group, top_k=cfg.top_k, inter=cfg.shared_local_intermediate,
+                   n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
+                   fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
+                   max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m), gu_rows=gu_rows)
+
+    # ---- what the kernel supports (checked before building or launching) --------------------------------
+    def unsupported(self) -> str | None:
+        """None if the megakernel handles this shape, else the reason it does not."""
+        h = self.hidden
+        if not 1 <= self.m <= 8:
+            return f"M = {self.m} (the megakernel handles 1..8 tokens)"
+        if h % (QUANT_GROUP * WARPS):
+            return f"hidden_size {h} is not a multiple of {QUANT_GROUP * WARPS}"
+        if self.experts != 32 * 8 or self.experts_per_group % 8:
+            return f"{self.experts} experts / {self.n_group} groups (needs 256 experts, groups of 8k)"
+        if self.n_local > THREADS:
+            return f"{self.n_local} local experts (> {THREADS})"
+        if h % (self.router_splits * QUANT_GROUP) or h % (self.gu_splits * QUANT_GROUP):
+            return f"hidden_size {h} does not split into the GEMM K chunks"
+        if (2 * self.inter) % self.gu_rows or h % self.down_rows or self.inter % QUANT_GROUP:
+            return f"shared intermediate {self.inter} does not tile"
+        if self.m * self.top_k > 64:
+            return "more than 64 (token, expert) pairs"
+        return None
+
+    # ---- derived sizes ----------------------------------------------------------------------------------
+    @property
+    def experts_per_group(self) -> int:
+        return self.experts // self.n_group
+
+    @property
+    def hidden_groups(self) -> int:
+        return self.hidden // QUANT_GROUP
+
+    @property
+    def router_kc(self) -> int:
+        return self.hidden // self.router_splits
+
+    @property
+    def gu_kc(self) -> int:
+        return self.hidden // self.gu_splits
+
+    def stage_tiles(self) -> dict[int, int]:
+        return {
+            NORM: self.m,
+            ROUTER: (self.experts // self.router_rows) * self.router_splits,
+            GATE_UP: (2 * self.inter // self.gu_rows) * self.gu_splits,
+            TOPK: self.m,
+            SORT: 1,
+            ACT: self.inter // QUANT_GROUP,
+            DOWN: self.hidden // self.down_rows,
+        }
+
+    # ---- workspace layout (bytes) -----------------------------------------------------------------------
+    def ws_layout(self) -> dict[str, int]:
+        off = {}
+        pos = _align((WS_COUNTERS + N_COUNTERS) * 4)
+        for name, nbytes in (
+            ("x", self.m * self.hidden * 2),  # bf16 normalized input of the router GEMM
+            ("router_part", self.router_splits * self.m * self.experts * 4),  # fp32 split-K partials
+            ("gu_part", self.gu_splits * self.m * 2 * self.inter * 4),
+            ("h_q", self.m * self.inter),  # fp8 SiLU-and-mul output
+            ("h_scale", self.m * (self.inter // QUANT_GROUP) * 4),
+        ):
+            off[name] = pos
+            pos = _align(pos + nbytes)
+        off["total"] = pos
+        return off
+
+    def smem_floats(self) -> int:
+        """fp32 staging buffer: the activation chunk of the stage with the largest one."""
+        return self.m * max(self.router_kc, self.gu_kc, self.inter)
+
+    SMEM_INTS = 1024  # task slot, reduction scratch, token-sorting arrays
+
+    def smem_bytes(self) -> int:
+        return self.smem_floats() * 4 + self.SMEM_INTS * 4 + 256  # + alignment slack
+
+    def key_fields(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def task_table(spec: KernelSpec) -> list[list[int]]:
+    """The queue: stages in dependency order, each task waiting on the counter of the stage it reads."""
+    tiles = spec.stage_tiles()
+    waits = {  # stage -> (counter it waits on, how many signals make it ready)
+        NORM: (-1, 0),
+        ROUTER: (NORM, tiles[NORM]),
+        GATE_UP: (NORM, tiles[NORM]),
+        TOPK: (ROUTER, tiles[ROUTER]),
+        SORT: (TOPK, tiles[TOPK]),
+        ACT: (GATE_UP, tiles[GATE_UP]),
+        DOWN: (ACT, tiles[ACT]),
+    }
+    rows = []
+    for stage in (NORM, ROUTER, GATE_UP, TOPK, SORT, ACT, DOWN):
+        ctr, target = waits[stage]
+        for tile in range(tiles[stage]):
+            rows.append([stage, tile, ctr, target, stage, 0, 0, 0])
+    return rows
+
+
+def check_table(rows: list[list[int]]) -> None:
+    """The deadlock-freedom invariant: every wait is on a counter whose signals all come earlier."""
+    signalled = [0] * N_COUNTERS
+    for i, (stage, _tile, ctr, target, sig, *_rest) in enumerate(rows):
+        if ctr >= 0 and signalled[ctr] < target:
+            raise AssertionError(f"task {i} ({STAGE_NAMES[stage]}) waits for {target} signals of "
+                                 f"{STAGE_NAMES[ctr]} but only {signalled[ctr]} come before it")
+        signalled[sig] += 1
