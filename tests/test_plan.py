@@ -1,0 +1,49 @@
+"""The megakernel's task table and workspace layout (pure Python, no GPU)."""
+from __future__ import annotations
+
+import pytest
+
+import megapre
+from megapre.host.plan import (N_COUNTERS, NORM, STAGE_NAMES, KernelSpec, check_table, task_table)
+
+CONFIGS = [megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=r) for r in (0, 7)] + [megapre.PreambleConfig.deepseek_v3()]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.short_name())
+@pytest.mark.parametrize("m", range(1, 9))
+def test_table_waits_only_on_earlier_tasks(cfg, m):
+    spec = KernelSpec.from_config(cfg, m)
+    assert spec.unsupported() is None
+    rows = task_table(spec)
+    check_table(rows)
+    tiles = spec.stage_tiles()
+    assert len(rows) == sum(tiles.values())
+    for stage, n in tiles.items():
+        assert sorted(r[1] for r in rows if r[0] == stage) == list(range(n)), STAGE_NAMES[stage]
+    assert all(r[2] == -1 for r in rows if r[0] == NORM)
+    assert all(0 <= r[4] < N_COUNTERS for r in rows)
+
+
+def test_check_table_catches_a_forward_wait():
+    spec = KernelSpec.from_config(CONFIGS[0], 4)
+    rows = task_table(spec)
+    with pytest.raises(AssertionError, match="waits for"):
+        check_table(rows[::-1])
+
+
+def test_workspace_layout_is_disjoint_and_aligned():
+    spec = KernelSpec.from_config(CONFIGS[2], 8)
+    lay = spec.ws_layout()
+    offs = sorted((v, k) for k, v in lay.items() if k != "total")
+    assert all(v % 256 == 0 for v, _ in offs)
+    sizes = {"x": 8 * 7168 * 2, "router_part": spec.router_splits * 8 * 256 * 4,
+             "gu_part": spec.gu_splits * 8 * 4096 * 4, "h_q": 8 * 2048, "h_scale": 8 * 16 * 4}
+    for (a, ka), (b, _) in zip(offs, offs[1:] + [(lay["total"], "total")]):
+        assert a + sizes[ka] <= b
+
+
+def test_unsupported_shapes_say_why():
+    assert "M = 9" in KernelSpec.from_config(CONFIGS[0], 9).unsupported()
+    small = megapre.PreambleConfig(hidden_size=512, n_routed_experts=64, n_group=4, topk_group=2, top_k=4,
+                                   shared_intermediate_size=256)
+    assert KernelSpec.from_config(small, 2).unsupported() is not None
