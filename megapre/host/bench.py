@@ -77,12 +77,13 @@ class Case:
 
 def time_graph(case: Case, backend: str, replays: int = 50) -> float:
     """Per-call microseconds: median replay of a graph of CALLS_PER_GRAPH calls, divided by that count."""
-    for i in range(CALLS_PER_GRAPH):  # warm-up: JIT compiles, module loads, allocator pools
-        case.call(i, backend)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on the capture stream: JIT, module loads, per-stream workspaces
+        for i in range(CALLS_PER_GRAPH):
+            case.call(i, backend)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
         with torch.cuda.graph(graph, stream=stream):
             for i in range(CALLS_PER_GRAPH):

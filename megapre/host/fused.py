@@ -59,14 +59,18 @@ def _entry(spec: KernelSpec):
 
 
 def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
+    """Workspace per (spec, device, stream) and task table per (spec, device). The table needs a host-to-device
+    copy, so it must exist before any capture; a workspace first needed inside a capture is allocated there
+    (its zero-fill becomes a memset node of the graph, which keeps every replay correct)."""
     key = (spec, device.index, stream.cuda_stream)
     ws = _workspaces.get(key)
     table = _tables.get((spec, device.index))
     if ws is not None and table is not None:
         return ws, table
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("backend='fused': call megapre.run once on this stream before capturing it in a CUDA "
-                           "graph (the first call allocates the workspace and uploads the task table)")
+    capturing = torch.cuda.is_current_stream_capturing()
+    if table is None and capturing:
+        raise RuntimeError("backend='fused': call megapre.run once for this M on this device before capturing a "
+                           "CUDA graph (the first call uploads the megakernel's task table)")
     with _lock:
         if table is None:
             rows = task_table(spec)
