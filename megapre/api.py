@@ -57,6 +57,11 @@ def check_inputs(hidden, residual, weights, out, max_tokens: int) -> int:
                     continue
                 if _overlaps(t, inp):
                     raise ValueError(f"out.{name} overlaps the input {iname}")
+        fields = out.items()
+        for i, (na, a) in enumerate(fields):
+            for nb, b in fields[i + 1:]:
+                if _overlaps(a, b):
+                    raise ValueError(f"out.{na} and out.{nb} share memory; every output needs its own buffer")
     return m
 
 
@@ -111,8 +116,13 @@ def run(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights, 
     limit = FUSED_MAX_TOKENS if backend == "fused" else MAX_TOKENS
     m = check_inputs(hidden, residual, weights, out, limit)
     chosen = choose_backend(backend, weights.device, m, weights.config)
-    if chosen == "fused" and m > FUSED_MAX_TOKENS:
-        raise ValueError(f"hidden: M = {m} tokens, the fused backend supports 1..{FUSED_MAX_TOKENS}")
+    if chosen == "fused":
+        if m > FUSED_MAX_TOKENS:
+            raise ValueError(f"hidden: M = {m} tokens, the fused backend supports 1..{FUSED_MAX_TOKENS}")
+        from .host import fused
+        ok, why = fused.can_run(weights.config, m, weights.device)
+        if not ok:
+            raise ValueError(f"backend='fused' cannot run here: {why}")
     if out is None:
         out = PreambleOutput.empty(weights.config, m, weights.device)
     if chosen == "reference":

@@ -268,8 +268,6 @@ def test_out_aliasing_inputs(backend, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason="validation gap in megapre.api.check_inputs: two out fields that alias each "
-                                        "other (same dtype/shape, e.g. out.shared_out is out.residual) are accepted")
 def test_out_fields_aliasing_each_other(backend, seed):
     w = weights_for(SMALL)
     h, r = make_inputs(SMALL, M, seed)
@@ -292,11 +290,6 @@ class _CompiledOnCpu(Exception):
     pass
 
 
-@pytest.mark.xfail(strict=True, reason="megapre bug: backend='fused' with CPU tensors and a shape the megakernel "
-                                        "supports never checks the device: with a cached cubin it fails inside "
-                                        "launch.get_kernel with torch's 'Expected a cuda device, but got: cpu' "
-                                        "(no mention of fused); with an empty cache it first compiles the "
-                                        "megakernel on the CPU machine")
 @pytest.mark.parametrize("cache", ["empty", "prebuilt"])
 def test_fused_on_cpu_supported_shape(cache, monkeypatch, tmp_path):
     """A DeepSeek-V3 EP8 shape (one the fused kernel supports) on CPU: a clear error naming the fused backend,

@@ -110,36 +110,65 @@ def build_kernel(spec: KernelSpec):
                   rpw: cutlass.Constexpr, kc: cutlass.Constexpr, w_scale: Int64, lds_scale: cutlass.Constexpr,
                   sf: Int32, lane: Int32):
         """Returns acc[r][m] (this lane's share) for rows row0 + r, K in [k0, k0 + kc).
-        fp8: weights are e4m3 with one scale per 128 x 128 block (all rpw rows share a block)."""
+        fp8: weights are e4m3 with one scale per 128 x 128 block (all rpw rows share a block).
+        The weight loads of a chunk of windows are all issued before any of them is used, so each lane has
+        up to 64 registers of loads in flight instead of waiting out the memory latency window by window."""
         acc = [[Float32(0.0) for _ in range(M)] for _ in range(rpw)]
-        for w in cutlass.range_constexpr(kc // 128):
-            kk = w * 128 + lane * 4
-            xs = []
-            wsc = Float32(1.0)
-            if cutlass.const_expr(fp8):
-                wsc = P.ld_nc_f32(w_scale + Int64((row0 // 128) * lds_scale + (k0 + w * 128) // 128) * 4)
-            for m in cutlass.range_constexpr(M):
-                a0, a1, a2, a3 = P.lds_v4f(sf + (m * kc + kk) * 4)
+        n_win = kc // 128
+        regs_per_load = 1 if fp8 else 2
+        chunk = max(1, min(n_win, 64 // (rpw * regs_per_load)))
+        for c0 in cutlass.range_constexpr(0, n_win, chunk):
+            wins = list(range(c0, min(n_win, c0 + chunk)))
+            raw = []
+            scales = []
+            for w in wins:
+                kk = w * 128 + lane * 4
+                row_loads = []
+                for r in cutlass.range_constexpr(rpw):
+                    if cutlass.const_expr(fp8):
+                        row_loads.append(P.ld_nc_b32(w_ptr + Int64(row0 + r) * ldw + Int64(k0 + kk)))
+                    else:
+                        row_loads.append(P.ld_nc_v2(w_ptr + (Int64(row0 + r) * ldw + Int64(k0 + kk)) * 2))
+                raw.append(row_loads)
                 if cutlass.const_expr(fp8):
-                    xs.append([a0 * wsc, a1 * wsc, a2 * wsc, a3 * wsc])
-                else:
-                    xs.append([a0, a1, a2, a3])
-            for r in cutlass.range_constexpr(rpw):
-                wf = []
-                if cutlass.const_expr(fp8):
-                    q = P.ld_nc_b32(w_ptr + Int64(row0 + r) * ldw + Int64(k0 + kk))
-                    wf = list(P.e4m3x4_to_f32(q))
-                else:
-                    u0, u1 = P.ld_nc_v2(w_ptr + (Int64(row0 + r) * ldw + Int64(k0 + kk)) * 2)
-                    fa, fb = P.bf16x2_to_f32(u0)
-                    fc, fd = P.bf16x2_to_f32(u1)
-                    wf = [fa, fb, fc, fd]
+                    scales.append(P.ld_nc_f32(w_scale + Int64((row0 // 128) * lds_scale + (k0 + w * 128) // 128) * 4))
+            for i, w in enumerate(wins):
+                kk = w * 128 + lane * 4
+                xs = []
                 for m in cutlass.range_constexpr(M):
-                    a = acc[r][m]
-                    for j in cutlass.range_constexpr(4):
-                        a = a + wf[j] * xs[m][j]
-                    acc[r][m] = a
+                    a0, a1, a2, a3 = P.lds_v4f(sf + (m * kc + kk) * 4)
+                    if cutlass.const_expr(fp8):
+                        wsc = scales[i]
+                        xs.append([a0 * wsc, a1 * wsc, a2 * wsc, a3 * wsc])
+                    else:
+                        xs.append([a0, a1, a2, a3])
+                for r in cutlass.range_constexpr(rpw):
+                    wf = []
+                    if cutlass.const_expr(fp8):
+                        wf = list(P.e4m3x4_to_f32(raw[i][r]))
+                    else:
+                        u0, u1 = raw[i][r]
+                        fa, fb = P.bf16x2_to_f32(u0)
+                        fc, fd = P.bf16x2_to_f32(u1)
+                        wf = [fa, fb, fc, fd]
+                    for m in cutlass.range_constexpr(M):
+                        a = acc[r][m]
+                        for j in cutlass.range_constexpr(4):
+                            a = a + wf[j] * xs[m][j]
+                        acc[r][m] = a
         return acc
+
+    # ------------------------------------------------------------------------------------------------
+    # L2 prefetch: at kernel start every CTA asks for its slice of every weight matrix, so the whole
+    # weight stream is in flight from the first cycle, not only when the task that reads it starts
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def prefetch_slice(base: Int64, nbytes: cutlass.Constexpr, bid: Int32, nblk: Int32):
+        chunk = (Int32(nbytes) + nblk * 16 - 1) // (nblk * 16) * 16
+        start = bid * chunk
+        if start < nbytes:
+            size = P.sel_i32(start + chunk <= nbytes, chunk, Int32(nbytes) - start)
+            P.prefetch_l2_bulk(base + Int64(start), size)
 
     # ------------------------------------------------------------------------------------------------
     # stage: router GEMM partials (bf16 x bf16 -> fp32)
@@ -454,6 +483,12 @@ def build_kernel(spec: KernelSpec):
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
                       first_local, sf, si, tid)
         else:
+            if tid == 0:
+                bid = cute.arch.block_idx()[0]
+                nblk = cute.arch.grid_dim()[0]
+                prefetch_slice(gate_w, E * H * 2, bid, nblk)
+                prefetch_slice(w13, 2 * I * H, bid, nblk)
+                prefetch_slice(w2, H * I, bid, nblk)
             running = Int32(1)
             while running != 0:
                 if tid == 0:

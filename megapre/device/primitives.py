@@ -317,3 +317,9 @@ def ld_nc_f32(addr: Int64) -> Float32:
 @cute.jit
 def ld_nc_v4f(addr: Int64):
     return _asm([Float32] * 4, [addr], "ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,l", True)
+
+
+@cute.jit
+def prefetch_l2_bulk(addr: Int64, nbytes: Int32):
+    """Bulk prefetch of [addr, addr + nbytes) into L2 (TMA unit; 16-byte aligned, nbytes % 16 == 0)."""
+    _asm([], [addr, nbytes], "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r", True)

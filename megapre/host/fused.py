@@ -21,9 +21,14 @@ _tables: dict = {}      # (spec, device) -> int32 tensor
 _workspaces: dict = {}  # (spec, device, stream) -> uint8 tensor
 
 
+_runnable: set = set()  # (config, m, device index) already found runnable: the hot path skips the checks
+
+
 def can_run(config, m: int, device) -> tuple[bool, str]:
     """Whether backend="fused" can run here, and if not, why (auto logs this)."""
     device = torch.device(device)
+    if device.type == "cuda" and (config, m, device.index) in _runnable:
+        return True, "ok"
     if device.type != "cuda":
         return False, f"device {device} is not CUDA"
     if not torch.cuda.is_available():
@@ -38,6 +43,7 @@ def can_run(config, m: int, device) -> tuple[bool, str]:
     if build.load_entry(spec) is None and not build.dsl_available():
         return False, (f"no prebuilt kernel for M={m} in {build.default_cache_dir()} and the CuTe DSL is not "
                        f"installed to build it (run `python -m megapre build` where nvidia-cutlass-dsl is)")
+    _runnable.add((config, m, device.index))
     return True, "ok"
 
 

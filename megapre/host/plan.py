@@ -23,8 +23,11 @@ THREADS = 256
 WARPS = THREADS // 32
 TASK_INTS = 8
 
-# Stage ids, in queue order. Every stage has a counter of the same index that its tasks signal.
+# Stage ids (also the index of the counter their tasks signal), numbered in a valid dependency order.
 NORM, ROUTER, GATE_UP, TOPK, SORT, ACT, DOWN = range(7)
+# Queue order: the routing chain (router -> top-k -> sort) is the longest serial path, so its tasks are
+# taken first and never wait behind the shared expert's tasks for a free CTA.
+QUEUE_ORDER = (NORM, ROUTER, TOPK, SORT, GATE_UP, ACT, DOWN)
 STAGE_NAMES = ("norm", "router", "gate_up", "topk", "sort", "act", "down")
 N_COUNTERS = len(STAGE_NAMES)
 
@@ -161,7 +164,7 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
         DOWN: (ACT, tiles[ACT]),
     }
     rows = []
-    for stage in (NORM, ROUTER, GATE_UP, TOPK, SORT, ACT, DOWN):
+    for stage in QUEUE_ORDER:
         ctr, target = waits[stage]
         for tile in range(tiles[stage]):
             rows.append([stage, tile, ctr, target, stage, 0, 0, 0])

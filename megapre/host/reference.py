@@ -37,7 +37,10 @@ def group_quant_fp8(x: torch.Tensor, group: int = QUANT_GROUP):
     """Per-token, per-``group`` FP8 e4m3 quantization. Returns (q fp8 [M,K], scale fp32 [M,K/group])."""
     m, k = x.shape
     xg = x.float().reshape(m, k // group, group)
-    scale = xg.abs().amax(dim=-1).clamp_min(QUANT_EPS) / FP8_E4M3_MAX
+    amax = xg.abs().amax(dim=-1).clamp_min(QUANT_EPS)
+    # True IEEE division, as vLLM's kernel: torch's tensor / python-scalar on CUDA multiplies by the
+    # reciprocal instead, which is one ulp off for some values (and then every code of the group can move).
+    scale = amax / torch.full_like(amax, FP8_E4M3_MAX)
     q = (xg / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8)
     return q.reshape(m, k), scale
 
@@ -96,8 +99,12 @@ def grouped_topk(logits: torch.Tensor, bias: torch.Tensor, config: PreambleConfi
     sel_groups = _topk_lower_index(group_score, cfg.topk_group)
     keep = torch.zeros(m, cfg.n_group, dtype=torch.bool, device=logits.device)
     keep.scatter_(1, sel_groups, True)
-    masked = torch.where(keep.repeat_interleave(cfg.experts_per_group, 1), b, torch.full_like(b, float("-inf")))
-    ids = _topk_lower_index(masked, cfg.top_k)
+    kept = keep.repeat_interleave(cfg.experts_per_group, 1)
+    # Experts of kept groups rank above all others, even at b = -inf (an underfull row still picks from the
+    # kept groups): order by (kept, b, -index), as the kernels' integer keys do.
+    by_score = torch.sort(b, dim=-1, descending=True, stable=True).indices
+    by_kept = torch.sort(torch.gather(kept, 1, by_score).to(torch.int8), dim=-1, descending=True, stable=True).indices
+    ids = torch.gather(by_score, 1, by_kept)[:, : cfg.top_k]
     w = torch.gather(s, 1, ids)
     w = w / (w.sum(-1, keepdim=True) + RENORM_EPS)
     # vLLM's fallback: with no finite group score there is nothing to rank; experts 0..k-1, equal weights.

@@ -40,8 +40,9 @@ def add_rmsnorm_quant_kernel(hidden_ptr, residual_ptr, norm_w_ptr, res_out_ptr, 
     tl.store(x_out_ptr + row + offs, x, mask=mask)
     xf = x.to(tl.float32)
     amax = tl.max(tl.abs(xf), axis=1)
-    scale = tl.maximum(amax, QUANT_EPS) / FP8_MAX
-    q = tl.clamp(xf / scale[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    # div_rn: IEEE division like vLLM's kernel (Triton's "/" is div.full, an approximation)
+    scale = tl.math.div_rn(tl.maximum(amax, QUANT_EPS), tl.full(amax.shape, FP8_MAX, tl.float32))
+    q = tl.clamp(tl.math.div_rn(xf, scale[:, None] + tl.zeros_like(xf)), -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
     tl.store(q_ptr + row + offs, q, mask=mask)
     tl.store(s_ptr + m * NG + tl.arange(0, NG_P2), scale, mask=tl.arange(0, NG_P2) < NG)
 
@@ -219,6 +220,8 @@ def silu_mul_quant_kernel(partials_ptr, q_ptr, s_ptr, M, SPLITS: tl.constexpr, I
     up = up.to(tl.bfloat16).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)
     h = (act * up).to(tl.bfloat16).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(h), axis=0), QUANT_EPS) / FP8_MAX
-    tl.store(q_ptr + m * I + c, tl.clamp(h / scale, -FP8_MAX, FP8_MAX).to(tl.float8e4nv))
+    amax = tl.maximum(tl.max(tl.abs(h), axis=0), QUANT_EPS)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32))
+    tl.store(q_ptr + m * I + c, tl.clamp(tl.math.div_rn(h, scale + tl.zeros_like(h)), -FP8_MAX, FP8_MAX)
+             .to(tl.float8e4nv))
     tl.store(s_ptr + m * (I // GROUP) + g, scale)
