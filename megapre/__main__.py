@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     bl = sub.add_parser("build", help="compile the fused kernel's cubins for the presets into the cache")
     bl.add_argument("--m", type=int, nargs="+", default=list(range(1, 9)))
     bl.add_argument("--shapes", nargs="+", default=["ep8", "tp1"])
+    bl.add_argument("--trace", action="store_true", help="the timeline-recording variant (scripts/trace_fused.py)")
     bl.set_defaults(fn=cmd_build)
     args = p.parse_args(argv)
     return args.fn(args)

@@ -51,9 +51,9 @@ def rand_bias(cfg, g, std=0.03):
 
 # ---- grouped top-k ---------------------------------------------------------------------------------------
 def compare_topk(logits, bias, cfg, seed, *, allow_underfull=False):
-    """reference.grouped_topk == naive, row by row. Underfull rows (kept groups hold fewer than top_k
-    non-NaN experts) are compared only on their finite picks unless allow_underfull is False, in which
-    case the test asserts that none was generated."""
+    """reference.grouped_topk == naive, row by row. An underfull row (kept groups hold fewer than top_k
+    non-NaN experts) must pick its -inf experts from the kept groups too, lower index first, and has NaN
+    weights; allow_underfull=False asserts that the generator produced none."""
     w, ids = ref.grouped_topk(logits, bias, cfg)
     m = logits.shape[0]
     assert w.dtype == torch.float32 and ids.dtype == torch.int32
@@ -64,13 +64,11 @@ def compare_topk(logits, bias, cfg, seed, *, allow_underfull=False):
     for t in range(m):
         ctx = f"seed={seed} cfg={cfg.short_name()} row={t} logits={rows[t]} bias={bl}"
         got_ids = ids[t].tolist()
+        assert got_ids == nids[t], f"ids {got_ids} != naive {nids[t]}; " + ctx
         if naive_underfull(rows[t], bl, cfg.n_group, cfg.topk_group, cfg.top_k):
             assert allow_underfull, "test generator produced an underfull row: " + ctx
-            n_fin = sum(1 for i in nids[t] if not math.isnan(rows[t][i]))
-            assert got_ids[:n_fin] == nids[t][:n_fin], ctx
             assert torch.isnan(w[t]).all(), ctx
             continue
-        assert got_ids == nids[t], f"ids {got_ids} != naive {nids[t]}; " + ctx
         want = torch.tensor(nw[t], dtype=torch.float64).float()
         torch.testing.assert_close(w[t], want, rtol=3e-7, atol=1e-30, equal_nan=True, msg=lambda s: s + "\n" + ctx)
 
@@ -164,6 +162,19 @@ def test_grouped_topk_nan_rows(cfg, fold, seed):
             continue
         assert torch.isfinite(w[t]).all()
         torch.testing.assert_close(w[t].double().sum(), torch.tensor(scale, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cfg", ROUTING_CONFIGS, ids=ROUTING_IDS)
+def test_grouped_topk_mostly_nan_rows(cfg, seed):
+    """Random rows with most logits NaN (many underfull rows, some dead rows): every row as naive."""
+    g = gen(seed)
+    m = 64
+    logits = torch.randn(m, cfg.n_routed_experts, generator=g)
+    p_nan = torch.rand(m, 1, generator=g) * 0.5 + 0.5
+    logits[torch.rand(m, cfg.n_routed_experts, generator=g) < p_nan] = NAN
+    compare_topk(logits, rand_bias(cfg, g), cfg, seed, allow_underfull=True)
+    compare_topk(logits, torch.zeros(cfg.n_routed_experts), cfg.replace(fold_routed_scaling=True), seed,
+                 allow_underfull=True)
 
 
 @pytest.mark.parametrize("cfg", [DS, SMALL, ALLGROUPS.replace(topk_group=2)], ids=["deepseek", "small", "ktop2"])

@@ -2,9 +2,10 @@
 
 What it computes: every output of megapre.run for M <= 8 tokens (see megapre/host/plan.py for the task
 protocol and megapre/host/reference.py for the semantics). Stages, each a device function that the queue
-loop dispatches to, and that ``only_stage >= 0`` runs alone (tile = blockIdx.x) for per-stage testing:
+loop dispatches to, and that ``mode >= 0`` runs alone (tile = blockIdx.x) for per-stage testing
+(mode -1: the full queue; -2: the full queue without the L2 weight prefetch, a timing variant):
 
-    norm     (one task per token)  residual add, RMSNorm, x (bf16, workspace), a_q / a_scale
+    norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale
     router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
     gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace)
     topk     (one task per token)  logits = sum of partials; sigmoid, grouped top-k, weights
@@ -27,8 +28,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
-from ..host.plan import (ACT, DOWN, GATE_UP, NORM, ROUTER, SORT, THREADS, TOPK, WARPS, WS_COUNTERS, WS_DONE,
-                         WS_ERROR, WS_HEAD, KernelSpec)
+from ..host.plan import (ACT, DOWN, GATE_UP, NORM, ROUTER, SORT, THREADS, TOPK, TRACE_INTS, WARPS, WS_COUNTERS,
+                         WS_DONE, WS_ERROR, WS_HEAD, KernelSpec)
 from . import primitives as P
 
 SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
@@ -42,11 +43,14 @@ def build_kernel(spec: KernelSpec):
     M, H, E, NG = S.m, S.hidden, S.experts, S.hidden_groups
     I = S.inter  # noqa: E741
     LAY = S.ws_layout()
-    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS = (LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale"))
+    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS, OFF_TR = (LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale",
+                                                                     "trace"))
     EPL = E // 32  # experts per lane in the top-k warp
     LPG = S.experts_per_group // EPL  # lanes per group
     P_PAIRS = M * S.top_k
     SF = S.smem_floats()
+    NCHUNK = NG // WARPS  # norm tasks per token: one 128-group per warp
+    NL_STEPS = S.n_local.bit_length()  # binary-search steps over the local experts' padded ends
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_IDS, SI_PAD, SI_END, SI_WTOT = 0, 16, 32, 96, 352, 608
 
@@ -54,16 +58,19 @@ def build_kernel(spec: KernelSpec):
     # stage: residual add + RMSNorm + MoE input quantization, one token per task
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_norm(m: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
+    def stage_norm(tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
                    o_as: Int64, ws: Int64, si: Int32, tid: Int32):
+        """Task (token m, chunk c of 1024 columns = one 128-group per warp). Every chunk task reads the whole
+        row for the sum of squares (L2 serves the repeats), so the norm is one hop, spread over 7 CTAs."""
+        m = tile // NCHUNK
+        c = tile % NCHUNK
         warp = tid >> 5
         lane = tid & 31
-        vals = []
+        mine = []
         ss = Float32(0.0)
-        for i in cutlass.range_constexpr(NG // WARPS):
+        for i in cutlass.range_constexpr(NCHUNK):
             g = warp + WARPS * i
-            col = g * 128 + lane * 4
-            off = Int64(m * H + col) * 2
+            off = Int64(m * H + g * 128 + lane * 4) * 2
             h0, h1 = P.ld_nc_v2(hidden + off)
             r0, r1 = P.ld_nc_v2(residual + off)
             ha, hb = P.bf16x2_to_f32(h0)
@@ -73,8 +80,10 @@ def build_kernel(spec: KernelSpec):
             v = [P.round_bf16(ha + ra), P.round_bf16(hb + rb), P.round_bf16(hc + rc), P.round_bf16(hd + rd)]
             for j in cutlass.range_constexpr(4):
                 ss = ss + v[j] * v[j]
-            P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
-            vals.append(v)
+            mine.append(v)
+        # this task's group: g = c * WARPS + warp (chunk c covers groups c*8 .. c*8+7)
+        col = (c * WARPS + warp) * 128 + lane * 4
+        w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
         ss = P.warp_sum_f32(ss)
         if lane == 0:
             P.sts_f32(si + (SI_RED + warp) * 4, ss)
@@ -83,24 +92,26 @@ def build_kernel(spec: KernelSpec):
         for w in cutlass.range_constexpr(WARPS):
             tot = tot + P.lds_f32(si + (SI_RED + w) * 4)
         rstd = P.div_rn(Float32(1.0), P.sqrt_rn(P.div_rn(tot, Float32(H)) + Float32(S.eps)))
-        for i in cutlass.range_constexpr(NG // WARPS):
-            g = warp + WARPS * i
-            col = g * 128 + lane * 4
-            off = Int64(m * H + col) * 2
-            w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
-            wa, wb = P.bf16x2_to_f32(w0)
-            wc, wd = P.bf16x2_to_f32(w1)
-            wv = [wa, wb, wc, wd]
-            x = [P.round_bf16(P.round_bf16(vals[i][j] * rstd) * wv[j]) for j in range(4)]
-            P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x[0], x[1]), P.f32x2_to_bf16x2(x[2], x[3]))
-            amax = P.fmax(P.fmax(P.fabs(x[0]), P.fabs(x[1])), P.fmax(P.fabs(x[2]), P.fabs(x[3])))
-            amax = P.warp_max_f32(amax)
-            scale = P.div_rn(P.fmax(amax, Float32(1e-10)), Float32(448.0))
-            q = P.f32x4_to_e4m3x4(P.div_rn(x[0], scale), P.div_rn(x[1], scale), P.div_rn(x[2], scale),
-                                  P.div_rn(x[3], scale))
-            P.st_b32(o_aq + Int64(m * H + col), q)
-            if lane == 0:
-                P.st_f32(o_as + Int64(m * NG + g) * 4, scale)
+        # the loop above loaded group warp + 8 i in iteration i; this task's group is iteration c
+        v = [Float32(0.0)] * 4
+        for i in cutlass.range_constexpr(NCHUNK):
+            for j in cutlass.range_constexpr(4):
+                v[j] = P.sel_f32(c == i, mine[i][j], v[j])
+        off = Int64(m * H + col) * 2
+        P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
+        wa, wb = P.bf16x2_to_f32(w0)
+        wc, wd = P.bf16x2_to_f32(w1)
+        wv = [wa, wb, wc, wd]
+        x = [P.round_bf16(P.round_bf16(v[j] * rstd) * wv[j]) for j in range(4)]
+        P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x[0], x[1]), P.f32x2_to_bf16x2(x[2], x[3]))
+        amax = P.fmax(P.fmax(P.fabs(x[0]), P.fabs(x[1])), P.fmax(P.fabs(x[2]), P.fabs(x[3])))
+        amax = P.warp_max_f32(amax)
+        scale = P.div_rn(P.fmax(amax, Float32(1e-10)), Float32(448.0))
+        q = P.f32x4_to_e4m3x4(P.div_rn(x[0], scale), P.div_rn(x[1], scale), P.div_rn(x[2], scale),
+                              P.div_rn(x[3], scale))
+        P.st_b32(o_aq + Int64(m * H + col), q)
+        if lane == 0:
+            P.st_f32(o_as + Int64(m * NG + c * WARPS + warp) * 4, scale)
 
     # ------------------------------------------------------------------------------------------------
     # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem
@@ -318,7 +329,8 @@ def build_kernel(spec: KernelSpec):
                 c0, c1, c2, c3 = P.ld_nc_v4f(bias + Int64(e0 + 4 * v) * 4)
                 cb = [c0, c1, c2, c3]
                 for j in cutlass.range_constexpr(4):
-                    s_ = P.div_rn(Float32(1.0), Float32(1.0) + P.exp_f32(-lg[4 * v + j]))
+                    # sigmoid with a hardware reciprocal (~1 ulp): weights are checked to 1e-5
+                    s_ = P.rcp_approx(Float32(1.0) + P.exp_f32(-lg[4 * v + j]))
                     b_ = s_ + cb[j]
                     sc.append(s_)
                     bs.append(P.sel_f32(P.is_nan(b_), Float32(NEG_INF), b_))
@@ -338,40 +350,39 @@ def build_kernel(spec: KernelSpec):
             gs = P.sel_f32(P.is_nan(gs), Float32(NEG_INF), gs)
             grp = lane // LPG
             gkey = P.sortable_key(gs)
-            any_finite = P.warp_max_i32(P.sel_i32(P.sel_i32(gkey > P.sortable_key(Float32(NEG_INF)), 1, 0), 1, 0))
+            any_finite = P.warp_max_i32(gkey > P.sortable_key(Float32(NEG_INF)))
             kept = Int32(0)
             for _ in cutlass.range_constexpr(S.topk_group):
                 cand = P.sel_i32(kept, Int32(INT_MIN), gkey)
                 mx = P.warp_max_i32(cand)
-                gsel = P.warp_min_i32(P.sel_i32(P.sel_i32(cand == mx, 1, 0), grp, Int32(1 << 30)))
-                kept = kept | P.sel_i32(P.sel_i32(grp == gsel, 1, 0), 1, 0)
-            taken = Int32(0)
+                gsel = P.warp_min_i32(P.sel_i32(cand == mx, grp, Int32(1 << 30)))
+                kept = kept | P.sel_i32(grp == gsel, 1, 0)
+            # expert keys: kept groups by biased score; other groups below any kept one; taken -> INT_MIN
+            keys = [P.sel_i32(kept, P.sortable_key(bs[j]), Int32(INT_MIN + 1)) for j in range(EPL)]
             ids = []
             wts = []
             for k in cutlass.range_constexpr(S.top_k):
-                bk = Int32(INT_MIN)
-                bi = Int32(1 << 30)
-                bsv = Float32(0.0)
-                for j in cutlass.range_constexpr(EPL):
-                    key = P.sel_i32(kept, P.sortable_key(bs[j]), Int32(INT_MIN + 1))
-                    key = P.sel_i32((taken >> j) & 1, Int32(INT_MIN), key)
-                    better = P.sel_i32(key > bk, 1, 0)
-                    bk = P.sel_i32(better, key, bk)
+                bk = keys[0]
+                bi = Int32(e0)
+                bsv = sc[0]
+                for j in cutlass.range_constexpr(1, EPL):
+                    better = keys[j] > bk  # strict: the lower index wins ties
+                    bk = P.sel_i32(better, keys[j], bk)
                     bi = P.sel_i32(better, e0 + j, bi)
                     bsv = P.sel_f32(better, sc[j], bsv)
                 mx = P.warp_max_i32(bk)
-                win = P.warp_min_i32(P.sel_i32(P.sel_i32(bk == mx, 1, 0), bi, Int32(1 << 30)))
+                win = P.warp_min_i32(P.sel_i32(bk == mx, bi, Int32(1 << 30)))
                 s_win = cute.arch.shuffle_sync(bsv, win // EPL)
-                taken = taken | P.sel_i32(P.sel_i32(win // EPL == lane, 1, 0), Int32(1) << (win % EPL), 0)
+                for j in cutlass.range_constexpr(EPL):
+                    keys[j] = P.sel_i32(win == e0 + j, Int32(INT_MIN), keys[j])
                 ids.append(win)
                 wts.append(s_win)
             tot = Float32(0.0)
             for k in cutlass.range_constexpr(S.top_k):
                 tot = tot + wts[k]
-            denom = tot + Float32(1e-20)
+            inv = P.rcp_approx(tot + Float32(1e-20))
             for k in cutlass.range_constexpr(S.top_k):
-                wk = P.div_rn(wts[k], denom)
-                wk = P.sel_f32(any_finite, wk, Float32(1.0 / S.top_k))
+                wk = P.sel_f32(any_finite, wts[k] * inv, Float32(1.0 / S.top_k))
                 if cutlass.const_expr(S.fold_scaling):
                     wk = wk * Float32(S.scaling)
                 idk = P.sel_i32(any_finite, ids[k], Int32(k))
@@ -429,10 +440,15 @@ def build_kernel(spec: KernelSpec):
             b = tid + i * THREADS
             if b < S.max_blocks:
                 start = b * BS
-                ex = Int32(0)
-                for e in cutlass.range(NL, unroll=8):
-                    ex = ex + P.sel_i32(P.sel_i32(P.lds_b32(si + (SI_END + e) * 4) <= start, 1, 0), 1, 0)
-                eid = P.sel_i32(P.sel_i32(start < total, 1, 0), ex, Int32(-1))
+                # upper bound: the number of experts whose padded range ends at or before this block
+                lo = Int32(0)
+                hi = Int32(NL)
+                for _ in cutlass.range_constexpr(NL_STEPS):
+                    mid = (lo + hi) >> 1
+                    le = P.sel_i32(lo < hi, P.lds_b32(si + (SI_END + P.sel_i32(mid < NL, mid, NL - 1)) * 4) <= start, 0)
+                    lo = P.sel_i32(le, mid + 1, lo)
+                    hi = P.sel_i32(le, hi, P.sel_i32(lo < hi, mid, hi))
+                eid = P.sel_i32(start < total, lo, Int32(-1))
                 P.st_b32(o_eids + Int64(b) * 4, Uint32(eid))
         if tid == 0:
             P.st_b32(o_ntpp, Uint32(total))
@@ -469,7 +485,7 @@ def build_kernel(spec: KernelSpec):
                        w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64,
                        o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64,
                        o_ntpp: Int64, ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32,
-                       only_stage: Int32):
+                       mode: Int32):
         tid = cute.arch.thread_idx()[0]
         alloc = SmemAllocator()
         s_f = alloc.allocate_tensor(Float32, cute.make_layout(SF), byte_alignment=16)
@@ -477,13 +493,13 @@ def build_kernel(spec: KernelSpec):
         sf = Int32(s_f.iterator.toint())
         si = Int32(s_i.iterator.toint())
         ctr = ws + WS_COUNTERS * 4
-        if only_stage >= 0:
+        if mode >= 0:
             # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
-            run_stage(only_stage, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
+            run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
                       first_local, sf, si, tid)
         else:
-            if tid == 0:
+            if tid == 0 and mode == -1:
                 bid = cute.arch.block_idx()[0]
                 nblk = cute.arch.grid_dim()[0]
                 prefetch_slice(gate_w, E * H * 2, bid, nblk)
@@ -492,6 +508,7 @@ def build_kernel(spec: KernelSpec):
             running = Int32(1)
             while running != 0:
                 if tid == 0:
+                    t_ticket = P.globaltimer()
                     ticket = P.atom_add_acq_rel(ws + WS_HEAD * 4, Int32(1))
                     P.sts_b32(si + SI_TASK * 4, ticket)
                     if ticket < n_tasks:
@@ -511,6 +528,11 @@ def build_kernel(spec: KernelSpec):
                                 # a dependency never arrived: record which task gave up, never hang
                                 P.st_relaxed(ws + WS_ERROR * 4, ticket + 1)
                         P.fence_gpu()
+                        if cutlass.const_expr(S.trace):
+                            rec = ws + OFF_TR + Int64(ticket) * (TRACE_INTS * 8)
+                            P.st_u64(rec, Int64(cute.arch.block_idx()[0]))
+                            P.st_u64(rec + 8, t_ticket)
+                            P.st_u64(rec + 16, P.globaltimer())
                 cute.arch.sync_threads()
                 task = P.lds_b32(si + SI_TASK * 4)
                 if task >= n_tasks:
@@ -526,6 +548,8 @@ def build_kernel(spec: KernelSpec):
                         P.fence_gpu()
                         sig = P.lds_b32(si + (SI_TASK + 5) * 4)
                         P.red_release_add(ctr + Int64(sig) * 4, Int32(1))
+                        if cutlass.const_expr(S.trace):
+                            P.st_u64(ws + OFF_TR + Int64(task) * (TRACE_INTS * 8) + 24, P.globaltimer())
             # self-reset: the last CTA out restores the queue for the next launch / graph replay
             cute.arch.sync_threads()
             if tid == 0:
@@ -543,15 +567,15 @@ def build_kernel(spec: KernelSpec):
     def launch(hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64, bias: Int64, w13: Int64,
                w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64,
                o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64,
-               ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32, only_stage: Int32, grid: Int32):
+               ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32, mode: Int32, grid: Int32):
         megapre_kernel(hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res, o_logits, o_w, o_ids,
                        o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws, tasks, n_tasks, first_local,
-                       only_stage).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1], cooperative=True)
+                       mode).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1], cooperative=True)
 
     return megapre_kernel, launch
 
 
 PARAMS = ("hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
           "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
-          "first_local", "only_stage")
+          "first_local", "mode")
 PARAM_TYPES = ("u64",) * 21 + ("s32",) * 3

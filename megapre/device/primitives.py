@@ -323,3 +323,19 @@ def ld_nc_v4f(addr: Int64):
 def prefetch_l2_bulk(addr: Int64, nbytes: Int32):
     """Bulk prefetch of [addr, addr + nbytes) into L2 (TMA unit; 16-byte aligned, nbytes % 16 == 0)."""
     _asm([], [addr, nbytes], "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r", True)
+
+
+@cute.jit
+def globaltimer() -> Int64:
+    return _asm([Int64], [], "mov.u64 $0, %globaltimer;", "=l", True)
+
+
+@cute.jit
+def st_u64(addr: Int64, v: Int64):
+    _asm([], [addr, v], "st.global.u64 [$0], $1;", "l,l", True)
+
+
+@cute.jit
+def rcp_approx(x: Float32) -> Float32:
+    """1/x to ~1 ulp (rcp.approx.ftz): for sigmoid and renormalization, not for quantization."""
+    return _asm([Float32], [x], "rcp.approx.ftz.f32 $0, $1;", "=f,f")

@@ -139,7 +139,7 @@ def main(args) -> int:
     n = 0
     for shape in args.shapes:
         for m in args.m:
-            spec = KernelSpec.from_config(PRESETS[shape](), m)
+            spec = KernelSpec.from_config(PRESETS[shape](), m, trace=getattr(args, "trace", False))
             compile_spec(spec, verbose=True)
             n += 1
     print(f"{n} kernels in {default_cache_dir()}")

@@ -6,6 +6,7 @@ inside a CUDA-graph capture (like Triton's JIT). Later calls allocate nothing an
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -91,10 +92,11 @@ def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
 
 
 def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
-              out: PreambleOutput) -> PreambleOutput:
+              out: PreambleOutput, trace: bool = False) -> PreambleOutput:
+    """One launch. trace=True runs the timeline-recording build of the kernel (see read_trace)."""
     cfg = weights.config
     m = hidden.shape[0]
-    spec = KernelSpec.from_config(cfg, m)
+    spec = KernelSpec.from_config(cfg, m, trace=trace)
     why = spec.unsupported()
     if why:
         raise ValueError(f"backend='fused' cannot run this shape: {why}")
@@ -110,7 +112,7 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
             out.topk_weights.data_ptr(), out.topk_ids.data_ptr(), out.a_q.data_ptr(), out.a_scale.data_ptr(),
             out.shared_out.data_ptr(), out.sorted_token_ids.data_ptr(), out.expert_ids.data_ptr(),
             out.num_tokens_post_padded.data_ptr(), ws.data_ptr(), table.data_ptr(), table.shape[0],
-            cfg.first_local_expert, -1)
+            cfg.first_local_expert, -2 if os.environ.get("MEGAPRE_NO_PREFETCH") == "1" else -1)
     kernel.launch(args, grid=kernel.num_sms, stream=stream)
     return out
 
@@ -139,3 +141,19 @@ def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) 
     for stage in range(len(STAGE_NAMES)):
         kernel.launch(tuple(base + [stage]), grid=tiles[stage], stream=stream, cooperative=False)
     return out
+
+
+def read_trace(config, m: int, device=None) -> list[dict]:
+    """The last traced launch's timeline (synchronizes): one dict per task, times in ns from the first ticket."""
+    from .plan import STAGE_NAMES, TRACE_INTS
+    device = torch.device(device or "cuda")
+    spec = KernelSpec.from_config(config, m, trace=True)
+    torch.cuda.synchronize(device)
+    rows = task_table(spec)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    ws = next(v for k, v in _workspaces.items() if k[0] == spec and k[1] == idx)
+    lay = spec.ws_layout()
+    rec = ws[lay["trace"]: lay["trace"] + len(rows) * TRACE_INTS * 8].view(torch.int64).view(-1, TRACE_INTS).cpu()
+    t0 = int(rec[:, 1].min())
+    return [dict(task=i, stage=STAGE_NAMES[r[0]], tile=r[1], cta=int(rec[i, 0]), ticket=int(rec[i, 1]) - t0,
+                 ready=int(rec[i, 2]) - t0, done=int(rec[i, 3]) - t0) for i, r in enumerate(rows)]

@@ -22,6 +22,7 @@ from ..config import QUANT_GROUP, PreambleConfig
 THREADS = 256
 WARPS = THREADS // 32
 TASK_INTS = 8
+TRACE_INTS = 4  # int64 per task in trace mode: cta, ticket taken, dependencies met, done (globaltimer ns)
 
 # Stage ids (also the index of the counter their tasks signal), numbered in a valid dependency order.
 NORM, ROUTER, GATE_UP, TOPK, SORT, ACT, DOWN = range(7)
@@ -64,15 +65,18 @@ class KernelSpec:
     gu_rows: int = 32
     gu_splits: int = 7
     down_rows: int = 64
+    # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
+    trace: bool = False
 
     @classmethod
-    def from_config(cls, cfg: PreambleConfig, m: int) -> "KernelSpec":
+    def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False) -> "KernelSpec":
         gu_rows = 32 if 2 * cfg.shared_local_intermediate <= 1024 else 64
         return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
                    topk_group=cfg.topk_group, top_k=cfg.top_k, inter=cfg.shared_local_intermediate,
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
-                   max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m), gu_rows=gu_rows)
+                   max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m), gu_rows=gu_rows,
+                   trace=trace)
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
@@ -113,7 +117,7 @@ class KernelSpec:
 
     def stage_tiles(self) -> dict[int, int]:
         return {
-            NORM: self.m,
+            NORM: self.m * (self.hidden // (QUANT_GROUP * WARPS)),  # (token, 1024-column chunk)
             ROUTER: (self.experts // self.router_rows) * self.router_splits,
             GATE_UP: (2 * self.inter // self.gu_rows) * self.gu_splits,
             TOPK: self.m,
@@ -132,6 +136,7 @@ class KernelSpec:
             ("gu_part", self.gu_splits * self.m * 2 * self.inter * 4),
             ("h_q", self.m * self.inter),  # fp8 SiLU-and-mul output
             ("h_scale", self.m * (self.inter // QUANT_GROUP) * 4),
+            ("trace", (sum(self.stage_tiles().values()) * TRACE_INTS * 8) if self.trace else 0),
         ):
             off[name] = pos
             pos = _align(pos + nbytes)
