@@ -53,8 +53,8 @@ def check_inputs(hidden, residual, weights, out, max_tokens: int) -> int:
             t = getattr(out, name)
             # out.residual may alias residual (in-place residual update); nothing else may alias an input
             for iname, inp in (("hidden", hidden), ("residual", residual)):
-                if name == "residual" and iname == "residual":
-                    continue
+                if name == "residual" and iname == "residual" and t.data_ptr() == inp.data_ptr():
+                    continue  # exactly the same buffer (same shape, both contiguous): in-place update
                 if _overlaps(t, inp):
                     raise ValueError(f"out.{name} overlaps the input {iname}")
         fields = out.items()

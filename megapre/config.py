@@ -71,6 +71,14 @@ class PreambleConfig:
                   f"must be <= topk_group * experts_per_group = {self.topk_group * self.experts_per_group}")
         if self.n_routed_experts % self.ep_size:
             _fail("ep_size", self.ep_size, f"must divide n_routed_experts={self.n_routed_experts}")
+        for name in ("ep_rank", "shared_tp_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                _fail(name, v, "must be an int")
+        for name in ("rms_norm_eps", "routed_scaling_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                _fail(name, v, "must be a number")
         if not (isinstance(self.ep_rank, int) and 0 <= self.ep_rank < self.ep_size):
             _fail("ep_rank", self.ep_rank, f"must be in [0, ep_size={self.ep_size})")
         if self.shared_intermediate_size % (self.shared_tp_size * WEIGHT_BLOCK):

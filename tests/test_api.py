@@ -405,3 +405,23 @@ def test_public_surface():
     out.poison()
     assert torch.isnan(out.residual.float()).all() and (out.topk_ids == -7777).all()
     assert torch.isnan(out.a_q.float()).all()
+
+
+def test_out_residual_partly_overlapping_residual_is_rejected(seed):
+    """In-place residual update means out.residual IS residual; a shifted view would race in the kernels."""
+    w = weights_for(SMALL)
+    h, _ = make_inputs(SMALL, M, seed)
+    buf = torch.randn((M + 1) * SMALL.hidden_size).to(torch.bfloat16)
+    r = buf[: M * SMALL.hidden_size].view(M, SMALL.hidden_size)
+    out = megapre.PreambleOutput.empty(SMALL, M)
+    out.residual = buf[SMALL.hidden_size:].view(M, SMALL.hidden_size)
+    with pytest.raises(ValueError, match="out.residual overlaps the input residual"):
+        megapre.run(h, r, w, backend="reference", out=out)
+
+
+@pytest.mark.parametrize("field,value", [("ep_rank", True), ("shared_tp_rank", False), ("rms_norm_eps", "x"),
+                                         ("routed_scaling_factor", None)])
+def test_config_rejects_non_numbers(field, value):
+    with pytest.raises(ValueError, match=field):
+        PreambleConfig(**{field: value, **({"ep_size": 2} if field == "ep_rank" else {}),
+                          **({"shared_tp_size": 2} if field == "shared_tp_rank" else {})})

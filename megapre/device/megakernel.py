@@ -116,58 +116,96 @@ def build_kernel(spec: KernelSpec):
     # ------------------------------------------------------------------------------------------------
     # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem
     # ------------------------------------------------------------------------------------------------
-    @cute.jit
-    def gemm_rows(w_ptr: Int64, ldw: cutlass.Constexpr, fp8: cutlass.Constexpr, row0: Int32, k0: Int32,
-                  rpw: cutlass.Constexpr, kc: cutlass.Constexpr, w_scale: Int64, lds_scale: cutlass.Constexpr,
-                  sf: Int32, lane: Int32):
-        """Returns acc[r][m] (this lane's share) for rows row0 + r, K in [k0, k0 + kc).
-        fp8: weights are e4m3 with one scale per 128 x 128 block (all rpw rows share a block).
-        The weight loads of a chunk of windows are all issued before any of them is used, so each lane has
-        up to 64 registers of loads in flight instead of waiting out the memory latency window by window."""
-        acc = [[Float32(0.0) for _ in range(M)] for _ in range(rpw)]
+    def gemm_chunks(kc: int, rpw: int, fp8: bool) -> list:
+        """Windows of a task's K range grouped so one group's weight loads fit in 64 registers per lane."""
         n_win = kc // 128
-        regs_per_load = 1 if fp8 else 2
-        chunk = max(1, min(n_win, 64 // (rpw * regs_per_load)))
-        for c0 in cutlass.range_constexpr(0, n_win, chunk):
-            wins = list(range(c0, min(n_win, c0 + chunk)))
-            raw = []
-            scales = []
-            for w in wins:
-                kk = w * 128 + lane * 4
-                row_loads = []
-                for r in cutlass.range_constexpr(rpw):
-                    if cutlass.const_expr(fp8):
-                        row_loads.append(P.ld_nc_b32(w_ptr + Int64(row0 + r) * ldw + Int64(k0 + kk)))
-                    else:
-                        row_loads.append(P.ld_nc_v2(w_ptr + (Int64(row0 + r) * ldw + Int64(k0 + kk)) * 2))
-                raw.append(row_loads)
-                if cutlass.const_expr(fp8):
-                    scales.append(P.ld_nc_f32(w_scale + Int64((row0 // 128) * lds_scale + (k0 + w * 128) // 128) * 4))
-            for i, w in enumerate(wins):
-                kk = w * 128 + lane * 4
-                xs = []
-                for m in cutlass.range_constexpr(M):
-                    a0, a1, a2, a3 = P.lds_v4f(sf + (m * kc + kk) * 4)
-                    if cutlass.const_expr(fp8):
-                        wsc = scales[i]
-                        xs.append([a0 * wsc, a1 * wsc, a2 * wsc, a3 * wsc])
-                    else:
-                        xs.append([a0, a1, a2, a3])
-                for r in cutlass.range_constexpr(rpw):
-                    wf = []
-                    if cutlass.const_expr(fp8):
-                        wf = list(P.e4m3x4_to_f32(raw[i][r]))
-                    else:
-                        u0, u1 = raw[i][r]
-                        fa, fb = P.bf16x2_to_f32(u0)
-                        fc, fd = P.bf16x2_to_f32(u1)
-                        wf = [fa, fb, fc, fd]
-                    for m in cutlass.range_constexpr(M):
-                        a = acc[r][m]
-                        for j in cutlass.range_constexpr(4):
-                            a = a + wf[j] * xs[m][j]
-                        acc[r][m] = a
+        per = max(1, min(n_win, 64 // (rpw * (1 if fp8 else 2))))
+        return [list(range(c, min(n_win, c + per))) for c in range(0, n_win, per)]
+
+    CH_ROUTER = gemm_chunks(S.router_kc, S.router_rows // WARPS, False)
+    CH_GU = gemm_chunks(S.gu_kc, S.gu_rows // WARPS, True)
+    CH_DOWN = gemm_chunks(S.inter, S.down_rows // WARPS, True)
+
+    def gemm_issue(w_ptr, ldw: int, fp8: bool, row0, k0, rpw: int, wins: list, w_scale, lds_scale: int, lane):
+        """Issue the weight loads (and FP8 block scales) of windows ``wins`` for rows row0 .. row0 + rpw - 1.
+        Nothing here depends on other tasks, so a stage calls it before waiting for its inputs: the weight
+        stream overlaps the wait."""
+        raw = []
+        scales = []
+        for w in wins:
+            kk = w * 128 + lane * 4
+            row_loads = []
+            for r in range(rpw):
+                if fp8:
+                    row_loads.append(P.ld_nc_b32(w_ptr + Int64(row0 + r) * ldw + Int64(k0 + kk)))
+                else:
+                    row_loads.append(P.ld_nc_v2(w_ptr + (Int64(row0 + r) * ldw + Int64(k0 + kk)) * 2))
+            raw.append(row_loads)
+            if fp8:
+                scales.append(P.ld_nc_f32(w_scale + Int64((row0 // 128) * lds_scale + (k0 + w * 128) // 128) * 4))
+        return raw, scales
+
+    def gemm_consume(acc, raw, scales, fp8: bool, rpw: int, wins: list, kc: int, sf, lane):
+        """acc[r][m] += this lane's 4-K share of every window in ``wins`` (activations from smem, fp32)."""
+        for i, w in enumerate(wins):
+            kk = w * 128 + lane * 4
+            xs = []
+            for m in range(M):
+                a0, a1, a2, a3 = P.lds_v4f(sf + (m * kc + kk) * 4)
+                if fp8:
+                    wsc = scales[i]
+                    xs.append([a0 * wsc, a1 * wsc, a2 * wsc, a3 * wsc])
+                else:
+                    xs.append([a0, a1, a2, a3])
+            for r in range(rpw):
+                wf = []
+                if fp8:
+                    wf = list(P.e4m3x4_to_f32(raw[i][r]))
+                else:
+                    u0, u1 = raw[i][r]
+                    fa, fb = P.bf16x2_to_f32(u0)
+                    fc, fd = P.bf16x2_to_f32(u1)
+                    wf = [fa, fb, fc, fd]
+                for m in range(M):
+                    a = acc[r][m]
+                    for j in range(4):
+                        a = a + wf[j] * xs[m][j]
+                    acc[r][m] = a
         return acc
+
+    def gemm_run(w_ptr, ldw: int, fp8: bool, row0, k0, rpw: int, kc: int, w_scale, lds_scale: int, sf, lane,
+                 raw0, sc0, chunks: list):
+        """Finish a GEMM task whose first chunk of weight loads (raw0, sc0) was issued before the wait."""
+        acc = [[Float32(0.0) for _ in range(M)] for _ in range(rpw)]
+        acc = gemm_consume(acc, raw0, sc0, fp8, rpw, chunks[0], kc, sf, lane)
+        for ci in range(1, len(chunks)):
+            raw, sc = gemm_issue(w_ptr, ldw, fp8, row0, k0, rpw, chunks[ci], w_scale, lds_scale, lane)
+            acc = gemm_consume(acc, raw, sc, fp8, rpw, chunks[ci], kc, sf, lane)
+        return acc
+
+    # ------------------------------------------------------------------------------------------------
+    # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
+        if waits != 0 and tid == 0:
+            wc = P.lds_b32(si + (SI_TASK + 3) * 4)
+            target = P.lds_b32(si + (SI_TASK + 4) * 4)
+            if wc >= 0:
+                addr = ws + WS_COUNTERS * 4 + Int64(wc) * 4
+                seen = P.ld_acquire(addr)
+                spins = Int32(0)
+                while seen < target and spins < SPIN_LIMIT:
+                    P.nanosleep(20)
+                    seen = P.ld_acquire(addr)
+                    spins = spins + 1
+                if seen < target:
+                    # a dependency never arrived: record which task gave up, never hang
+                    P.st_relaxed(ws + WS_ERROR * 4, P.lds_b32(si + SI_TASK * 4) + 1)
+            P.fence_gpu()
+            if cutlass.const_expr(S.trace):
+                P.st_u64(ws + OFF_TR + Int64(P.lds_b32(si + SI_TASK * 4)) * (TRACE_INTS * 8) + 16, P.globaltimer())
+        cute.arch.sync_threads()
 
     # ------------------------------------------------------------------------------------------------
     # L2 prefetch: at kernel start every CTA asks for its slice of every weight matrix, so the whole
@@ -185,13 +223,17 @@ def build_kernel(spec: KernelSpec):
     # stage: router GEMM partials (bf16 x bf16 -> fp32)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_router(tile: Int32, gate_w: Int64, ws: Int64, sf: Int32, tid: Int32):
+    def stage_router(tile: Int32, gate_w: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
         warp = tid >> 5
         lane = tid & 31
         kc = S.router_kc
         rt = tile // S.router_splits
         split = tile % S.router_splits
         k0 = split * kc
+        rpw = S.router_rows // WARPS
+        row0 = rt * S.router_rows + warp * rpw
+        raw0, sc0 = gemm_issue(gate_w, H, False, row0, k0, rpw, CH_ROUTER[0], gate_w, 0, lane)
+        wait_ready(waits, ws, si, tid)
         # stage x[:, k0:k0+kc] as fp32
         nvec = M * kc // 4
         for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
@@ -204,9 +246,7 @@ def build_kernel(spec: KernelSpec):
                 fc, fd = P.bf16x2_to_f32(u1)
                 P.sts_v4f(sf + (m * kc + kk) * 4, fa, fb, fc, fd)
         cute.arch.sync_threads()
-        rpw = S.router_rows // WARPS
-        row0 = rt * S.router_rows + warp * rpw
-        acc = gemm_rows(gate_w, H, False, row0, k0, rpw, kc, gate_w, 0, sf, lane)
+        acc = gemm_run(gate_w, H, False, row0, k0, rpw, kc, gate_w, 0, sf, lane, raw0, sc0, CH_ROUTER)
         for r in cutlass.range_constexpr(rpw):
             for m in cutlass.range_constexpr(M):
                 t = P.warp_sum_f32(acc[r][m])
@@ -218,13 +258,17 @@ def build_kernel(spec: KernelSpec):
     # ------------------------------------------------------------------------------------------------
     @cute.jit
     def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
-                      tid: Int32):
+                      si: Int32, tid: Int32, waits: Int32):
         warp = tid >> 5
         lane = tid & 31
         kc = S.gu_kc
         rt = tile // S.gu_splits
         split = tile % S.gu_splits
         k0 = split * kc
+        rpw = S.gu_rows // WARPS
+        row0 = rt * S.gu_rows + warp * rpw
+        raw0, sc0 = gemm_issue(w13, H, True, row0, k0, rpw, CH_GU[0], w13_s, NG, lane)
+        wait_ready(waits, ws, si, tid)
         nvec = M * kc // 4
         for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
             v = tid + i * THREADS
@@ -236,9 +280,7 @@ def build_kernel(spec: KernelSpec):
                 fa, fb, fc, fd = P.e4m3x4_to_f32(q)
                 P.sts_v4f(sf + (m * kc + kk) * 4, fa * s, fb * s, fc * s, fd * s)
         cute.arch.sync_threads()
-        rpw = S.gu_rows // WARPS
-        row0 = rt * S.gu_rows + warp * rpw
-        acc = gemm_rows(w13, H, True, row0, k0, rpw, kc, w13_s, NG, sf, lane)
+        acc = gemm_run(w13, H, True, row0, k0, rpw, kc, w13_s, NG, sf, lane, raw0, sc0, CH_GU)
         for r in cutlass.range_constexpr(rpw):
             for m in cutlass.range_constexpr(M):
                 t = P.warp_sum_f32(acc[r][m])
@@ -249,9 +291,10 @@ def build_kernel(spec: KernelSpec):
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_act(g: Int32, ws: Int64, tid: Int32):
+    def stage_act(g: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
         m = tid >> 5
         lane = tid & 31
+        wait_ready(waits, ws, si, tid)
         if m < M:
             c = g * 128 + lane * 4
             gt = [Float32(0.0)] * 4
@@ -281,9 +324,14 @@ def build_kernel(spec: KernelSpec):
     # stage: shared expert down GEMM (block-scaled FP8) -> shared_out bf16
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_down(rt: Int32, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, sf: Int32, tid: Int32):
+    def stage_down(rt: Int32, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32,
+                   waits: Int32):
         warp = tid >> 5
         lane = tid & 31
+        rpw = S.down_rows // WARPS
+        row0 = rt * S.down_rows + warp * rpw
+        raw0, sc0 = gemm_issue(w2, I, True, row0, 0, rpw, CH_DOWN[0], w2_s, I // 128, lane)
+        wait_ready(waits, ws, si, tid)
         nvec = M * I // 4
         for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
             v = tid + i * THREADS
@@ -295,9 +343,7 @@ def build_kernel(spec: KernelSpec):
                 fa, fb, fc, fd = P.e4m3x4_to_f32(q)
                 P.sts_v4f(sf + (m * I + kk) * 4, fa * s, fb * s, fc * s, fd * s)
         cute.arch.sync_threads()
-        rpw = S.down_rows // WARPS
-        row0 = rt * S.down_rows + warp * rpw
-        acc = gemm_rows(w2, I, True, row0, 0, rpw, I, w2_s, I // 128, sf, lane)
+        acc = gemm_run(w2, I, True, row0, 0, rpw, I, w2_s, I // 128, sf, lane, raw0, sc0, CH_DOWN)
         for r in cutlass.range_constexpr(rpw):
             for m in cutlass.range_constexpr(M):
                 t = P.warp_sum_f32(acc[r][m])
@@ -308,10 +354,16 @@ def build_kernel(spec: KernelSpec):
     # stage: router scoring + grouped top-k for one token (one warp; expert e = lane * EPL + j)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_topk(m: Int32, bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, ws: Int64, tid: Int32):
+    def stage_topk(m: Int32, bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, ws: Int64, si: Int32,
+                   tid: Int32, waits: Int32):
         lane = tid & 31
+        e0 = lane * EPL
+        cbias = []
+        for v in cutlass.range_constexpr(EPL // 4):  # the bias does not depend on any task: load it first
+            c0, c1, c2, c3 = P.ld_nc_v4f(bias + Int64(e0 + 4 * v) * 4)
+            cbias.extend([c0, c1, c2, c3])
+        wait_ready(waits, ws, si, tid)
         if tid < 32:
-            e0 = lane * EPL
             lg = [Float32(0.0)] * EPL
             for s in cutlass.range_constexpr(S.router_splits):
                 for v in cutlass.range_constexpr(EPL // 4):
@@ -326,8 +378,7 @@ def build_kernel(spec: KernelSpec):
             sc = []
             bs = []
             for v in cutlass.range_constexpr(EPL // 4):
-                c0, c1, c2, c3 = P.ld_nc_v4f(bias + Int64(e0 + 4 * v) * 4)
-                cb = [c0, c1, c2, c3]
+                cb = cbias[4 * v: 4 * v + 4]
                 for j in cutlass.range_constexpr(4):
                     # sigmoid with a hardware reciprocal (~1 ulp): weights are checked to 1e-5
                     s_ = P.rcp_approx(Float32(1.0) + P.exp_f32(-lg[4 * v + j]))
@@ -394,8 +445,9 @@ def build_kernel(spec: KernelSpec):
     # stage: moe_align_block_size over the local experts (one task, whole CTA)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_sort(o_ids: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64, first_local: Int32, si: Int32,
-                   tid: Int32):
+    def stage_sort(o_ids: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64, first_local: Int32, ws: Int64,
+                   si: Int32, tid: Int32, waits: Int32):
+        wait_ready(waits, ws, si, tid)
         warp = tid >> 5
         lane = tid & 31
         BS = S.block_size
@@ -464,21 +516,22 @@ def build_kernel(spec: KernelSpec):
                   bias: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64,
                   o_w: Int64, o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64,
                   o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32,
-                  tid: Int32):
+                  tid: Int32, waits: Int32):
+        """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0."""
         if stage == NORM:
             stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, si, tid)
         if stage == ROUTER:
-            stage_router(tile, gate_w, ws, sf, tid)
+            stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, tid)
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == TOPK:
-            stage_topk(tile, bias, o_logits, o_w, o_ids, ws, tid)
+            stage_topk(tile, bias, o_logits, o_w, o_ids, ws, si, tid, waits)
         if stage == SORT:
-            stage_sort(o_ids, o_sorted, o_eids, o_ntpp, first_local, si, tid)
+            stage_sort(o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:
-            stage_act(tile, ws, tid)
+            stage_act(tile, ws, si, tid, waits)
         if stage == DOWN:
-            stage_down(tile, w2, w2_s, o_shared, ws, sf, tid)
+            stage_down(tile, w2, w2_s, o_shared, ws, sf, si, tid, waits)
 
     @cute.kernel
     def megapre_kernel(hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64, bias: Int64, w13: Int64,
@@ -497,7 +550,7 @@ def build_kernel(spec: KernelSpec):
             # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
             run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                      first_local, sf, si, tid)
+                      first_local, sf, si, tid, Int32(0))
         else:
             if tid == 0 and mode == -1:
                 bid = cute.arch.block_idx()[0]
@@ -515,24 +568,11 @@ def build_kernel(spec: KernelSpec):
                         row = tasks + Int64(ticket) * 32
                         for f in cutlass.range_constexpr(5):
                             P.sts_b32(si + (SI_TASK + 1 + f) * 4, Int32(P.ld_nc_b32(row + f * 4)))
-                        wc = Int32(P.ld_nc_b32(row + 8))
-                        target = Int32(P.ld_nc_b32(row + 12))
-                        if wc >= 0:
-                            seen = P.ld_acquire(ctr + Int64(wc) * 4)
-                            spins = Int32(0)
-                            while seen < target and spins < SPIN_LIMIT:
-                                P.nanosleep(20)
-                                seen = P.ld_acquire(ctr + Int64(wc) * 4)
-                                spins = spins + 1
-                            if seen < target:
-                                # a dependency never arrived: record which task gave up, never hang
-                                P.st_relaxed(ws + WS_ERROR * 4, ticket + 1)
-                        P.fence_gpu()
                         if cutlass.const_expr(S.trace):
                             rec = ws + OFF_TR + Int64(ticket) * (TRACE_INTS * 8)
                             P.st_u64(rec, Int64(cute.arch.block_idx()[0]))
                             P.st_u64(rec + 8, t_ticket)
-                            P.st_u64(rec + 16, P.globaltimer())
+                            P.st_u64(rec + 16, P.globaltimer())  # overwritten by wait_ready if the task waits
                 cute.arch.sync_threads()
                 task = P.lds_b32(si + SI_TASK * 4)
                 if task >= n_tasks:
@@ -542,7 +582,7 @@ def build_kernel(spec: KernelSpec):
                     tile = P.lds_b32(si + (SI_TASK + 2) * 4)
                     run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
                               o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                              first_local, sf, si, tid)
+                              first_local, sf, si, tid, Int32(1))
                     cute.arch.sync_threads()
                     if tid == 0:
                         P.fence_gpu()

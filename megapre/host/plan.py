@@ -60,22 +60,24 @@ class KernelSpec:
     max_padded: int
     max_blocks: int
     # tiling
-    router_rows: int = 16  # rows per router task (2 per warp)
-    router_splits: int = 4  # K splits (1792 each for H = 7168)
-    gu_rows: int = 32
-    gu_splits: int = 7
+    # Tiles: rows per task (a multiple of 8 warps) x K splits. More rows per warp amortize the shared-memory
+    # reads of the activations; the task counts keep ~1 task per SM for each GEMM at EP8 shapes.
+    router_rows: int = 32  # 4 rows per warp; 8 row tiles x 8 K splits (896 each) = 64 tasks
+    router_splits: int = 8
+    gu_rows: int = 64  # 8 rows per warp
+    gu_splits: int = 14  # TP8: 8 row tiles x 14 splits (512 each) = 112 tasks; TP1 uses 7 (448 tasks)
     down_rows: int = 64
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
     trace: bool = False
 
     @classmethod
     def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False) -> "KernelSpec":
-        gu_rows = 32 if 2 * cfg.shared_local_intermediate <= 1024 else 64
+        gu_splits = 14 if 2 * cfg.shared_local_intermediate <= 1024 else 7
         return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
                    topk_group=cfg.topk_group, top_k=cfg.top_k, inter=cfg.shared_local_intermediate,
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
-                   max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m), gu_rows=gu_rows,
+                   max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m), gu_splits=gu_splits,
                    trace=trace)
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
