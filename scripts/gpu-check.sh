@@ -25,6 +25,11 @@ for step in $steps; do
       python3 -m megapre demo 2>&1 | tee "$OUT/demo.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     profile)
       python3 -m megapre profile --out "$OUT" 2>&1 | tee "$OUT/profile.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
+    sass)  # tensor-core instructions and resource usage of every cached cubin (cuobjdump is there, not here)
+      for c in .megapre-cache/*/megapre.cubin; do
+        echo "$c: $(cuobjdump -sass "$c" | grep -cE 'HMMA|QGMMA|HGMMA') tensor-core instructions;" \
+             "$(cuobjdump -res-usage "$c" 2>/dev/null | grep -oE 'REG:[0-9]+|STACK:[0-9]+|LOCAL:[0-9]+' | tr '\n' ' ')"
+      done 2>&1 | tee "$OUT/sass.txt" ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done

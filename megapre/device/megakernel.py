@@ -51,6 +51,8 @@ def build_kernel(spec: KernelSpec):
     SF = S.smem_floats()
     NCHUNK = NG // WARPS  # norm tasks per token: one 128-group per warp
     NL_STEPS = S.n_local.bit_length()  # binary-search steps over the local experts' padded ends
+    SL = S.smem_layout()
+    S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_IDS, SI_PAD, SI_END, SI_WTOT = 0, 16, 32, 96, 352, 608
 
@@ -116,72 +118,115 @@ def build_kernel(spec: KernelSpec):
     # ------------------------------------------------------------------------------------------------
     # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem
     # ------------------------------------------------------------------------------------------------
-    def gemm_chunks(kc: int, rpw: int, fp8: bool) -> list:
-        """Windows of a task's K range grouped so one group's weight loads fit in 64 registers per lane."""
-        n_win = kc // 128
-        per = max(1, min(n_win, 64 // (rpw * (1 if fp8 else 2))))
-        return [list(range(c, min(n_win, c + per))) for c in range(0, n_win, per)]
+    # ------------------------------------------------------------------------------------------------
+    # Tensor-core GEMM tile: mma.sync m16n8k16 "swap AB" -- 16 weight rows (A) x 8 token columns (B).
+    # K is taken in 64-wide chunks with a consistent permutation of K inside the chunk: thread (g, tq) owns
+    # physical K [16 tq, 16 tq + 16) of its two rows g and g + 8, which it reads with 16-byte loads; for
+    # k16 step s its fragment columns {2tq, 2tq+1 | 2tq+8, 2tq+9} are physical K 16tq + 4s + {0,1 | 2,3}. The
+    # activations in shared memory are read with the same map, so the products pair up exactly and the sum
+    # over K is unchanged. A task's warps are (row blocks) x (K groups); K groups meet in shared memory.
+    # ------------------------------------------------------------------------------------------------
+    def mma_plan(rows: int, kc: int):
+        wr = rows // 16
+        wk = WARPS // wr
+        n_chunks = kc // 64
+        return wr, wk, n_chunks // wk
 
-    CH_ROUTER = gemm_chunks(S.router_kc, S.router_rows // WARPS, False)
-    CH_GU = gemm_chunks(S.gu_kc, S.gu_rows // WARPS, True)
-    CH_DOWN = gemm_chunks(S.inter, S.down_rows // WARPS, True)
-
-    def gemm_issue(w_ptr, ldw: int, fp8: bool, row0, k0, rpw: int, wins: list, w_scale, lds_scale: int, lane):
-        """Issue the weight loads (and FP8 block scales) of windows ``wins`` for rows row0 .. row0 + rpw - 1.
-        Nothing here depends on other tasks, so a stage calls it before waiting for its inputs: the weight
-        stream overlaps the wait."""
+    def mma_issue(w_ptr, ldw: int, fp8: bool, row_base, k0, rows: int, kc: int, w_scale, lds_scale: int,
+                  warp, lane, first: int, count: int):
+        """Weight loads (and FP8 block scales) of this warp's chunks first .. first + count - 1."""
+        wr, wk, _ = mma_plan(rows, kc)
+        g = lane >> 2
+        tq = lane & 3
+        row = row_base + (warp % wr) * 16 + g
         raw = []
         scales = []
-        for w in wins:
-            kk = w * 128 + lane * 4
-            row_loads = []
-            for r in range(rpw):
-                if fp8:
-                    row_loads.append(P.ld_nc_b32(w_ptr + Int64(row0 + r) * ldw + Int64(k0 + kk)))
-                else:
-                    row_loads.append(P.ld_nc_v2(w_ptr + (Int64(row0 + r) * ldw + Int64(k0 + kk)) * 2))
-            raw.append(row_loads)
+        for i in range(first, first + count):
+            col = k0 + ((warp // wr) + wk * i) * 64 + 16 * tq
             if fp8:
-                scales.append(P.ld_nc_f32(w_scale + Int64((row0 // 128) * lds_scale + (k0 + w * 128) // 128) * 4))
+                lo = P.ld_nc_v4(w_ptr + Int64(row) * ldw + Int64(col))
+                hi = P.ld_nc_v4(w_ptr + Int64(row + 8) * ldw + Int64(col))
+                raw.append((lo, hi))
+                kb = (k0 + ((warp // wr) + wk * i) * 64) // 128
+                scales.append(P.ld_nc_f32(w_scale + Int64((row_base + (warp % wr) * 16) // 128 * lds_scale + kb) * 4))
+            else:
+                base = w_ptr + (Int64(row) * ldw + Int64(col)) * 2
+                base8 = w_ptr + (Int64(row + 8) * ldw + Int64(col)) * 2
+                raw.append((list(P.ld_nc_v4(base)) + list(P.ld_nc_v4(base + 16)),
+                            list(P.ld_nc_v4(base8)) + list(P.ld_nc_v4(base8 + 16))))
         return raw, scales
 
-    def gemm_consume(acc, raw, scales, fp8: bool, rpw: int, wins: list, kc: int, sf, lane):
-        """acc[r][m] += this lane's 4-K share of every window in ``wins`` (activations from smem, fp32)."""
-        for i, w in enumerate(wins):
-            kk = w * 128 + lane * 4
-            xs = []
-            for m in range(M):
-                a0, a1, a2, a3 = P.lds_v4f(sf + (m * kc + kk) * 4)
+    def mma_consume(acc, raw, scales, fp8: bool, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
+        """acc (4 fp32: C[g][2tq], C[g][2tq+1], C[g+8][2tq], C[g+8][2tq+1]) += this warp's chunks."""
+        wr, wk, _ = mma_plan(rows, kc)
+        g = lane >> 2
+        tq = lane & 3
+        for j in range(len(raw)):
+            chunk = (warp // wr) + wk * (first + j)
+            lo, hi = raw[j]
+            d = [Float32(0.0)] * 4 if fp8 else acc
+            for s_ in range(4):
+                b0, b1 = P.lds_v2(s_act + (g * kc + chunk * 64 + 16 * tq + 4 * s_) * 2)
                 if fp8:
-                    wsc = scales[i]
-                    xs.append([a0 * wsc, a1 * wsc, a2 * wsc, a3 * wsc])
+                    d = list(P.mma_f16(P.e4m3x2_lo_to_f16x2(lo[s_]), P.e4m3x2_lo_to_f16x2(hi[s_]),
+                                       P.e4m3x2_hi_to_f16x2(lo[s_]), P.e4m3x2_hi_to_f16x2(hi[s_]),
+                                       b0, b1, d[0], d[1], d[2], d[3]))
                 else:
-                    xs.append([a0, a1, a2, a3])
-            for r in range(rpw):
-                wf = []
-                if fp8:
-                    wf = list(P.e4m3x4_to_f32(raw[i][r]))
-                else:
-                    u0, u1 = raw[i][r]
-                    fa, fb = P.bf16x2_to_f32(u0)
-                    fc, fd = P.bf16x2_to_f32(u1)
-                    wf = [fa, fb, fc, fd]
-                for m in range(M):
-                    a = acc[r][m]
-                    for j in range(4):
-                        a = a + wf[j] * xs[m][j]
-                    acc[r][m] = a
+                    d = list(P.mma_bf16(lo[2 * s_], hi[2 * s_], lo[2 * s_ + 1], hi[2 * s_ + 1], b0, b1,
+                                        d[0], d[1], d[2], d[3]))
+            if fp8:
+                # one 64-K chunk lies in one 128 x 128 weight block: fold both scales in per chunk
+                kbl = chunk // 2
+                sa0 = P.lds_f32(s_as + ((2 * tq) * (kc // 128) + kbl) * 4) * scales[j]
+                sa1 = P.lds_f32(s_as + ((2 * tq + 1) * (kc // 128) + kbl) * 4) * scales[j]
+                acc = [acc[0] + d[0] * sa0, acc[1] + d[1] * sa1, acc[2] + d[2] * sa0, acc[3] + d[3] * sa1]
+            else:
+                acc = d
         return acc
 
-    def gemm_run(w_ptr, ldw: int, fp8: bool, row0, k0, rpw: int, kc: int, w_scale, lds_scale: int, sf, lane,
-                 raw0, sc0, chunks: list):
-        """Finish a GEMM task whose first chunk of weight loads (raw0, sc0) was issued before the wait."""
-        acc = [[Float32(0.0) for _ in range(M)] for _ in range(rpw)]
-        acc = gemm_consume(acc, raw0, sc0, fp8, rpw, chunks[0], kc, sf, lane)
-        for ci in range(1, len(chunks)):
-            raw, sc = gemm_issue(w_ptr, ldw, fp8, row0, k0, rpw, chunks[ci], w_scale, lds_scale, lane)
-            acc = gemm_consume(acc, raw, sc, fp8, rpw, chunks[ci], kc, sf, lane)
-        return acc
+    def mma_reduce(acc, rows: int, kc: int, s_red, warp, lane, tid):
+        """Sum the K groups' tiles in a fixed order. Returns [(row, token, value)] for this thread."""
+        wr, wk, _ = mma_plan(rows, kc)
+        g = lane >> 2
+        tq = lane & 3
+        r0 = (warp % wr) * 16 + g
+        base = (warp // wr) * rows
+        P.sts_f32(s_red + ((base + r0) * 8 + 2 * tq) * 4, acc[0])
+        P.sts_f32(s_red + ((base + r0) * 8 + 2 * tq + 1) * 4, acc[1])
+        P.sts_f32(s_red + ((base + r0 + 8) * 8 + 2 * tq) * 4, acc[2])
+        P.sts_f32(s_red + ((base + r0 + 8) * 8 + 2 * tq + 1) * 4, acc[3])
+        cute.arch.sync_threads()
+        outs = []
+        for i in range((rows * 8 + THREADS - 1) // THREADS):
+            idx = tid + THREADS * i
+            r = idx >> 3
+            n = idx & 7
+            v = Float32(0.0)
+            for k in range(wk):
+                v = v + P.lds_f32(s_red + ((k * rows + r) * 8 + n) * 4)
+            outs.append((r, n, v))
+        return outs
+
+    def mma_task(w_ptr, ldw: int, fp8: bool, row_base, k0, rows: int, kc: int, w_scale, lds_scale: int,
+                 s_act, s_as, s_red, warp, lane, tid, raw0, sc0, batch: int):
+        """Finish a GEMM task whose first ``batch`` chunks of weight loads were issued before the wait."""
+        _, _, per_warp = mma_plan(rows, kc)
+        acc = [Float32(0.0)] * 4
+        acc = mma_consume(acc, raw0, sc0, fp8, rows, kc, 0, s_act, s_as, warp, lane)
+        for first in range(batch, per_warp, batch):
+            raw, sc = mma_issue(w_ptr, ldw, fp8, row_base, k0, rows, kc, w_scale, lds_scale, warp, lane, first,
+                                min(batch, per_warp - first))
+            acc = mma_consume(acc, raw, sc, fp8, rows, kc, first, s_act, s_as, warp, lane)
+        return mma_reduce(acc, rows, kc, s_red, warp, lane, tid)
+
+    def mma_batch(rows: int, kc: int, fp8: bool) -> int:
+        """Chunks per load batch: at most 64 registers of weights in flight per thread."""
+        _, _, per_warp = mma_plan(rows, kc)
+        return max(1, min(per_warp, 64 // (8 if fp8 else 16)))
+
+    B_ROUTER = mma_batch(S.router_rows, S.router_kc, False)
+    B_GU = mma_batch(S.gu_rows, S.gu_kc, True)
+    B_DOWN = mma_batch(S.down_rows, S.inter, True)
 
     # ------------------------------------------------------------------------------------------------
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
@@ -230,32 +275,59 @@ def build_kernel(spec: KernelSpec):
         rt = tile // S.router_splits
         split = tile % S.router_splits
         k0 = split * kc
-        rpw = S.router_rows // WARPS
-        row0 = rt * S.router_rows + warp * rpw
-        raw0, sc0 = gemm_issue(gate_w, H, False, row0, k0, rpw, CH_ROUTER[0], gate_w, 0, lane)
+        row_base = rt * S.router_rows
+        raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
         wait_ready(waits, ws, si, tid)
-        # stage x[:, k0:k0+kc] as fp32
-        nvec = M * kc // 4
+        # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
+        nvec = 8 * kc // 8
         for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
             v = tid + i * THREADS
             if v < nvec:
-                m = v // (kc // 4)
-                kk = (v % (kc // 4)) * 4
-                u0, u1 = P.ld_cg_v2(ws + OFF_X + Int64(m * H + k0 + kk) * 2)
-                fa, fb = P.bf16x2_to_f32(u0)
-                fc, fd = P.bf16x2_to_f32(u1)
-                P.sts_v4f(sf + (m * kc + kk) * 4, fa, fb, fc, fd)
+                m = v // (kc // 8)
+                kk = (v % (kc // 8)) * 8
+                if m < M:
+                    u0, u1, u2, u3 = P.ld_cg_v4(ws + OFF_X + Int64(m * H + k0 + kk) * 2)
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
+                else:
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
         cute.arch.sync_threads()
-        acc = gemm_run(gate_w, H, False, row0, k0, rpw, kc, gate_w, 0, sf, lane, raw0, sc0, CH_ROUTER)
-        for r in cutlass.range_constexpr(rpw):
-            for m in cutlass.range_constexpr(M):
-                t = P.warp_sum_f32(acc[r][m])
-                if lane == 0:
-                    P.st_f32(ws + OFF_RP + Int64((split * M + m) * E + row0 + r) * 4, t)
+        outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
+                        sf + S_RED, warp, lane, tid, raw0, sc0, B_ROUTER)
+        for r, n, val in outs:
+            if n < M:
+                P.st_f32(ws + OFF_RP + Int64((split * M + n) * E + row_base + r) * 4, val)
 
     # ------------------------------------------------------------------------------------------------
     # stage: shared expert gate_up GEMM partials (block-scaled FP8)
     # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_fp8_acts(src: Int64, src_scale: Int64, ld_src: cutlass.Constexpr, ld_scale: cutlass.Constexpr,
+                       k0: Int32, kc: cutlass.Constexpr, sf: Int32, tid: Int32):
+        """Stage FP8 activations src[m, k0:k0+kc] as f16 codes (exact) for 8 token rows (zeros past M), and
+        their per-128 scales; the scales are applied per chunk after the tensor-core products."""
+        nvec = 8 * kc // 8
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            if v < nvec:
+                m = v // (kc // 8)
+                kk = (v % (kc // 8)) * 8
+                if m < M:
+                    q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0), P.e4m3x2_hi_to_f16x2(q0),
+                             P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
+                else:
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        nsc = 8 * (kc // 128)
+        for i in cutlass.range_constexpr((nsc + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            if v < nsc:
+                m = v // (kc // 128)
+                kb = v % (kc // 128)
+                sc = Float32(0.0)
+                if m < M:
+                    sc = P.ld_cg_f32(src_scale + Int64(m * ld_scale + k0 // 128 + kb) * 4)
+                P.sts_f32(sf + S_AS + v * 4, sc)
+
     @cute.jit
     def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
                       si: Int32, tid: Int32, waits: Int32):
@@ -265,27 +337,16 @@ def build_kernel(spec: KernelSpec):
         rt = tile // S.gu_splits
         split = tile % S.gu_splits
         k0 = split * kc
-        rpw = S.gu_rows // WARPS
-        row0 = rt * S.gu_rows + warp * rpw
-        raw0, sc0 = gemm_issue(w13, H, True, row0, k0, rpw, CH_GU[0], w13_s, NG, lane)
+        row_base = rt * S.gu_rows
+        raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
         wait_ready(waits, ws, si, tid)
-        nvec = M * kc // 4
-        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
-            v = tid + i * THREADS
-            if v < nvec:
-                m = v // (kc // 4)
-                kk = (v % (kc // 4)) * 4
-                q = P.ld_cg_b32(o_aq + Int64(m * H + k0 + kk))
-                s = P.ld_cg_f32(o_as + Int64(m * NG + (k0 + kk) // 128) * 4)
-                fa, fb, fc, fd = P.e4m3x4_to_f32(q)
-                P.sts_v4f(sf + (m * kc + kk) * 4, fa * s, fb * s, fc * s, fd * s)
+        stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
         cute.arch.sync_threads()
-        acc = gemm_run(w13, H, True, row0, k0, rpw, kc, w13_s, NG, sf, lane, raw0, sc0, CH_GU)
-        for r in cutlass.range_constexpr(rpw):
-            for m in cutlass.range_constexpr(M):
-                t = P.warp_sum_f32(acc[r][m])
-                if lane == 0:
-                    P.st_f32(ws + OFF_GU + Int64((split * M + m) * 2 * I + row0 + r) * 4, t)
+        outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
+                        warp, lane, tid, raw0, sc0, B_GU)
+        for r, n, val in outs:
+            if n < M:
+                P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
 
     # ------------------------------------------------------------------------------------------------
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
@@ -328,27 +389,16 @@ def build_kernel(spec: KernelSpec):
                    waits: Int32):
         warp = tid >> 5
         lane = tid & 31
-        rpw = S.down_rows // WARPS
-        row0 = rt * S.down_rows + warp * rpw
-        raw0, sc0 = gemm_issue(w2, I, True, row0, 0, rpw, CH_DOWN[0], w2_s, I // 128, lane)
+        row_base = rt * S.down_rows
+        raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
         wait_ready(waits, ws, si, tid)
-        nvec = M * I // 4
-        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
-            v = tid + i * THREADS
-            if v < nvec:
-                m = v // (I // 4)
-                kk = (v % (I // 4)) * 4
-                q = P.ld_cg_b32(ws + OFF_HQ + Int64(m * I + kk))
-                s = P.ld_cg_f32(ws + OFF_HS + Int64(m * (I // 128) + kk // 128) * 4)
-                fa, fb, fc, fd = P.e4m3x4_to_f32(q)
-                P.sts_v4f(sf + (m * I + kk) * 4, fa * s, fb * s, fc * s, fd * s)
+        stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
         cute.arch.sync_threads()
-        acc = gemm_run(w2, I, True, row0, 0, rpw, I, w2_s, I // 128, sf, lane, raw0, sc0, CH_DOWN)
-        for r in cutlass.range_constexpr(rpw):
-            for m in cutlass.range_constexpr(M):
-                t = P.warp_sum_f32(acc[r][m])
-                if lane == 0:
-                    P.st_b16(o_shared + Int64(m * H + row0 + r) * 2, P.f32x2_to_bf16x2(t, t))
+        outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
+                        sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)
+        for r, n, val in outs:
+            if n < M:
+                P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
 
     # ------------------------------------------------------------------------------------------------
     # stage: router scoring + grouped top-k for one token (one warp; expert e = lane * EPL + j)

@@ -339,3 +339,55 @@ def st_u64(addr: Int64, v: Int64):
 def rcp_approx(x: Float32) -> Float32:
     """1/x to ~1 ulp (rcp.approx.ftz): for sigmoid and renormalization, not for quantization."""
     return _asm([Float32], [x], "rcp.approx.ftz.f32 $0, $1;", "=f,f")
+
+
+# ---- tensor cores (warp-level mma.sync, native on sm_90 for 16-bit inputs) ------------------------------
+@cute.jit
+def mma_bf16(a0: Uint32, a1: Uint32, a2: Uint32, a3: Uint32, b0: Uint32, b1: Uint32,
+             c0: Float32, c1: Float32, c2: Float32, c3: Float32):
+    """D = A(16x16 bf16, row) x B(16x8 bf16, col) + C, fp32 accumulate; fragments as in the PTX ISA."""
+    return _asm([Float32] * 4, [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+                "{$8, $9}, {$10, $11, $12, $13};",
+                "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+
+
+@cute.jit
+def mma_f16(a0: Uint32, a1: Uint32, a2: Uint32, a3: Uint32, b0: Uint32, b1: Uint32,
+            c0: Float32, c1: Float32, c2: Float32, c3: Float32):
+    return _asm([Float32] * 4, [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+                "{$8, $9}, {$10, $11, $12, $13};",
+                "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+
+
+@cute.jit
+def e4m3x2_lo_to_f16x2(v: Uint32) -> Uint32:
+    """Bytes 0, 1 of v (two e4m3) -> packed f16x2 (exact)."""
+    return _asm([Uint32], [v], "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.rn.f16x2.e4m3x2 $0, lo; }", "=r,r")
+
+
+@cute.jit
+def e4m3x2_hi_to_f16x2(v: Uint32) -> Uint32:
+    """Bytes 2, 3 of v -> packed f16x2 (exact)."""
+    return _asm([Uint32], [v], "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $1; cvt.rn.f16x2.e4m3x2 $0, hi; }", "=r,r")
+
+
+@cute.jit
+def lds_v2(saddr: Int32):
+    return _asm([Uint32, Uint32], [saddr], "ld.shared.v2.b32 {$0, $1}, [$2];", "=r,=r,r", True)
+
+
+@cute.jit
+def sts_v2(saddr: Int32, a: Uint32, b: Uint32):
+    _asm([], [saddr, a, b], "st.shared.v2.b32 [$0], {$1, $2};", "r,r,r", True)
+
+
+@cute.jit
+def sts_v4(saddr: Int32, a: Uint32, b: Uint32, c: Uint32, d: Uint32):
+    _asm([], [saddr, a, b, c, d], "st.shared.v4.b32 [$0], {$1, $2, $3, $4};", "r,r,r,r,r", True)
+
+
+@cute.jit
+def ld_cg_v4(addr: Int64):
+    return _asm([Uint32] * 4, [addr], "ld.global.cg.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", True)

@@ -87,6 +87,7 @@ def compile_spec(spec: KernelSpec, cache_dir: Path | None = None, verbose: bool 
     if block != [THREADS, 1, 1]:
         raise RuntimeError(f"kernel block {block}, expected [{THREADS}, 1, 1]")
     manifest = {
+        "resources": resource_report(ptx),
         "symbol": symbol,
         "params": list(PARAMS),
         "param_types": list(PARAM_TYPES),
@@ -111,6 +112,25 @@ def compile_spec(spec: KernelSpec, cache_dir: Path | None = None, verbose: bool 
     if verbose:
         print(f"built {symbol} M={spec.m} in {manifest['compile_seconds']} s -> {out}")
     return out
+
+
+def resource_report(ptx: str) -> dict | None:
+    """Registers / spills / stack of the kernel per ptxas -v (when a ptxas is on PATH), else None."""
+    import shutil
+    import subprocess
+    import tempfile
+    exe = shutil.which("ptxas")
+    if not exe:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        Path(src).write_text(ptx)
+        r = subprocess.run([exe, f"-arch={ARCH}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True, timeout=600)
+    text = r.stdout + r.stderr
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, text)) else None  # noqa: E731
+    return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
+            "spill_loads": num(r"(\d+) bytes spill loads"), "stack_bytes": num(r"(\d+) bytes stack frame")}
 
 
 def load_entry(spec: KernelSpec, cache_dir: Path | None = None) -> tuple[bytes, dict] | None:
@@ -140,7 +160,12 @@ def main(args) -> int:
     for shape in args.shapes:
         for m in args.m:
             spec = KernelSpec.from_config(PRESETS[shape](), m, trace=getattr(args, "trace", False))
-            compile_spec(spec, verbose=True)
+            out = compile_spec(spec, verbose=True)
+            man = json.loads((out / "manifest.json").read_text())
+            res = man.get("resources") or {}
+            print(f"  {shape} M={m}: registers {res.get('registers')}, spills {res.get('spill_stores')}/"
+                  f"{res.get('spill_loads')} B, shared memory {man['dyn_smem_bytes']} B, "
+                  f"workspace {man['ws_layout']['total']} B")
             n += 1
     print(f"{n} kernels in {default_cache_dir()}")
     return 0

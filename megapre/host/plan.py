@@ -62,9 +62,11 @@ class KernelSpec:
     # tiling
     # Tiles: rows per task (a multiple of 8 warps) x K splits. More rows per warp amortize the shared-memory
     # reads of the activations; the task counts keep ~1 task per SM for each GEMM at EP8 shapes.
-    router_rows: int = 32  # 4 rows per warp; 8 row tiles x 8 K splits (896 each) = 64 tasks
-    router_splits: int = 8
-    gu_rows: int = 64  # 8 rows per warp
+    # A task's rows are split into 16-row blocks (one tensor-core tile each) and the 8 warps into
+    # (row blocks) x (K groups); K groups are summed through shared memory in a fixed order.
+    router_rows: int = 32  # 2 row blocks x 4 K groups; 8 row tiles x 7 K splits (1024 each) = 56 tasks
+    router_splits: int = 7
+    gu_rows: int = 64  # 4 row blocks x 2 K groups
     gu_splits: int = 14  # TP8: 8 row tiles x 14 splits (512 each) = 112 tasks; TP1 uses 7 (448 tasks)
     down_rows: int = 64
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
@@ -145,9 +147,20 @@ class KernelSpec:
         off["total"] = pos
         return off
 
+    @property
+    def max_kc(self) -> int:
+        return max(self.router_kc, self.gu_kc, self.inter)
+
+    def smem_layout(self) -> dict[str, int]:
+        """Byte offsets in the GEMM staging buffer: activations of 8 token rows as 16-bit values (rows past M
+        are zero), their FP8 group scales, and the cross-warp reduction buffer."""
+        act = 8 * self.max_kc * 2
+        ascale = 8 * (self.max_kc // QUANT_GROUP) * 4
+        red = 4 * 32 * 8 * 4  # max over GEMMs of (K groups) x (rows) x 8 tokens x fp32
+        return {"act": 0, "ascale": act, "red": act + ascale, "total": act + ascale + red}
+
     def smem_floats(self) -> int:
-        """fp32 staging buffer: the activation chunk of the stage with the largest one."""
-        return self.m * max(self.router_kc, self.gu_kc, self.inter)
+        return self.smem_layout()["total"] // 4
 
     SMEM_INTS = 1024  # task slot, reduction scratch, token-sorting arrays
 
