@@ -88,8 +88,6 @@ def choose_backend(backend: str, device: torch.device, m: int, config) -> str:
     from .host import fused
     ok, why = fused.can_run(config, m, device)
     if ok:
-        ok, why = fused.faster_than_unfused(config, m)
-    if ok:
         log.debug("megapre: auto -> fused (M=%d, %s)", m, device)
         return "fused"
     log.debug("megapre: auto -> unfused: %s", why)

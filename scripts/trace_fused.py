@@ -18,7 +18,7 @@ for name, cfg, m, no_prefetch in RUNS:
         fused.run_fused(h, r, ws[i % 8], out, trace=True)
     recs = fused.read_trace(cfg, m)
     print(f"== {name} M={m}{' (no L2 prefetch)' if no_prefetch == '1' else ''}: last task done at {max(x['done'] for x in recs) / 1000:.2f} us")
-    for st in ("norm", "router", "topk", "sort", "gate_up", "act", "down"):
+    for st in ("norm", "router", "route", "gate_up", "act", "down"):
         xs = [x for x in recs if x["stage"] == st]
         us = lambda v: v / 1000
         print(f"  {st:8s} n={len(xs):4d} taken {us(min(x['ticket'] for x in xs)):6.2f}..{us(max(x['ticket'] for x in xs)):6.2f}"

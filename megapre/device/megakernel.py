@@ -8,16 +8,15 @@ loop dispatches to, and that ``mode >= 0`` runs alone (tile = blockIdx.x) for pe
     norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale
     router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
     gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace)
-    topk     (one task per token)  logits = sum of partials; sigmoid, grouped top-k, weights
-    sort     (one task)            moe_align_block_size over the local experts
+    route    (one task)            warp m: logits = sum of partials, sigmoid, grouped top-k, weights of token m;
+                                   then the CTA: moe_align_block_size over the local experts
     act      (one task per 128 h)  gate_up = bf16(sum of partials); h = silu(gate) * up; FP8 quant of h
     down     (row tile)            block-scaled FP8 h_q @ w2.T -> shared_out (bf16)
 
-GEMM layout (M <= 8 makes them weight streams): a warp owns a few weight rows; for each 128-wide K window
-its 32 lanes each take 4 consecutive K, keep the 4 x M activations of the window in registers (staged once
-per task in shared memory as fp32, FP8 scales folded in) and stream the rows' weights with coalesced
-non-coherent loads. Partial sums are reduced across lanes with a fixed butterfly, and split-K partials are
-added by the consumer in split order: no float atomics, bitwise-repeatable results.
+GEMMs (M <= 8 makes them weight streams): tensor-core mma.sync m16n8k16 with the weights as the 16-row A
+operand and the <= 8 tokens as B ("swap AB"), see mma_issue / mma_consume. Split-K partials are added by
+the consumer in split order and K groups inside a task in warp order: no float atomics, bitwise-repeatable
+results.
 
 Limits: M <= 8, 256 experts, hidden a multiple of 1024 (KernelSpec.unsupported says which shapes).
 """
@@ -28,7 +27,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
-from ..host.plan import (ACT, DOWN, GATE_UP, NORM, ROUTER, SORT, THREADS, TOPK, TRACE_INTS, WARPS, WS_COUNTERS,
+from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, ROUTE, ROUTER, THREADS, TRACE_INTS, WARPS, WS_COUNTERS,
                          WS_DONE, WS_ERROR, WS_HEAD, KernelSpec)
 from . import primitives as P
 
@@ -54,7 +53,7 @@ def build_kernel(spec: KernelSpec):
     SL = S.smem_layout()
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
-    SI_TASK, SI_RED, SI_IDS, SI_PAD, SI_END, SI_WTOT = 0, 16, 32, 96, 352, 608
+    SI_TASK, SI_RED, SI_IDS, SI_PAD, SI_END, SI_WTOT, SI_TOPK = 0, 16, 32, 96, 352, 608, 640
 
     # ------------------------------------------------------------------------------------------------
     # stage: residual add + RMSNorm + MoE input quantization, one token per task
@@ -247,7 +246,6 @@ def build_kernel(spec: KernelSpec):
                 if seen < target:
                     # a dependency never arrived: record which task gave up, never hang
                     P.st_relaxed(ws + WS_ERROR * 4, P.lds_b32(si + SI_TASK * 4) + 1)
-            P.fence_gpu()
             if cutlass.const_expr(S.trace):
                 P.st_u64(ws + OFF_TR + Int64(P.lds_b32(si + SI_TASK * 4)) * (TRACE_INTS * 8) + 16, P.globaltimer())
         cute.arch.sync_threads()
@@ -404,16 +402,20 @@ def build_kernel(spec: KernelSpec):
     # stage: router scoring + grouped top-k for one token (one warp; expert e = lane * EPL + j)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_topk(m: Int32, bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, ws: Int64, si: Int32,
-                   tid: Int32, waits: Int32):
+    def stage_route(bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, o_sorted: Int64, o_eids: Int64,
+                    o_ntpp: Int64, first_local: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
+        """Routing in one task: warp m scores token m (sigmoid, grouped top-k, weights), then the whole CTA
+        sorts the (token, expert) pairs for the fused MoE (moe_align_block_size). One hop instead of two."""
+        warp = tid >> 5
         lane = tid & 31
+        m = warp
         e0 = lane * EPL
         cbias = []
         for v in cutlass.range_constexpr(EPL // 4):  # the bias does not depend on any task: load it first
             c0, c1, c2, c3 = P.ld_nc_v4f(bias + Int64(e0 + 4 * v) * 4)
             cbias.extend([c0, c1, c2, c3])
         wait_ready(waits, ws, si, tid)
-        if tid < 32:
+        if warp < M:
             lg = [Float32(0.0)] * EPL
             for s in cutlass.range_constexpr(S.router_splits):
                 for v in cutlass.range_constexpr(EPL // 4):
@@ -490,21 +492,15 @@ def build_kernel(spec: KernelSpec):
                 if lane == 0:
                     P.st_f32(o_w + Int64(m * S.top_k + k) * 4, wk)
                     P.st_b32(o_ids + Int64(m * S.top_k + k) * 4, Uint32(idk))
+                    P.sts_b32(si + (SI_TOPK + m * S.top_k + k) * 4, idk)
+        cute.arch.sync_threads()
 
-    # ------------------------------------------------------------------------------------------------
-    # stage: moe_align_block_size over the local experts (one task, whole CTA)
-    # ------------------------------------------------------------------------------------------------
-    @cute.jit
-    def stage_sort(o_ids: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64, first_local: Int32, ws: Int64,
-                   si: Int32, tid: Int32, waits: Int32):
-        wait_ready(waits, ws, si, tid)
-        warp = tid >> 5
-        lane = tid & 31
+        # ---- token sorting (moe_align_block_size over the local experts), whole CTA
         BS = S.block_size
         NL = S.n_local
         lid = Int32(-1)
         if tid < P_PAIRS:
-            e = Int32(P.ld_cg_b32(o_ids + Int64(tid) * 4)) - first_local
+            e = P.lds_b32(si + (SI_TOPK + tid) * 4) - first_local
             lid = P.sel_i32(P.sel_i32(e >= 0, 1, 0) & P.sel_i32(e < NL, 1, 0), e, Int32(-1))
             P.sts_b32(si + (SI_IDS + tid) * 4, lid)
         cute.arch.sync_threads()
@@ -574,10 +570,8 @@ def build_kernel(spec: KernelSpec):
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
             stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
-        if stage == TOPK:
-            stage_topk(tile, bias, o_logits, o_w, o_ids, ws, si, tid, waits)
-        if stage == SORT:
-            stage_sort(o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
+        if stage == ROUTE:
+            stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:
             stage_act(tile, ws, si, tid, waits)
         if stage == DOWN:
@@ -635,7 +629,7 @@ def build_kernel(spec: KernelSpec):
                               first_local, sf, si, tid, Int32(1))
                     cute.arch.sync_threads()
                     if tid == 0:
-                        P.fence_gpu()
+                        # bar.sync above + release: every thread's writes of this task are published
                         sig = P.lds_b32(si + (SI_TASK + 5) * 4)
                         P.red_release_add(ctr + Int64(sig) * 4, Int32(1))
                         if cutlass.const_expr(S.trace):
@@ -647,7 +641,7 @@ def build_kernel(spec: KernelSpec):
                 old = P.atom_add_acq_rel(ws + WS_DONE * 4, Int32(1))
                 if old == cute.arch.grid_dim()[0] - 1:
                     P.st_relaxed(ws + WS_HEAD * 4, Int32(0))
-                    for c in cutlass.range_constexpr(7):
+                    for c in cutlass.range_constexpr(N_COUNTERS):
                         P.st_relaxed(ctr + c * 4, Int32(0))
                     P.st_relaxed(ws + WS_DONE * 4, Int32(0))
 

@@ -48,17 +48,6 @@ def can_run(config, m: int, device) -> tuple[bool, str]:
     return True, "ok"
 
 
-def faster_than_unfused(config, m: int) -> tuple[bool, str]:
-    """Whether the fused kernel beats the unfused backend for this shape, from the project's measurements
-    (docs/performance-log.md, H200, commit bb132f8): EP8-size shared experts (I_local <= 256) up to M = 4
-    (1.5-1.8x; equal at M = 8), larger shared experts only up to M = 2 (the CUDA-core GEMMs of the v1 kernel
-    fall behind Triton's tensor-core ones as M grows). "auto" uses this so it never picks the slower path."""
-    limit = 4 if config.shared_local_intermediate <= 256 else 2
-    if m <= limit:
-        return True, "ok"
-    return False, f"M = {m}: the fused v1 kernel is measured slower than unfused above M = {limit} for this shape"
-
-
 def _entry(spec: KernelSpec):
     with _lock:
         if spec not in _entries:

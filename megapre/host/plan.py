@@ -25,11 +25,11 @@ TASK_INTS = 8
 TRACE_INTS = 4  # int64 per task in trace mode: cta, ticket taken, dependencies met, done (globaltimer ns)
 
 # Stage ids (also the index of the counter their tasks signal), numbered in a valid dependency order.
-NORM, ROUTER, GATE_UP, TOPK, SORT, ACT, DOWN = range(7)
-# Queue order: the routing chain (router -> top-k -> sort) is the longest serial path, so its tasks are
+NORM, ROUTER, GATE_UP, ROUTE, ACT, DOWN = range(6)
+# Queue order: the routing chain (norm -> router -> route) is the longest serial path, so its tasks are
 # taken first and never wait behind the shared expert's tasks for a free CTA.
-QUEUE_ORDER = (NORM, ROUTER, TOPK, SORT, GATE_UP, ACT, DOWN)
-STAGE_NAMES = ("norm", "router", "gate_up", "topk", "sort", "act", "down")
+QUEUE_ORDER = (NORM, ROUTER, ROUTE, GATE_UP, ACT, DOWN)
+STAGE_NAMES = ("norm", "router", "gate_up", "route", "act", "down")
 N_COUNTERS = len(STAGE_NAMES)
 
 # Workspace control words (int32 index): ticket, finished-CTA count, error word, then the counters.
@@ -124,8 +124,7 @@ class KernelSpec:
             NORM: self.m * (self.hidden // (QUANT_GROUP * WARPS)),  # (token, 1024-column chunk)
             ROUTER: (self.experts // self.router_rows) * self.router_splits,
             GATE_UP: (2 * self.inter // self.gu_rows) * self.gu_splits,
-            TOPK: self.m,
-            SORT: 1,
+            ROUTE: 1,  # top-k of every token (a warp each) + token sorting
             ACT: self.inter // QUANT_GROUP,
             DOWN: self.hidden // self.down_rows,
         }
@@ -178,8 +177,7 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
         NORM: (-1, 0),
         ROUTER: (NORM, tiles[NORM]),
         GATE_UP: (NORM, tiles[NORM]),
-        TOPK: (ROUTER, tiles[ROUTER]),
-        SORT: (TOPK, tiles[TOPK]),
+        ROUTE: (ROUTER, tiles[ROUTER]),
         ACT: (GATE_UP, tiles[GATE_UP]),
         DOWN: (ACT, tiles[ACT]),
     }
