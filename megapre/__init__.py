@@ -9,7 +9,8 @@ from .api import BACKENDS, FUSED_MAX_TOKENS, MAX_TOKENS, run
 from .config import PreambleConfig
 from .output import PreambleOutput, output_spec
 from .weights import PreambleWeights
+from .host.fused import MegapreKernelError, check_errors as check_fused
 
-__all__ = ["run", "PreambleConfig", "PreambleWeights", "PreambleOutput", "output_spec", "BACKENDS",
+__all__ = ["run", "check_fused", "MegapreKernelError", "PreambleConfig", "PreambleWeights", "PreambleOutput", "output_spec", "BACKENDS",
            "FUSED_MAX_TOKENS", "MAX_TOKENS"]
 __version__ = "0.1.0"

@@ -25,6 +25,12 @@ for step in $steps; do
       python3 -m megapre demo 2>&1 | tee "$OUT/demo.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     profile)
       python3 -m megapre profile --out "$OUT" 2>&1 | tee "$OUT/profile.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
+    reliability)  # 100k graph replays, then compute-sanitizer memcheck / racecheck / synccheck
+      python3 scripts/longrun_fused.py 100000 2>&1 | tee "$OUT/longrun.txt"; rc=$(( rc | ${PIPESTATUS[0]} ))
+      for tool in memcheck racecheck synccheck; do
+        compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_fused.py 2>&1 \
+          | grep -vE "^\s*$" | tail -12 | tee "$OUT/sanitize-$tool.txt"; rc=$(( rc | ${PIPESTATUS[0]} ))
+      done ;;
     sass)  # tensor-core instructions and resource usage of every cached cubin (cuobjdump is there, not here)
       for c in .megapre-cache/*/megapre.cubin; do
         echo "$c: $(cuobjdump -sass "$c" | grep -cE 'HMMA|QGMMA|HGMMA') tensor-core instructions;" \

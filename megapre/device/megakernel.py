@@ -28,7 +28,7 @@ from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
 from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, ROUTE, ROUTER, THREADS, TRACE_INTS, WARPS, WS_COUNTERS,
-                         WS_DONE, WS_ERROR, WS_HEAD, KernelSpec)
+                         WS_DONE, WS_ERROR, WS_ERRPTR, WS_HEAD, KernelSpec)
 from . import primitives as P
 
 SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
@@ -244,8 +244,19 @@ def build_kernel(spec: KernelSpec):
                     seen = P.ld_acquire(addr)
                     spins = spins + 1
                 if seen < target:
-                    # a dependency never arrived: record which task gave up, never hang
-                    P.st_relaxed(ws + WS_ERROR * 4, P.lds_b32(si + SI_TASK * 4) + 1)
+                    # A dependency never arrived: give up (never hang the GPU), record the first failure in the
+                    # workspace and in the host-mapped record that megapre.run checks before its next launch.
+                    task = P.lds_b32(si + SI_TASK * 4)
+                    if P.atom_cas(ws + WS_ERROR * 4, Int32(0), task + 1) == 0:
+                        rec = P.ld_b64(ws + WS_ERRPTR * 4)
+                        if rec != 0:
+                            P.st_sys_b32(rec + 4, P.lds_b32(si + (SI_TASK + 1) * 4))
+                            P.st_sys_b32(rec + 8, P.lds_b32(si + (SI_TASK + 2) * 4))
+                            P.st_sys_b32(rec + 12, wc)
+                            P.st_sys_b32(rec + 16, seen)
+                            P.st_sys_b32(rec + 20, target)
+                            P.fence_sys()
+                            P.st_sys_b32(rec, task + 1)
             if cutlass.const_expr(S.trace):
                 P.st_u64(ws + OFF_TR + Int64(P.lds_b32(si + SI_TASK * 4)) * (TRACE_INTS * 8) + 16, P.globaltimer())
         cute.arch.sync_threads()
@@ -637,8 +648,7 @@ def build_kernel(spec: KernelSpec):
             # self-reset: the last CTA out restores the queue for the next launch / graph replay
             cute.arch.sync_threads()
             if tid == 0:
-                P.fence_gpu()
-                old = P.atom_add_acq_rel(ws + WS_DONE * 4, Int32(1))
+                old = P.atom_add_acq_rel(ws + WS_DONE * 4, Int32(1))  # acq_rel: orders this CTA's work
                 if old == cute.arch.grid_dim()[0] - 1:
                     P.st_relaxed(ws + WS_HEAD * 4, Int32(0))
                     for c in cutlass.range_constexpr(N_COUNTERS):

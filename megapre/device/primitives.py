@@ -391,3 +391,24 @@ def sts_v4(saddr: Int32, a: Uint32, b: Uint32, c: Uint32, d: Uint32):
 @cute.jit
 def ld_cg_v4(addr: Int64):
     return _asm([Uint32] * 4, [addr], "ld.global.cg.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", True)
+
+
+@cute.jit
+def atom_cas(addr: Int64, cmp: Int32, val: Int32) -> Int32:
+    return _asm([Int32], [addr, cmp, val], "atom.relaxed.gpu.global.cas.b32 $0, [$1], $2, $3;", "=r,l,r,r", True)
+
+
+@cute.jit
+def ld_b64(addr: Int64) -> Int64:
+    return _asm([Int64], [addr], "ld.global.cg.b64 $0, [$1];", "=l,l", True)
+
+
+@cute.jit
+def st_sys_b32(addr: Int64, v: Int32):
+    """Store to host-mapped memory (the host reads it without synchronizing)."""
+    _asm([], [addr, v], "st.relaxed.sys.global.b32 [$0], $1;", "l,r", True)
+
+
+@cute.jit
+def fence_sys():
+    _asm([], [], "fence.acq_rel.sys;", "", True)

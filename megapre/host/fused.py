@@ -14,12 +14,64 @@ import torch
 from ..output import PreambleOutput
 from ..weights import PreambleWeights
 from . import build, launch
-from .plan import KernelSpec, check_table, task_table
+from .plan import ERR_INTS, STAGE_NAMES, WS_ERROR, WS_ERRPTR, KernelSpec, check_table, task_table
+
+
+class MegapreKernelError(RuntimeError):
+    """The fused kernel gave up waiting for a dependency (it never hangs; that call's outputs are wrong)."""
 
 _lock = threading.Lock()
 _entries: dict = {}     # spec -> (cubin, manifest, key)
 _tables: dict = {}      # (spec, device) -> int32 tensor
 _workspaces: dict = {}  # (spec, device, stream) -> uint8 tensor
+_err_records: dict = {}  # device index -> (host-mapped int32 record, its device address)
+
+
+def _error_record(device: torch.device):
+    """Per device: a pinned, device-mapped int32 record the kernel writes when a wait gives up, so the host
+    can check it before every launch without synchronizing."""
+    idx = device.index
+    if idx not in _err_records:
+        import ctypes
+        drv = launch._driver()
+        with torch.cuda.device(device):
+            host = launch.check(drv.cuMemHostAlloc(ERR_INTS * 4, drv.CU_MEMHOSTALLOC_DEVICEMAP
+                                                   | drv.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc")
+            dev = launch.check(drv.cuMemHostGetDevicePointer(host, 0), "cuMemHostGetDevicePointer")
+        arr = (ctypes.c_int32 * ERR_INTS).from_address(int(host))
+        for i in range(ERR_INTS):
+            arr[i] = 0
+        _err_records[idx] = (arr, int(dev))
+    return _err_records[idx]
+
+
+def _raise_pending(device: torch.device) -> None:
+    rec = _err_records.get(device.index)
+    if rec is None or rec[0][0] == 0:
+        return
+    arr = rec[0]
+    task, stage, tile, ctr, seen, target = (arr[i] for i in range(6))
+    for i in range(ERR_INTS):
+        arr[i] = 0
+    for ws in [w for k, w in _workspaces.items() if k[1] == device.index]:
+        ws[WS_ERROR * 4: WS_ERROR * 4 + 4].zero_()  # re-arm the first-failure flag
+    name = STAGE_NAMES[stage] if 0 <= stage < len(STAGE_NAMES) else f"stage {stage}"
+    on = STAGE_NAMES[ctr] if 0 <= ctr < len(STAGE_NAMES) else f"counter {ctr}"
+    raise MegapreKernelError(
+        f"fused megakernel: task {task - 1} ({name}, tile {tile}) gave up waiting for '{on}' "
+        f"({seen} of {target} signals) on {torch.cuda.get_device_name(device)}; the outputs of that call are "
+        f"wrong. This means a broken task table or a CTA that could not run; please report it.")
+
+
+def check_errors(device=None, synchronize: bool = True) -> None:
+    """Raise MegapreKernelError if a fused launch on ``device`` gave up on a dependency since the last check.
+    ``megapre.run`` does this (without synchronizing) before every fused launch."""
+    device = torch.device(device or "cuda")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if synchronize:
+        torch.cuda.synchronize(device)
+    _raise_pending(device)
 
 
 _runnable: set = set()  # (config, m, device index) already found runnable: the hot path skips the checks
@@ -85,15 +137,18 @@ def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
             table = torch.tensor(rows, dtype=torch.int32, device=device).contiguous()
             _tables[(spec, device.index)] = table
         if ws is None:
+            _, err_dev = _error_record(device)
             with torch.cuda.stream(stream):
                 ws = torch.zeros(spec.ws_layout()["total"], dtype=torch.uint8, device=device)
+                ws[WS_ERRPTR * 4: WS_ERRPTR * 4 + 8].view(torch.int64).fill_(err_dev)
             _workspaces[key] = ws
     return ws, table
 
 
 def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
-              out: PreambleOutput, trace: bool = False) -> PreambleOutput:
-    """One launch. trace=True runs the timeline-recording build of the kernel (see read_trace)."""
+              out: PreambleOutput, trace: bool = False, _table: torch.Tensor | None = None) -> PreambleOutput:
+    """One launch. trace=True runs the timeline-recording build of the kernel (see read_trace).
+    _table replaces the task table (tests plant a never-signalled wait with it)."""
     cfg = weights.config
     m = hidden.shape[0]
     spec = KernelSpec.from_config(cfg, m, trace=trace)
@@ -105,6 +160,9 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
     kernel = launch.get_kernel(cubin, manifest, key, device)
     stream = torch.cuda.current_stream(device)
     ws, table = _prepare(spec, device, stream)
+    _raise_pending(device)
+    if _table is not None:
+        table = _table
     w = weights
     args = (hidden.data_ptr(), residual.data_ptr(), w.norm_weight.data_ptr(), w.gate_weight.data_ptr(),
             w.e_score_correction_bias.data_ptr(), w.w13.data_ptr(), w.w13_scale.data_ptr(), w.w2.data_ptr(),

@@ -32,9 +32,14 @@ QUEUE_ORDER = (NORM, ROUTER, ROUTE, GATE_UP, ACT, DOWN)
 STAGE_NAMES = ("norm", "router", "gate_up", "route", "act", "down")
 N_COUNTERS = len(STAGE_NAMES)
 
-# Workspace control words (int32 index): ticket, finished-CTA count, error word, then the counters.
+# Workspace control words (int32 index): ticket, finished-CTA count, error word (first failed task + 1),
+# the int64 address of the host-mapped error record (set by the host), then the counters. The last CTA's
+# self-reset clears only the ticket, the done-count and the counters.
 WS_HEAD, WS_DONE, WS_ERROR = 0, 1, 2
+WS_ERRPTR = 4  # int32 index of an 8-byte field
 WS_COUNTERS = 16
+# Host-mapped error record (int32): [failed task + 1, stage, tile, counter, seen, target, 0, 0]
+ERR_INTS = 8
 
 
 def _align(n: int, a: int = 256) -> int:
