@@ -28,7 +28,7 @@ for step in $steps; do
     reliability)  # 100k graph replays, then compute-sanitizer memcheck / racecheck / synccheck
       python3 scripts/longrun_fused.py 100000 2>&1 | tee "$OUT/longrun.txt"; rc=$(( rc | ${PIPESTATUS[0]} ))
       for tool in memcheck racecheck synccheck; do
-        compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_fused.py 2>&1 \
+        timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_fused.py 2>&1 \
           | grep -vE "^\s*$" | tail -12 | tee "$OUT/sanitize-$tool.txt"; rc=$(( rc | ${PIPESTATUS[0]} ))
       done ;;
     sass)  # tensor-core instructions and resource usage of every cached cubin (cuobjdump is there, not here)
