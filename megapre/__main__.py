@@ -1,4 +1,4 @@
-"""Command line: ``python -m megapre {demo,bench,build}``."""
+"""Command line: ``python -m megapre {demo,bench,build,profile}``."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +80,11 @@ def cmd_build(args) -> int:
     return build.main(args)
 
 
+def cmd_profile(args) -> int:
+    from .host import profile
+    return profile.main(args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megapre", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -101,6 +106,17 @@ def main(argv=None) -> int:
     bl.add_argument("--shapes", nargs="+", default=["ep8", "tp1"])
     bl.add_argument("--trace", action="store_true", help="the timeline-recording variant (scripts/trace_fused.py)")
     bl.set_defaults(fn=cmd_build)
+    pr = sub.add_parser("profile", help="kernels of one call of each backend under Nsight Systems (else the torch "
+                                        "profiler): tables, timeline PNG, markdown, JSON")
+    pr.add_argument("--m", type=int, nargs="+", default=[1, 4, 8])
+    pr.add_argument("--shapes", nargs="+", default=["ep8"], choices=["ep8", "tp1"])
+    pr.add_argument("--out", default="profiles", help="folder for profile-<shape>-m<M>.{md,png,json,nsys-rep}")
+    pr.add_argument("--tool", default="auto", choices=["auto", "nsys", "torch"],
+                    help="auto: nsys where found (MEGAPRE_NSYS, PATH, the GPU machine's path), else torch")
+    pr.add_argument("--replays", type=int, default=5, help="graph replays profiled per backend")
+    pr.add_argument("--device", default=None)
+    pr.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: the run under nsys
+    pr.set_defaults(fn=cmd_profile)
     args = p.parse_args(argv)
     return args.fn(args)
 
