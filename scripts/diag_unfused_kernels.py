@@ -1,4 +1,4 @@
-# per-kernel durations of one unfused call (diagnostic)
+"""Per-kernel durations of one unfused call from the torch profiler (GPU diagnostic)."""
 import torch, megapre
 from torch.profiler import profile, ProfilerActivity
 for cfg in [megapre.PreambleConfig.deepseek_v3_ep8(), megapre.PreambleConfig.deepseek_v3()]:
