@@ -145,10 +145,13 @@ def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
     return ws, table
 
 
-def _setup(hidden, residual, weights: PreambleWeights, out: PreambleOutput, trace: bool = False):
-    """Kernel, stream, grid size and the launch arguments except the last (mode) for one call."""
+def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
+              out: PreambleOutput, trace: bool = False, _table: torch.Tensor | None = None) -> PreambleOutput:
+    """One launch. trace=True runs the timeline-recording build of the kernel (see read_trace).
+    _table replaces the task table (tests plant a never-signalled wait with it)."""
     cfg = weights.config
-    spec = KernelSpec.from_config(cfg, hidden.shape[0], trace=trace)
+    m = hidden.shape[0]
+    spec = KernelSpec.from_config(cfg, m, trace=trace)
     why = spec.unsupported()
     if why:
         raise ValueError(f"backend='fused' cannot run this shape: {why}")
@@ -157,44 +160,50 @@ def _setup(hidden, residual, weights: PreambleWeights, out: PreambleOutput, trac
     kernel = launch.get_kernel(cubin, manifest, key, device)
     stream = torch.cuda.current_stream(device)
     ws, table = _prepare(spec, device, stream)
+    _raise_pending(device)
+    if _table is not None:
+        table = _table
     w = weights
-    args = [hidden.data_ptr(), residual.data_ptr(), w.norm_weight.data_ptr(), w.gate_weight.data_ptr(),
+    args = (hidden.data_ptr(), residual.data_ptr(), w.norm_weight.data_ptr(), w.gate_weight.data_ptr(),
+            w.e_score_correction_bias.data_ptr(), w.w13.data_ptr(), w.w13_scale.data_ptr(), w.w2.data_ptr(),
+            w.w2_scale.data_ptr(), out.residual.data_ptr(), out.router_logits.data_ptr(),
+            out.topk_weights.data_ptr(), out.topk_ids.data_ptr(), out.a_q.data_ptr(), out.a_scale.data_ptr(),
+            out.shared_out.data_ptr(), out.sorted_token_ids.data_ptr(), out.expert_ids.data_ptr(),
+            out.num_tokens_post_padded.data_ptr(), ws.data_ptr(), table.data_ptr(), table.shape[0],
+            cfg.first_local_expert, -2 if os.environ.get("MEGAPRE_NO_PREFETCH") == "1" else -1)
+    kernel.launch(args, grid=kernel.num_sms, stream=stream)
+    return out
+
+
+def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) -> PreambleOutput:
+    """The same device stage functions, each as its own small kernel (grid = its tiles), in queue order.
+    For tests: a difference between this and run_fused points at the queue/sync layer, not the math."""
+    from .plan import STAGE_NAMES
+    cfg = weights.config
+    m = hidden.shape[0]
+    spec = KernelSpec.from_config(cfg, m)
+    device = hidden.device
+    cubin, manifest, key = _entry(spec)
+    kernel = launch.get_kernel(cubin, manifest, key, device)
+    stream = torch.cuda.current_stream(device)
+    ws, table = _prepare(spec, device, stream)
+    w = weights
+    base = [hidden.data_ptr(), residual.data_ptr(), w.norm_weight.data_ptr(), w.gate_weight.data_ptr(),
             w.e_score_correction_bias.data_ptr(), w.w13.data_ptr(), w.w13_scale.data_ptr(), w.w2.data_ptr(),
             w.w2_scale.data_ptr(), out.residual.data_ptr(), out.router_logits.data_ptr(),
             out.topk_weights.data_ptr(), out.topk_ids.data_ptr(), out.a_q.data_ptr(), out.a_scale.data_ptr(),
             out.shared_out.data_ptr(), out.sorted_token_ids.data_ptr(), out.expert_ids.data_ptr(),
             out.num_tokens_post_padded.data_ptr(), ws.data_ptr(), table.data_ptr(), table.shape[0],
             cfg.first_local_expert]
-    return spec, kernel, stream, args
-
-
-def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
-              out: PreambleOutput, trace: bool = False, _table: torch.Tensor | None = None) -> PreambleOutput:
-    """One launch. trace=True runs the timeline-recording build of the kernel (see read_trace).
-    _table replaces the task table (tests plant a never-signalled wait with it)."""
-    _, kernel, stream, args = _setup(hidden, residual, weights, out, trace)
-    _raise_pending(hidden.device)
-    if _table is not None:
-        args[20], args[21] = _table.data_ptr(), _table.shape[0]
-    mode = -2 if os.environ.get("MEGAPRE_NO_PREFETCH") == "1" else -1  # -2: timing variant, no L2 prefetch
-    kernel.launch(tuple(args + [mode]), grid=kernel.num_sms, stream=stream)
-    return out
-
-
-def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) -> PreambleOutput:
-    """The same device stage functions, each as its own small kernel (grid = its tiles), in stage-id order
-    (a valid dependency order). For tests: a difference between this and run_fused points at the
-    queue/sync layer, not the math."""
-    spec, kernel, stream, args = _setup(hidden, residual, weights, out)
     tiles = spec.stage_tiles()
     for stage in range(len(STAGE_NAMES)):
-        kernel.launch(tuple(args + [stage]), grid=tiles[stage], stream=stream, cooperative=False)
+        kernel.launch(tuple(base + [stage]), grid=tiles[stage], stream=stream, cooperative=False)
     return out
 
 
 def read_trace(config, m: int, device=None) -> list[dict]:
     """The last traced launch's timeline (synchronizes): one dict per task, times in ns from the first ticket."""
-    from .plan import TRACE_INTS
+    from .plan import STAGE_NAMES, TRACE_INTS
     device = torch.device(device or "cuda")
     spec = KernelSpec.from_config(config, m, trace=True)
     torch.cuda.synchronize(device)
