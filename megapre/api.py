@@ -48,29 +48,34 @@ def check_inputs(hidden, residual, weights, out, max_tokens: int) -> int:
     if out is not None:
         if not isinstance(out, PreambleOutput):
             raise TypeError(f"out: expected megapre.PreambleOutput, got {type(out).__name__}")
+        # every tensor below is contiguous and on `dev` (checked first), so a byte span describes it
+        inputs = (("hidden", _span(hidden)), ("residual", _span(residual)))
+        fields = []
         for name, (dtype, shape) in output_spec(cfg, m).items():
-            _check_tensor(f"out.{name}", getattr(out, name), dtype, shape, dev)
             t = getattr(out, name)
+            _check_tensor(f"out.{name}", t, dtype, shape, dev)
+            span = _span(t)
             # out.residual may alias residual (in-place residual update); nothing else may alias an input
-            for iname, inp in (("hidden", hidden), ("residual", residual)):
-                if name == "residual" and iname == "residual" and t.data_ptr() == inp.data_ptr():
+            for iname, ispan in inputs:
+                if name == "residual" and iname == "residual" and span[0] == ispan[0]:
                     continue  # exactly the same buffer (same shape, both contiguous): in-place update
-                if _overlaps(t, inp):
+                if _spans_overlap(span, ispan):
                     raise ValueError(f"out.{name} overlaps the input {iname}")
-        fields = out.items()
+            fields.append((name, span))
         for i, (na, a) in enumerate(fields):
             for nb, b in fields[i + 1:]:
-                if _overlaps(a, b):
+                if _spans_overlap(a, b):
                     raise ValueError(f"out.{na} and out.{nb} share memory; every output needs its own buffer")
     return m
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
-    return a0 < b1 and b0 < a1
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _spans_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < a[1] and b[0] < b[1] and a[0] < b[1] and b[0] < a[1]
 
 
 def choose_backend(backend: str, device: torch.device, m: int, config) -> str:
@@ -127,9 +132,7 @@ def run(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights, 
         out = PreambleOutput.empty(weights.config, m, weights.device)
     if chosen == "reference":
         from .host.reference import reference
-        for name, val in reference(hidden, residual, weights).items():
-            getattr(out, name).copy_(val)
-        return out
+        return out.copy_(reference(hidden, residual, weights))
     if chosen == "unfused":
         from .host.unfused import run_unfused
         return run_unfused(hidden, residual, weights, out)

@@ -156,3 +156,12 @@ class PreambleConfig:
                 f"-I{self.shared_intermediate_size}tp{self.shared_tp_size}r{self.shared_tp_rank}"
                 f"-ep{self.ep_size}r{self.ep_rank}-bs{self.moe_block_size}"
                 f"{'-fold' if self.fold_routed_scaling else ''}")
+
+
+# The two deployments the project measures and prebuilds kernels for (bench, build, profile).
+SHAPE_PRESETS = {
+    # The seed's deployment: routed experts EP8 (rank 0), shared expert TP8 (I = 256 per rank).
+    "ep8": lambda: PreambleConfig.deepseek_v3_ep8(ep_rank=0),
+    # One GPU holds the whole layer: all 256 experts local, shared expert TP1 (I = 2048).
+    "tp1": lambda: PreambleConfig.deepseek_v3(),
+}

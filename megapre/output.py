@@ -1,6 +1,7 @@
 """PreambleOutput: everything the fused-MoE kernel and the rest of the layer need from one pre-amble call."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -10,8 +11,10 @@ from .config import PreambleConfig
 FP8 = torch.float8_e4m3fn
 
 
+@functools.lru_cache(maxsize=256)
 def output_spec(config: PreambleConfig, m: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """(dtype, shape) of every output field for M tokens: the single definition of the output layout."""
+    """(dtype, shape) of every output field for M tokens: the single definition of the output layout.
+    Cached (run() checks every output against it on every call); callers must not modify the dict."""
     h, e, k = config.hidden_size, config.n_routed_experts, config.top_k
     return {
         "residual": (torch.bfloat16, (m, h)),
@@ -60,6 +63,12 @@ class PreambleOutput:
 
     def items(self):
         return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
+    def copy_(self, src: "PreambleOutput") -> "PreambleOutput":
+        """Copy every field of ``src`` into this output's buffers (for backends that compute out of place)."""
+        for name, t in self.items():
+            t.copy_(getattr(src, name))
+        return self
 
     def to(self, device) -> "PreambleOutput":
         return PreambleOutput(**{n: t.to(device) for n, t in self.items()})

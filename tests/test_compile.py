@@ -15,7 +15,7 @@ cutlass = pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not insta
 
 @pytest.mark.parametrize("shape,m", [("ep8", 4), ("tp1", 1)])
 def test_megakernel_compiles_with_manifest(tmp_path, shape, m):
-    cfg = build.PRESETS[shape]()
+    cfg = megapre.config.SHAPE_PRESETS[shape]()
     spec = KernelSpec.from_config(cfg, m)
     out = build.compile_spec(spec, cache_dir=tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())

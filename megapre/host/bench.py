@@ -17,19 +17,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..api import run
-from ..config import PreambleConfig
+from ..config import SHAPE_PRESETS, PreambleConfig
 from ..output import PreambleOutput
 from ..weights import PreambleWeights
 
 CALLS_PER_GRAPH = 16
 WEIGHT_SETS = 8
 
-SHAPES = {
-    # The seed's deployment: routed experts EP8 (rank 0), shared expert TP8 (I = 256 per rank).
-    "ep8": lambda: PreambleConfig.deepseek_v3_ep8(ep_rank=0),
-    # One GPU holds the whole layer: all 256 experts local, shared expert TP1 (I = 2048).
-    "tp1": lambda: PreambleConfig.deepseek_v3(),
-}
 
 
 def device_name(device: torch.device) -> str:
@@ -75,8 +69,9 @@ class Case:
         return run(self.hidden[j], self.residual[j], self.weights[j], backend=backend, out=self.outs[j])
 
 
-def time_graph(case: Case, backend: str, replays: int = 50) -> float:
-    """Per-call microseconds: median replay of a graph of CALLS_PER_GRAPH calls, divided by that count."""
+def capture_graph(case: Case, backend: str, warm_replays: int = 5) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of CALLS_PER_GRAPH calls, captured after a warm-up on the capture stream, replayed
+    ``warm_replays`` times. The graph that bench times and profile traces."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up on the capture stream: JIT, module loads, per-stream workspaces
@@ -89,9 +84,15 @@ def time_graph(case: Case, backend: str, replays: int = 50) -> float:
             for i in range(CALLS_PER_GRAPH):
                 case.call(i, backend)
     torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(5):
+    for _ in range(warm_replays):
         graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def time_graph(case: Case, backend: str, replays: int = 50) -> float:
+    """Per-call microseconds: median replay of a graph of CALLS_PER_GRAPH calls, divided by that count."""
+    graph = capture_graph(case, backend)
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -167,7 +168,7 @@ def bench(shapes=("ep8", "tp1"), ms=(1, 2, 4, 8), backends=("unfused", "fused"),
     bw = copy_bandwidth(device) if on_gpu else None
     rows: list[Row] = []
     for shape in shapes:
-        cfg = SHAPES[shape]()
+        cfg = SHAPE_PRESETS[shape]()
         wbytes = cfg.weight_bytes()
         floor = wbytes / bw * 1e6 if bw else None
         for m in ms:

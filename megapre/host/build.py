@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from ..config import PreambleConfig
+from ..config import SHAPE_PRESETS
 from .plan import THREADS, KernelSpec
 
 ARCH = "sm_90a"
@@ -148,10 +148,6 @@ def dsl_available() -> bool:
         return False
 
 
-PRESETS = {
-    "ep8": lambda r=0: PreambleConfig.deepseek_v3_ep8(ep_rank=r),
-    "tp1": lambda r=0: PreambleConfig.deepseek_v3(),
-}
 
 
 def main(args) -> int:
@@ -159,7 +155,7 @@ def main(args) -> int:
     n = 0
     for shape in args.shapes:
         for m in args.m:
-            spec = KernelSpec.from_config(PRESETS[shape](), m, trace=getattr(args, "trace", False))
+            spec = KernelSpec.from_config(SHAPE_PRESETS[shape](), m, trace=getattr(args, "trace", False))
             out = compile_spec(spec, verbose=True)
             man = json.loads((out / "manifest.json").read_text())
             res = man.get("resources") or {}

@@ -546,32 +546,17 @@ def nsys_env() -> dict:
 
 
 def _capture(case, backend: str):
-    """bench's pattern: warm-up on a side stream, then one graph of CALLS_PER_GRAPH calls on it."""
-    import torch
+    """The graph bench times (bench.capture_graph), with 3 warm replays."""
     from . import bench
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # JIT, module loads, per-stream workspaces, task tables
-        for i in range(bench.CALLS_PER_GRAPH):
-            case.call(i, backend)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            for i in range(bench.CALLS_PER_GRAPH):
-                case.call(i, backend)
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    return graph
+    return bench.capture_graph(case, backend, warm_replays=3)
 
 
 def prepare(shape: str, m: int, device, backends=BACKENDS):
     """Case + one captured graph per backend; backends that cannot run here go to ``errors``."""
     import torch
+    from ..config import SHAPE_PRESETS
     from . import bench
-    case = bench.Case.make(bench.SHAPES[shape](), m, device)
+    case = bench.Case.make(SHAPE_PRESETS[shape](), m, device)
     graphs, errors = {}, {}
     for b in backends:
         try:

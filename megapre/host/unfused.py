@@ -18,8 +18,6 @@ from ..output import PreambleOutput
 from ..weights import PreambleWeights
 from . import reference as ref
 
-KERNELS_PER_CALL = 7  # Triton path: the number bench reports and the acceptance limit (<= 20) checks
-
 _triton_kernels = None
 
 
@@ -62,19 +60,8 @@ def run_unfused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleW
 
 
 def _run_torch(hidden, residual, w: PreambleWeights, out: PreambleOutput) -> PreambleOutput:
-    cfg = w.config
-    res, x, _ = ref.add_rmsnorm(hidden, residual, w.norm_weight, cfg.rms_norm_eps)
-    logits = ref.router_logits(x, w.gate_weight)
-    topk_w, topk_ids = ref.grouped_topk(logits, w.e_score_correction_bias, cfg)
-    a_q, a_s = ref.group_quant_fp8(x)
-    shared, _, _ = ref.shared_expert(a_q, a_s, w)
-    sorted_ids, expert_ids, ntpp = ref.moe_align_block_size(topk_ids, cfg)
-    for name, val in (("residual", res), ("router_logits", logits), ("topk_weights", topk_w),
-                      ("topk_ids", topk_ids), ("a_q", a_q), ("a_scale", a_s), ("shared_out", shared),
-                      ("sorted_token_ids", sorted_ids), ("expert_ids", expert_ids),
-                      ("num_tokens_post_padded", ntpp)):
-        getattr(out, name).copy_(val)
-    return out
+    # the reference's stage functions, one after the other (CPU, or no triton)
+    return out.copy_(ref.reference(hidden, residual, w))
 
 
 # Tile choices (H200, M <= 8): enough programs to keep ~100+ SMs streaming weights, each reading tens of KB.
