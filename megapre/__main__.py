@@ -96,7 +96,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="per-call time of each backend x M x shapes; table + JSON")
     b.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8])
     b.add_argument("--shapes", nargs="+", default=["ep8", "tp1"], choices=["ep8", "tp1"])
-    b.add_argument("--backends", nargs="+", default=["unfused", "fused"], choices=["unfused", "fused", "reference"])
+    b.add_argument("--backends", nargs="+", default=["unfused", "fused", "fused-nopdl"],
+                   choices=["unfused", "fused", "fused-nopdl", "reference"],
+                   help="fused-nopdl: the fused kernel without programmatic dependent launch")
     b.add_argument("--replays", type=int, default=50)
     b.add_argument("--device", default=None)
     b.add_argument("--json", default=None, help="where to write the JSON (default profiles/bench.json)")

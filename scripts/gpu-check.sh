@@ -33,6 +33,9 @@ for step in $steps; do
         timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 scripts/sanitize_fused.py 2>&1 \
           | grep -vE "^\s*$" | tail -12 | tee "$OUT/sanitize-$tool.txt"; rc=$(( rc | ${PIPESTATUS[0]} ))
       done ;;
+    trace)  # in-kernel timeline (needs `python -m megapre build --trace` cubins) and the launch-setting sweep
+      python3 scripts/trace_fused.py 2>&1 | tee "$OUT/trace.txt"; rc=$(( rc | ${PIPESTATUS[0]} ))
+      python3 scripts/sweep_fused.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     sass)  # tensor-core instructions and resource usage of every cached cubin (cuobjdump is there, not here)
       for c in .megapre-cache/*/megapre.cubin; do
         echo "$c: $(cuobjdump -sass "$c" | grep -cE 'HMMA|QGMMA|HGMMA') tensor-core instructions;" \

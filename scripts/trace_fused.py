@@ -1,23 +1,36 @@
 """Timeline of one fused launch from in-kernel timestamps: per stage, when its tasks were taken, when their
-dependencies were met, when they finished (us from the first ticket). GPU machine; needs traced cubins
-(python -m megapre build --trace)."""
+dependencies were met, when they finished (us from the first ticket), and the stamped points inside tile 0
+of each stage (megakernel.py's stamp calls). GPU machine; needs traced cubins (python -m megapre build --trace).
+Usage: python3 scripts/trace_fused.py [shape:M ...]   (default ep8:1 ep8:8 tp1:8)"""
 import os, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megapre
 from megapre.host import fused
 
-RUNS = [("ep8", megapre.PreambleConfig.deepseek_v3_ep8(), 1, "1"), ("ep8", megapre.PreambleConfig.deepseek_v3_ep8(), 1, "0"),
-        ("ep8", megapre.PreambleConfig.deepseek_v3_ep8(), 8, "0"), ("tp1", megapre.PreambleConfig.deepseek_v3(), 8, "0")]
-for name, cfg, m, no_prefetch in RUNS:
-    os.environ["MEGAPRE_NO_PREFETCH"] = no_prefetch
+POINTS = {  # what each stamp slot means (megakernel.py)
+    "norm": ("start", "row sum of squares done", "stores done"),
+    "router": ("ready", "x staged", "mma done"),
+    "gate_up": ("ready", "a_q staged", "mma done"),
+    "route": ("ready", "logits summed", "groups chosen", "lists sorted", "8 picks", "weights stored",
+              "ranks", "sort done"),
+    "act": ("ready", "partials loaded", "done"),
+    "down": ("ready", "h staged", "mma done"),
+}
+runs = [a.split(":") for a in sys.argv[1:]] or [["ep8", "1"], ["ep8", "8"], ["tp1", "8"]]
+for name, m in runs:
+    m = int(m)
+    cfg = megapre.config.SHAPE_PRESETS[name]()
     ws = [megapre.PreambleWeights.random(cfg, s, "cuda") for s in range(8)]
-    h = torch.randn(m, 7168, device="cuda").bfloat16(); r = torch.randn(m, 7168, device="cuda").bfloat16()
+    h = torch.randn(m, cfg.hidden_size, device="cuda").bfloat16()
+    r = torch.randn(m, cfg.hidden_size, device="cuda").bfloat16()
     out = megapre.PreambleOutput.empty(cfg, m, "cuda")
     for i in range(20):  # cycle weight sets so the traced launch reads them from HBM
         fused.run_fused(h, r, ws[i % 8], out, trace=True)
     recs = fused.read_trace(cfg, m)
-    print(f"== {name} M={m}{' (no L2 prefetch)' if no_prefetch == '1' else ''}: last task done at {max(x['done'] for x in recs) / 1000:.2f} us")
+    phases = fused.read_phases(cfg, m)
+    print(f"== {name} M={m}: last task done at {max(x['done'] for x in recs) / 1000:.2f} us "
+          f"(PDL {os.environ.get('MEGAPRE_PDL', '1')}, prefetch CTAs {os.environ.get('MEGAPRE_PREFETCH_CTAS', 'all')})")
     for st in ("norm", "router", "route", "gate_up", "act", "down"):
         xs = [x for x in recs if x["stage"] == st]
         us = lambda v: v / 1000
@@ -25,3 +38,5 @@ for name, cfg, m, no_prefetch in RUNS:
               f"  ready {us(min(x['ready'] for x in xs)):6.2f}..{us(max(x['ready'] for x in xs)):6.2f}"
               f"  done {us(min(x['done'] for x in xs)):6.2f}..{us(max(x['done'] for x in xs)):6.2f}"
               f"  run mean {us(sum(x['done'] - x['ready'] for x in xs) / len(xs)):5.2f} max {us(max(x['done'] - x['ready'] for x in xs)):5.2f}")
+        pts = [f"{lbl} {t:.2f}" for lbl, t in zip(POINTS[st], phases[st]) if t >= 0]
+        print(f"           tile 0: " + ", ".join(pts))

@@ -71,6 +71,33 @@ def test_matches_reference(backend, shape, m):
     assert torch.equal(hidden, h0) and torch.equal(residual, r0), "inputs were modified"
 
 
+@pytest.mark.parametrize("pdl", ["1", "0"])
+@pytest.mark.parametrize("m", [1, 8])
+def test_fused_with_and_without_pdl_in_a_graph_of_back_to_back_calls(monkeypatch, pdl, m):
+    """Programmatic dependent launch lets each call start while the previous one drains: a graph of 8 back-to-back
+    calls sharing one workspace, each on other inputs and weights, is right with PDL (default) and without."""
+    monkeypatch.setenv("MEGAPRE_PDL", pdl)
+    w = [_weights("ep8r0"), _weights("ep8r5")]
+    _skip_unless_available("fused", w[0].config, m)
+    seed = int.from_bytes(os.urandom(4), "little")
+    ins = [_inputs(m, 7168, seed + i) for i in range(8)]
+    outs = [megapre.PreambleOutput.empty(w[0].config, m, "cuda") for _ in ins]
+    for i, (h, r) in enumerate(ins):
+        megapre.run(h, r, w[i % 2], backend="fused", out=outs[i])
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i, (h, r) in enumerate(ins):
+            megapre.run(h, r, w[i % 2], backend="fused", out=outs[i])
+    for rnd in range(3):
+        for o in outs:
+            o.poison()
+        g.replay()
+        torch.cuda.synchronize()
+        for i, (h, r) in enumerate(ins):
+            check_output(outs[i], reference(h, r, w[i % 2]), w[i % 2])
+
+
 @pytest.mark.parametrize("backend", ["unfused", "fused"])
 def test_graph_replay_changing_inputs(backend):
     """Capture one call in a CUDA graph, then replay it on new inputs copied into the captured buffers."""

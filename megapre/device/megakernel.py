@@ -3,7 +3,8 @@
 What it computes: every output of megapre.run for M <= 8 tokens (see megapre/host/plan.py for the task
 protocol and megapre/host/reference.py for the semantics). Stages, each a device function that the queue
 loop dispatches to, and that ``mode >= 0`` runs alone (tile = blockIdx.x) for per-stage testing
-(mode -1: the full queue; -2: the full queue without the L2 weight prefetch, a timing variant):
+(mode -1: the full queue; the first ``prefetch_ctas`` CTAs ask L2 for all weights before waiting on the
+previous kernel (programmatic dependent launch), 0 turns that off):
 
     norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale
     router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
@@ -27,8 +28,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
-from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, ROUTE, ROUTER, THREADS, TRACE_INTS, WARPS, WS_COUNTERS,
-                         WS_DONE, WS_ERROR, WS_ERRPTR, WS_HEAD, KernelSpec)
+from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
+                         WARPS, WS_COUNTERS, WS_DONE, WS_ERROR, WS_ERRPTR, WS_HEAD, KernelSpec)
 from . import primitives as P
 
 SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
@@ -42,8 +43,8 @@ def build_kernel(spec: KernelSpec):
     M, H, E, NG = S.m, S.hidden, S.experts, S.hidden_groups
     I = S.inter  # noqa: E741
     LAY = S.ws_layout()
-    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS, OFF_TR = (LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale",
-                                                                     "trace"))
+    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS, OFF_TR, OFF_PH = (
+        LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale", "trace", "phases"))
     EPL = E // 32  # experts per lane in the top-k warp
     LPG = S.experts_per_group // EPL  # lanes per group
     P_PAIRS = M * S.top_k
@@ -53,7 +54,13 @@ def build_kernel(spec: KernelSpec):
     SL = S.smem_layout()
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
-    SI_TASK, SI_RED, SI_IDS, SI_PAD, SI_END, SI_WTOT, SI_TOPK = 0, 16, 32, 96, 352, 608, 640
+    SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
+    PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
+    assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
+    # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
+    SORT8 = (((0, 2), (1, 3), (4, 6), (5, 7)), ((0, 4), (1, 5), (2, 6), (3, 7)), ((0, 1), (2, 3), (4, 5), (6, 7)),
+             ((2, 4), (3, 5)), ((1, 4), (3, 6)), ((1, 2), (3, 4), (5, 6)))
+    assert EPL == 8
 
     # ------------------------------------------------------------------------------------------------
     # stage: residual add + RMSNorm + MoE input quantization, one token per task
@@ -67,6 +74,7 @@ def build_kernel(spec: KernelSpec):
         c = tile % NCHUNK
         warp = tid >> 5
         lane = tid & 31
+        stamp(NORM, 0, tile, ws, tid)
         mine = []
         ss = Float32(0.0)
         for i in cutlass.range_constexpr(NCHUNK):
@@ -89,6 +97,7 @@ def build_kernel(spec: KernelSpec):
         if lane == 0:
             P.sts_f32(si + (SI_RED + warp) * 4, ss)
         cute.arch.sync_threads()
+        stamp(NORM, 1, tile, ws, tid)
         tot = Float32(0.0)
         for w in cutlass.range_constexpr(WARPS):
             tot = tot + P.lds_f32(si + (SI_RED + w) * 4)
@@ -113,6 +122,7 @@ def build_kernel(spec: KernelSpec):
         P.st_b32(o_aq + Int64(m * H + col), q)
         if lane == 0:
             P.st_f32(o_as + Int64(m * NG + c * WARPS + warp) * 4, scale)
+        stamp(NORM, 2, tile, ws, tid)
 
     # ------------------------------------------------------------------------------------------------
     # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem
@@ -261,6 +271,13 @@ def build_kernel(spec: KernelSpec):
                 P.st_u64(ws + OFF_TR + Int64(P.lds_b32(si + SI_TASK * 4)) * (TRACE_INTS * 8) + 16, P.globaltimer())
         cute.arch.sync_threads()
 
+    @cute.jit
+    def stamp(stage: cutlass.Constexpr, slot: cutlass.Constexpr, tile: Int32, ws: Int64, tid: Int32):
+        """Trace builds: thread 0 of the stage's tile 0 records when it passed point ``slot`` of the stage."""
+        if cutlass.const_expr(S.trace):
+            if tid == 0 and tile == 0:
+                P.st_u64(ws + OFF_PH + Int64(stage * PHASE_SLOTS + slot) * 8, P.globaltimer())
+
     # ------------------------------------------------------------------------------------------------
     # L2 prefetch: at kernel start every CTA asks for its slice of every weight matrix, so the whole
     # weight stream is in flight from the first cycle, not only when the task that reads it starts
@@ -287,6 +304,7 @@ def build_kernel(spec: KernelSpec):
         row_base = rt * S.router_rows
         raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
         wait_ready(waits, ws, si, tid)
+        stamp(ROUTER, 0, tile, ws, tid)
         # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
         nvec = 8 * kc // 8
         for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
@@ -300,8 +318,10 @@ def build_kernel(spec: KernelSpec):
                 else:
                     P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
         cute.arch.sync_threads()
+        stamp(ROUTER, 1, tile, ws, tid)
         outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_ROUTER)
+        stamp(ROUTER, 2, tile, ws, tid)
         for r, n, val in outs:
             if n < M:
                 P.st_f32(ws + OFF_RP + Int64((split * M + n) * E + row_base + r) * 4, val)
@@ -349,10 +369,13 @@ def build_kernel(spec: KernelSpec):
         row_base = rt * S.gu_rows
         raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
         wait_ready(waits, ws, si, tid)
+        stamp(GATE_UP, 0, tile, ws, tid)
         stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
         cute.arch.sync_threads()
+        stamp(GATE_UP, 1, tile, ws, tid)
         outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
                         warp, lane, tid, raw0, sc0, B_GU)
+        stamp(GATE_UP, 2, tile, ws, tid)
         for r, n, val in outs:
             if n < M:
                 P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
@@ -365,6 +388,7 @@ def build_kernel(spec: KernelSpec):
         m = tid >> 5
         lane = tid & 31
         wait_ready(waits, ws, si, tid)
+        stamp(ACT, 0, g, ws, tid)
         if m < M:
             c = g * 128 + lane * 4
             gt = [Float32(0.0)] * 4
@@ -375,6 +399,7 @@ def build_kernel(spec: KernelSpec):
                 b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
                 gt = [gt[0] + a0, gt[1] + a1, gt[2] + a2, gt[3] + a3]
                 up = [up[0] + b0, up[1] + b1, up[2] + b2, up[3] + b3]
+            stamp(ACT, 1, g, ws, tid)
             h = []
             for j in cutlass.range_constexpr(4):
                 gj = P.round_bf16(gt[j])
@@ -389,6 +414,7 @@ def build_kernel(spec: KernelSpec):
             P.st_b32(ws + OFF_HQ + Int64(m * I + c), q)
             if lane == 0:
                 P.st_f32(ws + OFF_HS + Int64(m * (I // 128) + g) * 4, scale)
+        stamp(ACT, 2, g, ws, tid)
 
     # ------------------------------------------------------------------------------------------------
     # stage: shared expert down GEMM (block-scaled FP8) -> shared_out bf16
@@ -401,10 +427,13 @@ def build_kernel(spec: KernelSpec):
         row_base = rt * S.down_rows
         raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
         wait_ready(waits, ws, si, tid)
+        stamp(DOWN, 0, rt, ws, tid)
         stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
         cute.arch.sync_threads()
+        stamp(DOWN, 1, rt, ws, tid)
         outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)
+        stamp(DOWN, 2, rt, ws, tid)
         for r, n, val in outs:
             if n < M:
                 P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
@@ -425,7 +454,11 @@ def build_kernel(spec: KernelSpec):
         for v in cutlass.range_constexpr(EPL // 4):  # the bias does not depend on any task: load it first
             c0, c1, c2, c3 = P.ld_nc_v4f(bias + Int64(e0 + 4 * v) * 4)
             cbias.extend([c0, c1, c2, c3])
+        for w in cutlass.range_constexpr(PAIR_WARPS):  # per-warp pair counts of the token sort
+            if tid < S.n_local:
+                P.sts_b32(si + (SI_CNT + w * THREADS + tid) * 4, Int32(0))
         wait_ready(waits, ws, si, tid)
+        stamp(ROUTE, 0, Int32(0), ws, tid)
         if warp < M:
             lg = [Float32(0.0)] * EPL
             for s in cutlass.range_constexpr(S.router_splits):
@@ -438,6 +471,7 @@ def build_kernel(spec: KernelSpec):
             for v in cutlass.range_constexpr(EPL // 4):
                 P.st_v4f(o_logits + Int64(m * E + e0 + 4 * v) * 4, lg[4 * v], lg[4 * v + 1], lg[4 * v + 2],
                          lg[4 * v + 3])
+            stamp(ROUTE, 1, Int32(0), ws, tid)
             sc = []
             bs = []
             for v in cutlass.range_constexpr(EPL // 4):
@@ -471,56 +505,79 @@ def build_kernel(spec: KernelSpec):
                 mx = P.warp_max_i32(cand)
                 gsel = P.warp_min_i32(P.sel_i32(cand == mx, grp, Int32(1 << 30)))
                 kept = kept | P.sel_i32(grp == gsel, 1, 0)
-            # expert keys: kept groups by biased score; other groups below any kept one; taken -> INT_MIN
+            # expert keys: kept groups by biased score; other groups below any kept one (INT_MIN marks an
+            # exhausted list slot, below every real key)
             keys = [P.sel_i32(kept, P.sortable_key(bs[j]), Int32(INT_MIN + 1)) for j in range(EPL)]
-            ids = []
-            wts = []
-            for k in cutlass.range_constexpr(S.top_k):
-                bk = keys[0]
-                bi = Int32(e0)
-                bsv = sc[0]
-                for j in cutlass.range_constexpr(1, EPL):
-                    better = keys[j] > bk  # strict: the lower index wins ties
-                    bk = P.sel_i32(better, keys[j], bk)
-                    bi = P.sel_i32(better, e0 + j, bi)
-                    bsv = P.sel_f32(better, sc[j], bsv)
-                mx = P.warp_max_i32(bk)
-                win = P.warp_min_i32(P.sel_i32(bk == mx, bi, Int32(1 << 30)))
-                s_win = cute.arch.shuffle_sync(bsv, win // EPL)
-                for j in cutlass.range_constexpr(EPL):
-                    keys[j] = P.sel_i32(win == e0 + j, Int32(INT_MIN), keys[j])
-                ids.append(win)
-                wts.append(s_win)
+            stamp(ROUTE, 2, Int32(0), ws, tid)
+            # Each lane sorts its EPL candidates once (19-comparator network, descending key, lower expert
+            # first on equal keys); then every pick is one warp max over the lanes' heads, and the lowest
+            # lane holding that max (= the lowest expert index among equal keys) pops its head.
+            ids_l = [e0 + j for j in range(EPL)]
+            sc_l = list(sc)
+            for layer in SORT8:
+                for a, b in layer:
+                    better = P.sel_i32(keys[b] > keys[a], 1, P.sel_i32(keys[b] == keys[a], ids_l[b] < ids_l[a], 0))
+                    ka, kb = P.sel_i32(better, keys[b], keys[a]), P.sel_i32(better, keys[a], keys[b])
+                    ia, ib = P.sel_i32(better, ids_l[b], ids_l[a]), P.sel_i32(better, ids_l[a], ids_l[b])
+                    sa, sb = P.sel_f32(better, sc_l[b], sc_l[a]), P.sel_f32(better, sc_l[a], sc_l[b])
+                    keys[a], keys[b], ids_l[a], ids_l[b], sc_l[a], sc_l[b] = ka, kb, ia, ib, sa, sb
+            stamp(ROUTE, 3, Int32(0), ws, tid)
+            my_id = Int32(0)
+            my_w = Float32(0.0)
             tot = Float32(0.0)
             for k in cutlass.range_constexpr(S.top_k):
-                tot = tot + wts[k]
+                mx = P.warp_max_i32(keys[0])
+                wl = P.lowest_bit_index(P.ballot(keys[0] == mx))
+                win = cute.arch.shuffle_sync(ids_l[0], wl)
+                s_win = cute.arch.shuffle_sync(sc_l[0], wl)
+                tot = tot + s_win  # pick order, as the reference sums the selected weights
+                my_id = P.sel_i32(lane == k, win, my_id)
+                my_w = P.sel_f32(lane == k, s_win, my_w)
+                pop = lane == wl
+                for j in cutlass.range_constexpr(EPL - 1):
+                    keys[j] = P.sel_i32(pop, keys[j + 1], keys[j])
+                    ids_l[j] = P.sel_i32(pop, ids_l[j + 1], ids_l[j])
+                    sc_l[j] = P.sel_f32(pop, sc_l[j + 1], sc_l[j])
+                keys[EPL - 1] = P.sel_i32(pop, Int32(INT_MIN), keys[EPL - 1])
+            stamp(ROUTE, 4, Int32(0), ws, tid)
             inv = P.rcp_approx(tot + Float32(1e-20))
-            for k in cutlass.range_constexpr(S.top_k):
-                wk = P.sel_f32(any_finite, wts[k] * inv, Float32(1.0 / S.top_k))
-                if cutlass.const_expr(S.fold_scaling):
-                    wk = wk * Float32(S.scaling)
-                idk = P.sel_i32(any_finite, ids[k], Int32(k))
-                if lane == 0:
-                    P.st_f32(o_w + Int64(m * S.top_k + k) * 4, wk)
-                    P.st_b32(o_ids + Int64(m * S.top_k + k) * 4, Uint32(idk))
-                    P.sts_b32(si + (SI_TOPK + m * S.top_k + k) * 4, idk)
+            # lane k < top_k stores pick k
+            wk = P.sel_f32(any_finite, my_w * inv, Float32(1.0 / S.top_k))
+            if cutlass.const_expr(S.fold_scaling):
+                wk = wk * Float32(S.scaling)
+            idk = P.sel_i32(any_finite, my_id, lane)
+            if lane < S.top_k:
+                P.st_f32(o_w + Int64(m * S.top_k + lane) * 4, wk)
+                P.st_b32(o_ids + Int64(m * S.top_k + lane) * 4, Uint32(idk))
+                P.sts_b32(si + (SI_TOPK + m * S.top_k + lane) * 4, idk)
         cute.arch.sync_threads()
+        stamp(ROUTE, 5, Int32(0), ws, tid)
 
         # ---- token sorting (moe_align_block_size over the local experts), whole CTA
         BS = S.block_size
         NL = S.n_local
-        lid = Int32(-1)
+        # rank of each (token, expert) pair among the pairs of its expert, in pair order: match.any inside a
+        # warp, plus the counts of the earlier warps (per-warp count arrays, zeroed before the wait)
+        lid = Int32(-2)  # lanes past the pairs match only each other and count nowhere
         if tid < P_PAIRS:
             e = P.lds_b32(si + (SI_TOPK + tid) * 4) - first_local
             lid = P.sel_i32(P.sel_i32(e >= 0, 1, 0) & P.sel_i32(e < NL, 1, 0), e, Int32(-1))
-            P.sts_b32(si + (SI_IDS + tid) * 4, lid)
-        cute.arch.sync_threads()
         rank = Int32(0)
+        if warp < PAIR_WARPS:
+            same = P.match_any(lid)
+            below = same & P.lanemask_lt()
+            rank = P.popc(below)
+            if below == 0 and lid >= 0:
+                P.sts_b32(si + (SI_CNT + warp * THREADS + lid) * 4, P.popc(same))
+        cute.arch.sync_threads()
+        stamp(ROUTE, 6, Int32(0), ws, tid)
+        for w in cutlass.range_constexpr(PAIR_WARPS - 1):
+            if warp > w and lid >= 0:
+                rank = rank + P.lds_b32(si + (SI_CNT + w * THREADS + lid) * 4)
         cnt = Int32(0)
-        for q in cutlass.range_constexpr(P_PAIRS):
-            iq = P.lds_b32(si + (SI_IDS + q) * 4)
-            rank = rank + P.sel_i32(P.sel_i32(iq == lid, 1, 0) & P.sel_i32(q < tid, 1, 0), 1, 0)
-            cnt = cnt + P.sel_i32(iq == tid, 1, 0)
+        if tid < NL:
+            for w in cutlass.range_constexpr(PAIR_WARPS):
+                cnt = cnt + P.lds_b32(si + (SI_CNT + w * THREADS + tid) * 4)
         padded = P.sel_i32(P.sel_i32(tid < NL, 1, 0), (cnt + (BS - 1)) & Int32(-BS), 0)
         # block-wide inclusive scan of padded counts (warp scan + warp totals)
         x = padded
@@ -566,6 +623,7 @@ def build_kernel(spec: KernelSpec):
             if lid >= 0:
                 pos = P.lds_b32(si + (SI_END + lid) * 4) - P.lds_b32(si + (SI_PAD + lid) * 4) + rank
                 P.st_b32(o_sorted + Int64(pos) * 4, Uint32(tid))
+        stamp(ROUTE, 7, Int32(0), ws, tid)
 
     # ------------------------------------------------------------------------------------------------
     @cute.jit
@@ -593,7 +651,7 @@ def build_kernel(spec: KernelSpec):
                        w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64,
                        o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64,
                        o_ntpp: Int64, ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32,
-                       mode: Int32):
+                       mode: Int32, prefetch_ctas: Int32):
         tid = cute.arch.thread_idx()[0]
         alloc = SmemAllocator()
         s_f = alloc.allocate_tensor(Float32, cute.make_layout(SF), byte_alignment=16)
@@ -607,12 +665,18 @@ def build_kernel(spec: KernelSpec):
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
                       first_local, sf, si, tid, Int32(0))
         else:
-            if tid == 0 and mode == -1:
-                bid = cute.arch.block_idx()[0]
-                nblk = cute.arch.grid_dim()[0]
-                prefetch_slice(gate_w, E * H * 2, bid, nblk)
-                prefetch_slice(w13, 2 * I * H, bid, nblk)
-                prefetch_slice(w2, H * I, bid, nblk)
+            # PDL: the next kernel in the stream may be scheduled now; its CTAs take the SMs ours leave (one CTA
+            # per SM fits) and start their weight prefetch while our last tasks run.
+            P.griddep_launch_dependents()
+            bid = cute.arch.block_idx()[0]
+            if tid == 0 and bid < prefetch_ctas:
+                # Weights do not depend on the previous kernel: ask L2 for them before waiting on it. The first
+                # prefetch_ctas CTAs split every matrix between them (with PDL the early CTAs are the low ones).
+                prefetch_slice(gate_w, E * H * 2, bid, prefetch_ctas)
+                prefetch_slice(w13, 2 * I * H, bid, prefetch_ctas)
+                prefetch_slice(w2, H * I, bid, prefetch_ctas)
+            # Everything below may read what the previous kernel wrote (inputs, the workspace it reset).
+            P.griddep_wait()
             running = Int32(1)
             while running != 0:
                 if tid == 0:
@@ -661,15 +725,16 @@ def build_kernel(spec: KernelSpec):
     def launch(hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64, bias: Int64, w13: Int64,
                w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64,
                o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64,
-               ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32, mode: Int32, grid: Int32):
+               ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32, mode: Int32, prefetch_ctas: Int32,
+               grid: Int32):
         megapre_kernel(hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res, o_logits, o_w, o_ids,
                        o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws, tasks, n_tasks, first_local,
-                       mode).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1], cooperative=True)
+                       mode, prefetch_ctas).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
 
     return megapre_kernel, launch
 
 
 PARAMS = ("hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
           "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
-          "first_local", "mode")
-PARAM_TYPES = ("u64",) * 21 + ("s32",) * 3
+          "first_local", "mode", "prefetch_ctas")
+PARAM_TYPES = ("u64",) * 21 + ("s32",) * 4

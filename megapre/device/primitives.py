@@ -412,3 +412,47 @@ def st_sys_b32(addr: Int64, v: Int32):
 @cute.jit
 def fence_sys():
     _asm([], [], "fence.acq_rel.sys;", "", True)
+
+
+# ---- programmatic dependent launch (PDL) -----------------------------------------------------------------
+# Both are no-ops when the launch did not ask for PDL (the stage kernels, the cooperative fallback).
+@cute.jit
+def griddep_launch_dependents():
+    """Let the next kernel in the stream be scheduled now (its CTAs take SMs as ours exit)."""
+    _asm([], [], "griddepcontrol.launch_dependents;", "", True)
+
+
+@cute.jit
+def griddep_wait():
+    """Wait until the previous kernel in the stream has completed and its writes are visible."""
+    _asm([], [], "griddepcontrol.wait;", "", True)
+
+
+# ---- warp votes ------------------------------------------------------------------------------------------
+@cute.jit
+def ballot(pred: Int32) -> Int32:
+    """Bit l set where lane l's pred != 0 (full warp)."""
+    return _asm([Int32], [pred], "{ .reg .pred p; setp.ne.s32 p, $1, 0; vote.sync.ballot.b32 $0, p, 0xffffffff; }",
+                "=r,r", True)
+
+
+@cute.jit
+def match_any(v: Int32) -> Int32:
+    """Mask of the lanes whose v equals this lane's (full warp)."""
+    return _asm([Int32], [v], "match.any.sync.b32 $0, $1, 0xffffffff;", "=r,r", True)
+
+
+@cute.jit
+def popc(v: Int32) -> Int32:
+    return _asm([Int32], [v], "popc.b32 $0, $1;", "=r,r")
+
+
+@cute.jit
+def lowest_bit_index(v: Int32) -> Int32:
+    """Index of the lowest set bit (v != 0)."""
+    return _asm([Int32], [v], "{ .reg .b32 t; brev.b32 t, $1; bfind.shiftamt.u32 $0, t; }", "=r,r")
+
+
+@cute.jit
+def lanemask_lt() -> Int32:
+    return _asm([Int32], [], "mov.u32 $0, %lanemask_lt;", "=r", True)

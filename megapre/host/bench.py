@@ -6,6 +6,7 @@ rather than L2; per-call time = median graph replay time / 16, after warm-up.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -23,7 +24,26 @@ from ..weights import PreambleWeights
 
 CALLS_PER_GRAPH = 16
 WEIGHT_SETS = 8
+# Bench-only variants of a backend: (backend, environment while capturing). fused-nopdl is the fused kernel
+# launched cooperatively without programmatic dependent launch, i.e. without any overlap with the kernel
+# before it (in the graph: the previous call), which shows what PDL contributes.
+VARIANTS = {"fused-nopdl": ("fused", {"MEGAPRE_PDL": "0"})}
 
+
+@contextlib.contextmanager
+def variant(backend: str):
+    """Yields the run() backend for a bench backend name, with the variant's environment set meanwhile."""
+    real, env = VARIANTS.get(backend, (backend, {}))
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield real
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def device_name(device: torch.device) -> str:
@@ -161,7 +181,7 @@ class Row:
     error: str | None = None
 
 
-def bench(shapes=("ep8", "tp1"), ms=(1, 2, 4, 8), backends=("unfused", "fused"), device=None,
+def bench(shapes=("ep8", "tp1"), ms=(1, 2, 4, 8), backends=("unfused", "fused", "fused-nopdl"), device=None,
           replays: int = 50) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
@@ -175,8 +195,9 @@ def bench(shapes=("ep8", "tp1"), ms=(1, 2, 4, 8), backends=("unfused", "fused"),
             case = Case.make(cfg, m, device)
             for backend in backends:
                 try:
-                    us = time_graph(case, backend, replays) if on_gpu else time_eager_cpu(case, backend)
-                    nk = count_kernels(case, backend) if on_gpu else None
+                    with variant(backend) as real:
+                        us = time_graph(case, real, replays) if on_gpu else time_eager_cpu(case, real)
+                        nk = count_kernels(case, real) if on_gpu else None
                     frac = (floor / us) if floor else None
                     rows.append(Row(shape, m, backend, us, nk, wbytes, floor, frac))
                 except Exception as e:  # a backend that cannot run here is reported, not fatal

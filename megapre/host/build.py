@@ -78,7 +78,7 @@ def compile_spec(spec: KernelSpec, cache_dir: Path | None = None, verbose: bool 
     _, launch = build_kernel(spec)
     import tempfile
     with tempfile.TemporaryDirectory() as dump:  # the DSL writes its kept artifacts there, not into the cwd
-        compiled = cute.compile(launch, *([Int64(0)] * 21), Int32(0), Int32(0), Int32(-1), Int32(1),
+        compiled = cute.compile(launch, *([Int64(0)] * 21), Int32(0), Int32(0), Int32(-1), Int32(0), Int32(1),
                                 options=f"--gpu-arch {ARCH} --keep-ptx --keep-cubin --dump-dir {dump}")
     ptx, cubin = compiled.artifacts.PTX, compiled.artifacts.CUBIN
     symbol, ptx_params, block = _parse_entry(ptx)
@@ -94,7 +94,7 @@ def compile_spec(spec: KernelSpec, cache_dir: Path | None = None, verbose: bool 
         "ptx_params": ptx_params,
         "block": block,
         "dyn_smem_bytes": spec.smem_bytes(),
-        "cooperative": True,
+        "launch": "PDL (programmatic stream serialization) by default; cooperative when MEGAPRE_PDL=0",
         "arch": ARCH,
         "spec": spec.key_fields(),
         "ws_layout": spec.ws_layout(),

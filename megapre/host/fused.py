@@ -1,4 +1,10 @@
-"""The fused backend: one cooperative launch of the persistent megakernel per call.
+"""The fused backend: one launch of the persistent megakernel per call.
+
+Launch: by default with programmatic dependent launch (PDL), so the kernel's CTAs are scheduled while the
+previous kernel in the stream drains and prefetch the weights into L2 before griddepcontrol.wait; the task
+queue does not need co-resident CTAs (a task only waits on tasks with lower tickets, all taken by running
+CTAs). MEGAPRE_PDL=0 launches cooperatively instead (no overlap with the previous kernel).
+MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default: all; 0: none).
 
 Per (device, stream, spec) it keeps a workspace (counters that the kernel resets itself, split-K partials,
 intermediates) and the task table on the device, both made on the first call, which therefore must not be
@@ -145,6 +151,13 @@ def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
     return ws, table
 
 
+def _prefetch_ctas(num_sms: int) -> int:
+    v = os.environ.get("MEGAPRE_PREFETCH_CTAS")
+    if os.environ.get("MEGAPRE_NO_PREFETCH") == "1":
+        return 0
+    return num_sms if v is None else max(0, min(int(v), num_sms))
+
+
 def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
               out: PreambleOutput, trace: bool = False, _table: torch.Tensor | None = None) -> PreambleOutput:
     """One launch. trace=True runs the timeline-recording build of the kernel (see read_trace).
@@ -170,8 +183,9 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
             out.topk_weights.data_ptr(), out.topk_ids.data_ptr(), out.a_q.data_ptr(), out.a_scale.data_ptr(),
             out.shared_out.data_ptr(), out.sorted_token_ids.data_ptr(), out.expert_ids.data_ptr(),
             out.num_tokens_post_padded.data_ptr(), ws.data_ptr(), table.data_ptr(), table.shape[0],
-            cfg.first_local_expert, -2 if os.environ.get("MEGAPRE_NO_PREFETCH") == "1" else -1)
-    kernel.launch(args, grid=kernel.num_sms, stream=stream)
+            cfg.first_local_expert, -1, _prefetch_ctas(kernel.num_sms))
+    pdl = os.environ.get("MEGAPRE_PDL", "1") != "0"
+    kernel.launch(args, grid=kernel.num_sms, stream=stream, pdl=pdl, cooperative=not pdl)
     return out
 
 
@@ -197,7 +211,7 @@ def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) 
             cfg.first_local_expert]
     tiles = spec.stage_tiles()
     for stage in range(len(STAGE_NAMES)):
-        kernel.launch(tuple(base + [stage]), grid=tiles[stage], stream=stream, cooperative=False)
+        kernel.launch(tuple(base + [stage, 0]), grid=tiles[stage], stream=stream)
     return out
 
 
@@ -215,3 +229,21 @@ def read_trace(config, m: int, device=None) -> list[dict]:
     t0 = int(rec[:, 1].min())
     return [dict(task=i, stage=STAGE_NAMES[r[0]], tile=r[1], cta=int(rec[i, 0]), ticket=int(rec[i, 1]) - t0,
                  ready=int(rec[i, 2]) - t0, done=int(rec[i, 3]) - t0) for i, r in enumerate(rows)]
+
+
+def read_phases(config, m: int, device=None) -> dict[str, list[float]]:
+    """The last traced launch's in-task points (the stamp calls in megakernel.py) of tile 0 of each stage,
+    in us from the first ticket; -1 where a point was not passed (or not stamped for that stage)."""
+    from .plan import PHASE_SLOTS, TRACE_INTS
+    device = torch.device(device or "cuda")
+    spec = KernelSpec.from_config(config, m, trace=True)
+    torch.cuda.synchronize(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    ws = next(v for k, v in _workspaces.items() if k[0] == spec and k[1] == idx)
+    lay = spec.ws_layout()
+    n = len(task_table(spec))
+    t0 = int(ws[lay["trace"]: lay["trace"] + n * TRACE_INTS * 8].view(torch.int64).view(-1, TRACE_INTS)[:, 1].min())
+    ph = ws[lay["phases"]: lay["phases"] + len(STAGE_NAMES) * PHASE_SLOTS * 8].view(torch.int64).cpu()
+    ws[lay["phases"]: lay["phases"] + len(STAGE_NAMES) * PHASE_SLOTS * 8].zero_()
+    return {name: [(int(ph[s * PHASE_SLOTS + j]) - t0) / 1000 if int(ph[s * PHASE_SLOTS + j]) else -1.0
+                   for j in range(PHASE_SLOTS)] for s, name in enumerate(STAGE_NAMES)}

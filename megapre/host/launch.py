@@ -1,7 +1,8 @@
 """Loading and launching the megakernel cubin with cuda-python (no DSL at run time).
 
-The launch is cooperative (all CTAs co-resident, which the task queue's waits rely on), on torch's current
-stream, with raw device pointers and no host synchronization, so it can be captured in a CUDA graph.
+The megakernel launch carries the programmatic-dependent-launch attribute (PDL: the kernel may be scheduled
+while the previous kernel in the stream drains; it prefetches weights, then waits in griddepcontrol.wait), or,
+with MEGAPRE_PDL=0, the cooperative attribute. Either way on torch's current stream, with raw device pointers and no host synchronization, so it can be captured in a CUDA graph.
 Every driver call's return code is checked.
 """
 from __future__ import annotations
@@ -58,7 +59,8 @@ class LoadedKernel:
         self.smem = smem
         self.types = tuple(_CTYPES[t] for t in manifest["param_types"])
 
-    def launch(self, args: tuple, grid: int, stream: torch.cuda.Stream | None = None, cooperative: bool = True):
+    def launch(self, args: tuple, grid: int, stream: torch.cuda.Stream | None = None, cooperative: bool = False,
+               pdl: bool = False):
         drv = _driver()
         stream = stream or torch.cuda.current_stream(self.device)
         cfg = drv.CUlaunchConfig()
@@ -66,14 +68,19 @@ class LoadedKernel:
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = self.manifest["block"]
         cfg.sharedMemBytes = self.smem
         cfg.hStream = drv.CUstream(stream.cuda_stream)
+        attrs = []
         if cooperative:
             attr = drv.CUlaunchAttribute()
             attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
             attr.value.cooperative = 1
-            cfg.attrs = [attr]
-            cfg.numAttrs = 1
-        else:
-            cfg.numAttrs = 0
+            attrs.append(attr)
+        if pdl:
+            attr = drv.CUlaunchAttribute()
+            attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            attrs.append(attr)
+        cfg.attrs = attrs
+        cfg.numAttrs = len(attrs)
         check(drv.cuLaunchKernelEx(cfg, self.function, (args, self.types), 0), "cuLaunchKernelEx(megapre)")
 
 

@@ -23,6 +23,7 @@ THREADS = 256
 WARPS = THREADS // 32
 TASK_INTS = 8
 TRACE_INTS = 4  # int64 per task in trace mode: cta, ticket taken, dependencies met, done (globaltimer ns)
+PHASE_SLOTS = 8  # trace mode: int64 timestamps of points inside tile 0 of each stage (see the stages' stamp calls)
 
 # Stage ids (also the index of the counter their tasks signal), numbered in a valid dependency order.
 NORM, ROUTER, GATE_UP, ROUTE, ACT, DOWN = range(6)
@@ -72,19 +73,18 @@ class KernelSpec:
     router_rows: int = 32  # 2 row blocks x 4 K groups; 8 row tiles x 7 K splits (1024 each) = 56 tasks
     router_splits: int = 7
     gu_rows: int = 64  # 4 row blocks x 2 K groups
-    gu_splits: int = 14  # TP8: 8 row tiles x 14 splits (512 each) = 112 tasks; TP1 uses 7 (448 tasks)
+    gu_splits: int = 7  # TP8: 8 row tiles x 7 splits (1024 each) = 56 tasks, all in the first wave; TP1: 448
     down_rows: int = 64
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
     trace: bool = False
 
     @classmethod
     def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False) -> "KernelSpec":
-        gu_splits = 14 if 2 * cfg.shared_local_intermediate <= 1024 else 7
         return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
                    topk_group=cfg.topk_group, top_k=cfg.top_k, inter=cfg.shared_local_intermediate,
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
-                   max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m), gu_splits=gu_splits,
+                   max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
                    trace=trace)
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
@@ -145,6 +145,7 @@ class KernelSpec:
             ("h_q", self.m * self.inter),  # fp8 SiLU-and-mul output
             ("h_scale", self.m * (self.inter // QUANT_GROUP) * 4),
             ("trace", (sum(self.stage_tiles().values()) * TRACE_INTS * 8) if self.trace else 0),
+            ("phases", N_COUNTERS * PHASE_SLOTS * 8 if self.trace else 0),
         ):
             off[name] = pos
             pos = _align(pos + nbytes)
@@ -166,7 +167,7 @@ class KernelSpec:
     def smem_floats(self) -> int:
         return self.smem_layout()["total"] // 4
 
-    SMEM_INTS = 1024  # task slot, reduction scratch, token-sorting arrays
+    SMEM_INTS = 1280  # task slot, reduction scratch, token-sorting arrays
 
     def smem_bytes(self) -> int:
         return self.smem_floats() * 4 + self.SMEM_INTS * 4 + 256  # + alignment slack
