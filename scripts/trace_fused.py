@@ -34,9 +34,12 @@ for name, m in runs:
     for st in ("norm", "router", "route", "gate_up", "act", "down"):
         xs = [x for x in recs if x["stage"] == st]
         us = lambda v: v / 1000
+        pts = [f"{lbl} {t:.2f}" for lbl, t in zip(POINTS[st], phases[st]) if t >= 0]
+        if not xs:
+            print(f"  {st:8s} n=   0 (done inside other tasks)" + (": " + ", ".join(pts) if pts else ""))
+            continue
         print(f"  {st:8s} n={len(xs):4d} taken {us(min(x['ticket'] for x in xs)):6.2f}..{us(max(x['ticket'] for x in xs)):6.2f}"
               f"  ready {us(min(x['ready'] for x in xs)):6.2f}..{us(max(x['ready'] for x in xs)):6.2f}"
               f"  done {us(min(x['done'] for x in xs)):6.2f}..{us(max(x['done'] for x in xs)):6.2f}"
               f"  run mean {us(sum(x['done'] - x['ready'] for x in xs) / len(xs)):5.2f} max {us(max(x['done'] - x['ready'] for x in xs)):5.2f}")
-        pts = [f"{lbl} {t:.2f}" for lbl, t in zip(POINTS[st], phases[st]) if t >= 0]
         print(f"           tile 0: " + ", ".join(pts))

@@ -11,7 +11,7 @@ import torch
 
 import megapre
 from megapre.host import fused
-from megapre.host.plan import ROUTE, ROUTER, KernelSpec, task_table
+from megapre.host.plan import ROUTE, ROUTER, KernelSpec, pack_table, task_table
 from megapre.host.reference import reference
 
 from .compare import check_output
@@ -52,7 +52,7 @@ def test_planted_never_signalled_wait_gives_up_and_the_next_call_raises():
     for row in rows:
         if row[0] == ROUTE:
             row[3] = n_router + 1000  # never reached
-    bad = torch.tensor(rows, dtype=torch.int32, device="cuda")
+    bad = torch.tensor(pack_table(rows), dtype=torch.int32, device="cuda")
     torch.cuda.synchronize()
     t0 = time.time()
     fused.run_fused(h, r, w, out, _table=bad)

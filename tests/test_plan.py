@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 import megapre
-from megapre.host.plan import (N_COUNTERS, NORM, STAGE_NAMES, KernelSpec, check_table, task_table)
+from megapre.host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, STAGE_NAMES, KernelSpec, check_table, pack_table,
+                               task_table, unpack_word)
 
 CONFIGS = [megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=r) for r in (0, 7)] + [megapre.PreambleConfig.deepseek_v3()]
 
@@ -22,6 +23,14 @@ def test_table_waits_only_on_earlier_tasks(cfg, m):
         assert sorted(r[1] for r in rows if r[0] == stage) == list(range(n)), STAGE_NAMES[stage]
     assert all(r[2] == -1 for r in rows if r[0] == NORM)
     assert all(0 <= r[4] < N_COUNTERS for r in rows)
+    # the packed words the kernel decodes say the same
+    assert [unpack_word(w) for w in pack_table(rows)] == [tuple(r[:4]) for r in rows]
+    assert spec.n_tasks == len(rows)
+    # act inside the down tasks exactly where the gate_up partials each down task reads stay small
+    assert spec.fuse_act == (cfg.shared_local_intermediate * m <= 1024)
+    down_wait = {r[2] for r in rows if r[0] == DOWN}
+    assert down_wait == ({GATE_UP} if spec.fuse_act else {ACT})
+    assert tiles[ACT] == (0 if spec.fuse_act else cfg.shared_local_intermediate // 128)
 
 
 def test_check_table_catches_a_forward_wait():

@@ -29,7 +29,8 @@ from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
 from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
-                         WARPS, WS_COUNTERS, WS_DONE, WS_ERROR, WS_ERRPTR, WS_HEAD, KernelSpec)
+                         TARGET_BITS, TILE_BITS, WARPS, WS_COUNTERS, WS_DONE, WS_ERROR, WS_ERRPTR, WS_HEAD,
+                         KernelSpec)
 from . import primitives as P
 
 SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
@@ -52,6 +53,7 @@ def build_kernel(spec: KernelSpec):
     NCHUNK = NG // WARPS  # norm tasks per token: one 128-group per warp
     NL_STEPS = S.n_local.bit_length()  # binary-search steps over the local experts' padded ends
     SL = S.smem_layout()
+    NT = S.n_tasks
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
@@ -384,37 +386,67 @@ def build_kernel(spec: KernelSpec):
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
     # ------------------------------------------------------------------------------------------------
     @cute.jit
+    def act_group(m: Int32, g: Int32, lane: Int32, ws: Int64, trace_tile: Int32, tid: Int32):
+        """One warp: token m, h columns g*128 .. g*128+127 (4 per lane) = bf16(sum of the gate_up partials in
+        split order), SiLU-and-mul with vLLM's bf16 roundings, FP8 quantization with the group's scale.
+        Returns (4 e4m3 codes packed, scale)."""
+        c = g * 128 + lane * 4
+        gt = [Float32(0.0)] * 4
+        up = [Float32(0.0)] * 4
+        for s in cutlass.range_constexpr(S.gu_splits):
+            base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
+            a0, a1, a2, a3 = P.ld_cg_v4f(base)
+            b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
+            gt = [gt[0] + a0, gt[1] + a1, gt[2] + a2, gt[3] + a3]
+            up = [up[0] + b0, up[1] + b1, up[2] + b2, up[3] + b3]
+        stamp(ACT, 1, trace_tile, ws, tid)
+        h = []
+        for j in cutlass.range_constexpr(4):
+            gj = P.round_bf16(gt[j])
+            uj = P.round_bf16(up[j])
+            act = P.round_bf16(P.div_rn(gj, Float32(1.0) + P.exp_f32(-gj)))
+            h.append(P.round_bf16(act * uj))
+        amax = P.fmax(P.fmax(P.fabs(h[0]), P.fabs(h[1])), P.fmax(P.fabs(h[2]), P.fabs(h[3])))
+        amax = P.warp_max_f32(amax)
+        scale = P.div_rn(P.fmax(amax, Float32(1e-10)), Float32(448.0))
+        q = P.f32x4_to_e4m3x4(P.div_rn(h[0], scale), P.div_rn(h[1], scale), P.div_rn(h[2], scale),
+                              P.div_rn(h[3], scale))
+        return q, scale
+
+    @cute.jit
     def stage_act(g: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
         m = tid >> 5
         lane = tid & 31
         wait_ready(waits, ws, si, tid)
         stamp(ACT, 0, g, ws, tid)
         if m < M:
-            c = g * 128 + lane * 4
-            gt = [Float32(0.0)] * 4
-            up = [Float32(0.0)] * 4
-            for s in cutlass.range_constexpr(S.gu_splits):
-                base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
-                a0, a1, a2, a3 = P.ld_cg_v4f(base)
-                b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
-                gt = [gt[0] + a0, gt[1] + a1, gt[2] + a2, gt[3] + a3]
-                up = [up[0] + b0, up[1] + b1, up[2] + b2, up[3] + b3]
-            stamp(ACT, 1, g, ws, tid)
-            h = []
-            for j in cutlass.range_constexpr(4):
-                gj = P.round_bf16(gt[j])
-                uj = P.round_bf16(up[j])
-                act = P.round_bf16(P.div_rn(gj, Float32(1.0) + P.exp_f32(-gj)))
-                h.append(P.round_bf16(act * uj))
-            amax = P.fmax(P.fmax(P.fabs(h[0]), P.fabs(h[1])), P.fmax(P.fabs(h[2]), P.fabs(h[3])))
-            amax = P.warp_max_f32(amax)
-            scale = P.div_rn(P.fmax(amax, Float32(1e-10)), Float32(448.0))
-            q = P.f32x4_to_e4m3x4(P.div_rn(h[0], scale), P.div_rn(h[1], scale), P.div_rn(h[2], scale),
-                                  P.div_rn(h[3], scale))
-            P.st_b32(ws + OFF_HQ + Int64(m * I + c), q)
+            q, scale = act_group(m, g, lane, ws, g, tid)
+            P.st_b32(ws + OFF_HQ + Int64(m * I + g * 128 + lane * 4), q)
             if lane == 0:
                 P.st_f32(ws + OFF_HS + Int64(m * (I // 128) + g) * 4, scale)
         stamp(ACT, 2, g, ws, tid)
+
+    @cute.jit
+    def stage_act_to_smem(ws: Int64, sf: Int32, tid: Int32, trace_tile: Int32):
+        """Fused act (S.fuse_act): the down task computes h itself, warp u = (token u // G, group u % G), and
+        stages it for the down GEMM as stage_fp8_acts would have from h_q / h_scale (rows past M zero)."""
+        G = I // 128
+        warp = tid >> 5
+        lane = tid & 31
+        if warp < M * G:
+            m = warp // G
+            g = warp % G
+            q, scale = act_group(m, g, lane, ws, trace_tile, tid)
+            kk = g * 128 + lane * 4
+            P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
+            if lane == 0:
+                P.sts_f32(sf + S_AS + (m * G + g) * 4, scale)
+        for i in cutlass.range_constexpr(((8 - M) * I // 8 + THREADS - 1) // THREADS):  # zero rows M .. 7
+            v = tid + i * THREADS
+            if v < (8 - M) * I // 8:
+                P.sts_v4(sf + S_ACT + (M * I + v * 8) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        if tid < (8 - M) * G:
+            P.sts_f32(sf + S_AS + (M * G + tid) * 4, Float32(0.0))
 
     # ------------------------------------------------------------------------------------------------
     # stage: shared expert down GEMM (block-scaled FP8) -> shared_out bf16
@@ -428,7 +460,10 @@ def build_kernel(spec: KernelSpec):
         raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
         wait_ready(waits, ws, si, tid)
         stamp(DOWN, 0, rt, ws, tid)
-        stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
+        if cutlass.const_expr(S.fuse_act):
+            stage_act_to_smem(ws, sf, tid, rt)
+        else:
+            stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
         cute.arch.sync_threads()
         stamp(DOWN, 1, rt, ws, tid)
         outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
@@ -499,12 +534,13 @@ def build_kernel(spec: KernelSpec):
             grp = lane // LPG
             gkey = P.sortable_key(gs)
             any_finite = P.warp_max_i32(gkey > P.sortable_key(Float32(NEG_INF)))
-            kept = Int32(0)
-            for _ in cutlass.range_constexpr(S.topk_group):
-                cand = P.sel_i32(kept, Int32(INT_MIN), gkey)
-                mx = P.warp_max_i32(cand)
-                gsel = P.warp_min_i32(P.sel_i32(cand == mx, grp, Int32(1 << 30)))
-                kept = kept | P.sel_i32(grp == gsel, 1, 0)
+            # keep the topk_group best groups: a group's rank = groups with a higher score, or an equal score and
+            # a lower index (every lane of a group holds its score; one shuffle per group, no serial picks)
+            rank = Int32(0)
+            for q in cutlass.range_constexpr(S.n_group):
+                kq = cute.arch.shuffle_sync(gkey, q * LPG)
+                rank = rank + P.sel_i32(kq > gkey, 1, P.sel_i32(kq == gkey, q < grp, 0))
+            kept = P.sel_i32(rank < S.topk_group, 1, 0)
             # expert keys: kept groups by biased score; other groups below any kept one (INT_MIN marks an
             # exhausted list slot, below every real key)
             keys = [P.sel_i32(kept, P.sortable_key(bs[j]), Int32(INT_MIN + 1)) for j in range(EPL)]
@@ -656,8 +692,10 @@ def build_kernel(spec: KernelSpec):
         alloc = SmemAllocator()
         s_f = alloc.allocate_tensor(Float32, cute.make_layout(SF), byte_alignment=16)
         s_i = alloc.allocate_tensor(Int32, cute.make_layout(KernelSpec.SMEM_INTS), byte_alignment=16)
+        s_t = alloc.allocate_tensor(Int32, cute.make_layout(NT), byte_alignment=16)
         sf = Int32(s_f.iterator.toint())
         si = Int32(s_i.iterator.toint())
+        st = Int32(s_t.iterator.toint())
         ctr = ws + WS_COUNTERS * 4
         if mode >= 0:
             # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
@@ -675,18 +713,27 @@ def build_kernel(spec: KernelSpec):
                 prefetch_slice(gate_w, E * H * 2, bid, prefetch_ctas)
                 prefetch_slice(w13, 2 * I * H, bid, prefetch_ctas)
                 prefetch_slice(w2, H * I, bid, prefetch_ctas)
+            # The task table (one packed word per task, uploaded before any launch that uses it) into shared
+            # memory, while the previous kernel may still run.
+            for i in cutlass.range_constexpr((NT + THREADS - 1) // THREADS):
+                if tid + i * THREADS < n_tasks:
+                    P.sts_b32(st + (tid + i * THREADS) * 4, Int32(P.ld_nc_b32(tasks + Int64(tid + i * THREADS) * 4)))
             # Everything below may read what the previous kernel wrote (inputs, the workspace it reset).
             P.griddep_wait()
             running = Int32(1)
             while running != 0:
                 if tid == 0:
                     t_ticket = P.globaltimer()
-                    ticket = P.atom_add_acq_rel(ws + WS_HEAD * 4, Int32(1))
+                    # relaxed: the ticket only orders who runs what; data is ordered by the counters
+                    ticket = P.atom_add_relaxed(ws + WS_HEAD * 4, Int32(1))
                     P.sts_b32(si + SI_TASK * 4, ticket)
                     if ticket < n_tasks:
-                        row = tasks + Int64(ticket) * 32
-                        for f in cutlass.range_constexpr(5):
-                            P.sts_b32(si + (SI_TASK + 1 + f) * 4, Int32(P.ld_nc_b32(row + f * 4)))
+                        word = P.lds_b32(st + ticket * 4)
+                        P.sts_b32(si + (SI_TASK + 1) * 4, word & 7)  # stage
+                        P.sts_b32(si + (SI_TASK + 2) * 4, (word >> 6) & ((1 << TILE_BITS) - 1))  # tile
+                        P.sts_b32(si + (SI_TASK + 3) * 4, ((word >> 3) & 7) - 1)  # wait counter (-1: none)
+                        P.sts_b32(si + (SI_TASK + 4) * 4, (word >> 18) & ((1 << TARGET_BITS) - 1))  # wait target
+                        P.sts_b32(si + (SI_TASK + 5) * 4, word & 7)  # signal counter: the stage's own
                         if cutlass.const_expr(S.trace):
                             rec = ws + OFF_TR + Int64(ticket) * (TRACE_INTS * 8)
                             P.st_u64(rec, Int64(cute.arch.block_idx()[0]))

@@ -456,3 +456,8 @@ def lowest_bit_index(v: Int32) -> Int32:
 @cute.jit
 def lanemask_lt() -> Int32:
     return _asm([Int32], [], "mov.u32 $0, %lanemask_lt;", "=r", True)
+
+
+@cute.jit
+def atom_add_relaxed(addr: Int64, v: Int32) -> Int32:
+    return _asm([Int32], [addr, v], "atom.relaxed.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r", True)

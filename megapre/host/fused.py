@@ -20,7 +20,7 @@ import torch
 from ..output import PreambleOutput
 from ..weights import PreambleWeights
 from . import build, launch
-from .plan import ERR_INTS, STAGE_NAMES, WS_ERROR, WS_ERRPTR, KernelSpec, check_table, task_table
+from .plan import ERR_INTS, STAGE_NAMES, WS_ERROR, WS_ERRPTR, KernelSpec, check_table, pack_table, task_table
 
 
 class MegapreKernelError(RuntimeError):
@@ -31,6 +31,7 @@ _entries: dict = {}     # spec -> (cubin, manifest, key)
 _tables: dict = {}      # (spec, device) -> int32 tensor
 _workspaces: dict = {}  # (spec, device, stream) -> uint8 tensor
 _err_records: dict = {}  # device index -> (host-mapped int32 record, its device address)
+_launched_tables: set = set()  # device addresses of task tables launched at least once
 
 
 def _error_record(device: torch.device):
@@ -140,7 +141,7 @@ def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
         if table is None:
             rows = task_table(spec)
             check_table(rows)
-            table = torch.tensor(rows, dtype=torch.int32, device=device).contiguous()
+            table = torch.tensor(pack_table(rows), dtype=torch.int32, device=device)
             _tables[(spec, device.index)] = table
         if ws is None:
             _, err_dev = _error_record(device)
@@ -161,7 +162,7 @@ def _prefetch_ctas(num_sms: int) -> int:
 def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
               out: PreambleOutput, trace: bool = False, _table: torch.Tensor | None = None) -> PreambleOutput:
     """One launch. trace=True runs the timeline-recording build of the kernel (see read_trace).
-    _table replaces the task table (tests plant a never-signalled wait with it)."""
+    _table replaces the packed task table (tests plant a never-signalled wait with it)."""
     cfg = weights.config
     m = hidden.shape[0]
     spec = KernelSpec.from_config(cfg, m, trace=trace)
@@ -175,6 +176,8 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
     ws, table = _prepare(spec, device, stream)
     _raise_pending(device)
     if _table is not None:
+        if _table.numel() != spec.n_tasks:
+            raise ValueError(f"_table has {_table.numel()} tasks, the kernel was built for {spec.n_tasks}")
         table = _table
     w = weights
     args = (hidden.data_ptr(), residual.data_ptr(), w.norm_weight.data_ptr(), w.gate_weight.data_ptr(),
@@ -184,8 +187,13 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
             out.shared_out.data_ptr(), out.sorted_token_ids.data_ptr(), out.expert_ids.data_ptr(),
             out.num_tokens_post_padded.data_ptr(), ws.data_ptr(), table.data_ptr(), table.shape[0],
             cfg.first_local_expert, -1, _prefetch_ctas(kernel.num_sms))
-    pdl = os.environ.get("MEGAPRE_PDL", "1") != "0"
+    # The kernel reads the task table before griddepcontrol.wait: a table's first launch goes without PDL, so
+    # the copy that uploaded it is surely complete (later launches find it long done).
+    # (A planted _table is always launched without PDL.)
+    pdl = os.environ.get("MEGAPRE_PDL", "1") != "0" and _table is None and table.data_ptr() in _launched_tables
     kernel.launch(args, grid=kernel.num_sms, stream=stream, pdl=pdl, cooperative=not pdl)
+    if _table is None:
+        _launched_tables.add(table.data_ptr())
     return out
 
 
@@ -211,6 +219,8 @@ def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) 
             cfg.first_local_expert]
     tiles = spec.stage_tiles()
     for stage in range(len(STAGE_NAMES)):
+        if tiles[stage] == 0:  # e.g. act, when the down tasks do it (spec.fuse_act)
+            continue
         kernel.launch(tuple(base + [stage, 0]), grid=tiles[stage], stream=stream)
     return out
 

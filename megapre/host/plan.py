@@ -4,11 +4,13 @@ Pure Python (no torch, no cutlass), shared by the build step (which bakes these 
 compile-time constants) and the launcher (which allocates the workspace and uploads the task table). One
 source of truth for both sides is what keeps them in agreement.
 
-Task protocol: every task is one row of 8 int32 in the table:
-    [stage, tile, wait_counter, wait_target, signal_counter, 0, 0, 0]
-CTAs take rows in order with an atomic ticket. A task first waits until counters[wait_counter] >= wait_target
-(acquire), runs its stage on its tile, then adds 1 to counters[signal_counter] (release). A task only waits
-on tasks earlier in the queue and all CTAs are co-resident (cooperative launch), so no wait can deadlock.
+Task protocol: every task is one row [stage, tile, wait_counter, wait_target, signal_counter] of the table,
+uploaded packed into one int32 per task (pack_table) that every CTA copies into shared memory before it
+waits on the previous kernel. CTAs take tasks in order with an atomic ticket. A task first waits until
+counters[wait_counter] >= wait_target (acquire), runs its stage on its tile, then adds 1 to
+counters[signal_counter] (release; always the stage's own counter). A task only waits on tasks earlier in
+the queue, and only running CTAs take tickets, so the lowest unfinished task can always run: no wait can
+deadlock, whether or not all CTAs are resident at once.
 The last CTA to finish resets the ticket and every counter, so the next launch (or graph replay) starts
 clean without any host-side reset.
 """
@@ -21,7 +23,6 @@ from ..config import QUANT_GROUP, PreambleConfig
 
 THREADS = 256
 WARPS = THREADS // 32
-TASK_INTS = 8
 TRACE_INTS = 4  # int64 per task in trace mode: cta, ticket taken, dependencies met, done (globaltimer ns)
 PHASE_SLOTS = 8  # trace mode: int64 timestamps of points inside tile 0 of each stage (see the stages' stamp calls)
 
@@ -74,18 +75,22 @@ class KernelSpec:
     router_splits: int = 7
     gu_rows: int = 64  # 4 row blocks x 2 K groups
     gu_splits: int = 7  # TP8: 8 row tiles x 7 splits (1024 each) = 56 tasks, all in the first wave; TP1: 448
-    down_rows: int = 64
+    down_rows: int = 64  # TP8 (K = 256): 128 rows, 56 tasks, so more CTAs finish early (PDL: the next call starts)
+    # SiLU-and-mul + quantization inside every down task (no act stage, one dependency hop less), where the
+    # gate_up partials each down task then reads stay small: inter x M <= 1024 (TP8 with M <= 4)
+    fuse_act: bool = False
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
     trace: bool = False
 
     @classmethod
     def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False) -> "KernelSpec":
+        inter = cfg.shared_local_intermediate
         return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
                    topk_group=cfg.topk_group, top_k=cfg.top_k, inter=cfg.shared_local_intermediate,
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
-                   trace=trace)
+                   down_rows=128 if inter <= 256 else 64, fuse_act=inter * m <= 1024, trace=trace)
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
@@ -105,6 +110,10 @@ class KernelSpec:
             return f"shared intermediate {self.inter} does not tile"
         if self.m * self.top_k > 64:
             return "more than 64 (token, expert) pairs"
+        if self.fuse_act and self.m * (self.inter // QUANT_GROUP) > WARPS:
+            return "fused act needs one warp per (token, 128 columns)"
+        if sum(self.stage_tiles().values()) >= 1 << TILE_BITS or max(self.stage_tiles().values()) >= 1 << TILE_BITS:
+            return "too many tasks for the packed task table"
         return None
 
     # ---- derived sizes ----------------------------------------------------------------------------------
@@ -130,7 +139,7 @@ class KernelSpec:
             ROUTER: (self.experts // self.router_rows) * self.router_splits,
             GATE_UP: (2 * self.inter // self.gu_rows) * self.gu_splits,
             ROUTE: 1,  # top-k of every token (a warp each) + token sorting
-            ACT: self.inter // QUANT_GROUP,
+            ACT: 0 if self.fuse_act else self.inter // QUANT_GROUP,
             DOWN: self.hidden // self.down_rows,
         }
 
@@ -169,8 +178,13 @@ class KernelSpec:
 
     SMEM_INTS = 1280  # task slot, reduction scratch, token-sorting arrays
 
+    @property
+    def n_tasks(self) -> int:
+        return sum(self.stage_tiles().values())
+
     def smem_bytes(self) -> int:
-        return self.smem_floats() * 4 + self.SMEM_INTS * 4 + 256  # + alignment slack
+        # GEMM staging, int scratch, the packed task table (+ alignment slack)
+        return self.smem_floats() * 4 + self.SMEM_INTS * 4 + _align(self.n_tasks * 4, 16) + 256
 
     def key_fields(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,14 +199,33 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
         GATE_UP: (NORM, tiles[NORM]),
         ROUTE: (ROUTER, tiles[ROUTER]),
         ACT: (GATE_UP, tiles[GATE_UP]),
-        DOWN: (ACT, tiles[ACT]),
+        DOWN: (GATE_UP, tiles[GATE_UP]) if spec.fuse_act else (ACT, tiles[ACT]),
     }
     rows = []
     for stage in QUEUE_ORDER:
         ctr, target = waits[stage]
         for tile in range(tiles[stage]):
-            rows.append([stage, tile, ctr, target, stage, 0, 0, 0])
+            rows.append([stage, tile, ctr, target, stage])
     return rows
+
+
+# Packed task word: stage | (wait_counter + 1) << 3 | tile << 6 | wait_target << 18 (signal = the stage's counter)
+TILE_BITS = 12
+TARGET_BITS = 13
+
+
+def pack_table(rows: list[list[int]]) -> list[int]:
+    words = []
+    for stage, tile, ctr, target, sig, *_ in rows:
+        assert sig == stage and 0 <= stage < 8 and -1 <= ctr < 7, (stage, ctr, sig)
+        assert 0 <= tile < 1 << TILE_BITS and 0 <= target < 1 << TARGET_BITS, (tile, target)
+        words.append(stage | (ctr + 1) << 3 | tile << 6 | target << 18)
+    return words
+
+
+def unpack_word(w: int) -> tuple[int, int, int, int]:
+    """(stage, tile, wait_counter, wait_target): what the kernel decodes."""
+    return w & 7, (w >> 6) & ((1 << TILE_BITS) - 1), ((w >> 3) & 7) - 1, (w >> 18) & ((1 << TARGET_BITS) - 1)
 
 
 def check_table(rows: list[list[int]]) -> None:
