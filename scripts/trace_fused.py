@@ -1,7 +1,7 @@
 """Timeline of one fused launch from in-kernel timestamps: per stage, when its tasks were taken, when their
 dependencies were met, when they finished (us from the first ticket), and the stamped points inside tile 0
 of each stage (megakernel.py's stamp calls). GPU machine; needs traced cubins (python -m megapre build --trace).
-Usage: python3 scripts/trace_fused.py [shape:M ...]   (default ep8:1 ep8:8 tp1:8)"""
+Usage: python3 scripts/trace_fused.py [shape:M ...]   (default ep8:1 ep8:4 ep8:8 tp1:8)"""
 import os, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,7 +17,7 @@ POINTS = {  # what each stamp slot means (megakernel.py)
     "act": ("ready", "partials loaded", "done"),
     "down": ("ready", "h staged", "mma done"),
 }
-runs = [a.split(":") for a in sys.argv[1:]] or [["ep8", "1"], ["ep8", "8"], ["tp1", "8"]]
+runs = [a.split(":") for a in sys.argv[1:]] or [["ep8", "1"], ["ep8", "4"], ["ep8", "8"], ["tp1", "8"]]
 for name, m in runs:
     m = int(m)
     cfg = megapre.config.SHAPE_PRESETS[name]()
