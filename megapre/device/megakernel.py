@@ -77,6 +77,10 @@ def build_kernel(spec: KernelSpec):
         warp = tid >> 5
         lane = tid & 31
         stamp(NORM, 0, tile, ws, tid)
+        # this task's group: g = c * WARPS + warp (chunk c covers groups c*8 .. c*8+7); its norm weights are
+        # the only load from HBM here (a new weight set every layer): issue it before the row loads
+        col = (c * WARPS + warp) * 128 + lane * 4
+        w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
         mine = []
         ss = Float32(0.0)
         for i in cutlass.range_constexpr(NCHUNK):
@@ -92,9 +96,6 @@ def build_kernel(spec: KernelSpec):
             for j in cutlass.range_constexpr(4):
                 ss = ss + v[j] * v[j]
             mine.append(v)
-        # this task's group: g = c * WARPS + warp (chunk c covers groups c*8 .. c*8+7)
-        col = (c * WARPS + warp) * 128 + lane * 4
-        w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
         ss = P.warp_sum_f32(ss)
         if lane == 0:
             P.sts_f32(si + (SI_RED + warp) * 4, ss)
@@ -710,6 +711,8 @@ def build_kernel(spec: KernelSpec):
             if tid == 0 and bid < prefetch_ctas:
                 # Weights do not depend on the previous kernel: ask L2 for them before waiting on it. The first
                 # prefetch_ctas CTAs split every matrix between them (with PDL the early CTAs are the low ones).
+                prefetch_slice(norm_w, H * 2, bid, prefetch_ctas)  # first: the norm needs it before any GEMM
+                prefetch_slice(bias, E * 4, bid, prefetch_ctas)
                 prefetch_slice(gate_w, E * H * 2, bid, prefetch_ctas)
                 prefetch_slice(w13, 2 * I * H, bid, prefetch_ctas)
                 prefetch_slice(w2, H * I, bid, prefetch_ctas)
@@ -720,6 +723,7 @@ def build_kernel(spec: KernelSpec):
                     P.sts_b32(st + (tid + i * THREADS) * 4, Int32(P.ld_nc_b32(tasks + Int64(tid + i * THREADS) * 4)))
             # Everything below may read what the previous kernel wrote (inputs, the workspace it reset).
             P.griddep_wait()
+            cute.arch.sync_threads()  # the table copy above is complete before thread 0 decodes any ticket
             running = Int32(1)
             while running != 0:
                 if tid == 0:

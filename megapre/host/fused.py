@@ -180,6 +180,13 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
             raise ValueError(f"_table has {_table.numel()} tasks, the kernel was built for {spec.n_tasks}")
         table = _table
     w = weights
+    ptrs = {"hidden": hidden, "residual": residual, "norm_weight": w.norm_weight, "gate_weight": w.gate_weight,
+            "e_score_correction_bias": w.e_score_correction_bias, "w13": w.w13, "w13_scale": w.w13_scale,
+            "w2": w.w2, "w2_scale": w.w2_scale}
+    for name, t in ptrs.items():  # 16-byte vector loads and L2 bulk prefetches
+        if t.data_ptr() % 16:
+            raise ValueError(f"backend='fused': {name} must start at a 16-byte aligned address "
+                             f"(got {t.data_ptr():#x}; a view at an odd offset? pass a .clone())")
     args = (hidden.data_ptr(), residual.data_ptr(), w.norm_weight.data_ptr(), w.gate_weight.data_ptr(),
             w.e_score_correction_bias.data_ptr(), w.w13.data_ptr(), w.w13_scale.data_ptr(), w.w2.data_ptr(),
             w.w2_scale.data_ptr(), out.residual.data_ptr(), out.router_logits.data_ptr(),
