@@ -11,7 +11,7 @@ import torch
 
 import megapre
 from megapre.host import fused
-from megapre.host.plan import ROUTE, ROUTER, KernelSpec, pack_table, task_table
+from megapre.host.plan import N_COUNTERS, ROUTE, ROUTER, WS_COUNTERS, WS_HEAD, KernelSpec, pack_table, task_table
 from megapre.host.reference import reference
 
 from .compare import check_output
@@ -66,6 +66,38 @@ def test_planted_never_signalled_wait_gives_up_and_the_next_call_raises():
     out.poison()
     megapre.run(h, r, w, backend="fused", out=out)
     check_output(out, reference(h, r, w), w)
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_launch_counters_across_the_32_bit_wrap(m):
+    """The workspace is never reset: launch L waits for counters >= L * tiles + target in 32-bit wrapping
+    arithmetic. Start the workspace at a launch number where L * tiles crosses 2^32 and check that every call
+    is still right and takes exactly n_tasks + grid tickets."""
+    cfg = megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=1)
+    w, h, r = _setup(cfg, m, 5)
+    out = megapre.PreambleOutput.empty(cfg, m, "cuda")
+    megapre.run(h, r, w, backend="fused", out=out)  # workspace, table
+    torch.cuda.synchronize()
+    spec = KernelSpec.from_config(cfg, m)
+    ws = next(v for k, v in fused._workspaces.items() if k[0] == spec and k[1] == torch.cuda.current_device()
+              and k[2] == torch.cuda.current_stream().cuda_stream)
+    grid = torch.cuda.get_device_properties(0).multi_processor_count
+    per_launch = spec.n_tasks + grid
+    tiles = spec.stage_tiles()
+    launch_no = (1 << 32) // tiles[0] - 1  # the norm counter wraps during the next two launches
+    ws[WS_HEAD * 4: WS_HEAD * 4 + 8].view(torch.int64).fill_(launch_no * per_launch)
+    ctr = ws[WS_COUNTERS * 4: (WS_COUNTERS + N_COUNTERS) * 4].view(torch.int32)
+    for c in range(N_COUNTERS):
+        v = (launch_no * tiles[c]) % (1 << 32)
+        ctr[c] = v - (1 << 32) if v >= 1 << 31 else v
+    want = reference(h, r, w)
+    for _ in range(4):
+        out.poison()
+        megapre.run(h, r, w, backend="fused", out=out)
+        torch.cuda.synchronize()
+        check_output(out, want, w)
+    assert int(ws[WS_HEAD * 4: WS_HEAD * 4 + 8].view(torch.int64).item()) == (launch_no + 4) * per_launch
+    megapre.check_fused()
 
 
 def test_1000_calls_on_the_same_inputs_are_bitwise_identical():

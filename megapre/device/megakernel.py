@@ -29,7 +29,7 @@ from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
 from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
-                         TARGET_BITS, TILE_BITS, WARPS, WS_COUNTERS, WS_DONE, WS_ERROR, WS_ERRPTR, WS_HEAD,
+                         TARGET_BITS, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR, WS_HEAD,
                          KernelSpec)
 from . import primitives as P
 
@@ -54,6 +54,8 @@ def build_kernel(spec: KernelSpec):
     NL_STEPS = S.n_local.bit_length()  # binary-search steps over the local experts' padded ends
     SL = S.smem_layout()
     NT = S.n_tasks
+    WAITED = S.waited_counters()  # counters some task waits on; the other stages signal nothing
+    TILES = [S.stage_tiles()[c] for c in range(N_COUNTERS)]  # signals per launch on each counter
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
@@ -169,31 +171,41 @@ def build_kernel(spec: KernelSpec):
         return raw, scales
 
     def mma_consume(acc, raw, scales, fp8: bool, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
-        """acc (4 fp32: C[g][2tq], C[g][2tq+1], C[g+8][2tq], C[g+8][2tq+1]) += this warp's chunks."""
+        """acc (4 fp32: C[g][2tq], C[g][2tq+1], C[g+8][2tq], C[g+8][2tq+1]) += this warp's chunks.
+        The k16 steps are issued step-major over the chunks, so independent mma chains interleave instead of
+        waiting on each other's latency (FP8: one chain per chunk, folded into acc in chunk order afterwards;
+        bf16: two accumulators, even and odd chunks, added at the end -- a fixed order either way)."""
         wr, wk, _ = mma_plan(rows, kc)
         g = lane >> 2
         tq = lane & 3
-        for j in range(len(raw)):
-            chunk = (warp // wr) + wk * (first + j)
-            lo, hi = raw[j]
-            d = [Float32(0.0)] * 4 if fp8 else acc
-            for s_ in range(4):
-                b0, b1 = P.lds_v2(s_act + (g * kc + chunk * 64 + 16 * tq + 4 * s_) * 2)
+        n = len(raw)
+        chunks = [(warp // wr) + wk * (first + j) for j in range(n)]
+        if fp8:
+            ds = [[Float32(0.0)] * 4 for _ in range(n)]
+        else:
+            ds = [acc, [Float32(0.0)] * 4]
+        for s_ in range(4):
+            for j in range(n):
+                lo, hi = raw[j]
+                b0, b1 = P.lds_v2(s_act + (g * kc + chunks[j] * 64 + 16 * tq + 4 * s_) * 2)
                 if fp8:
-                    d = list(P.mma_f16(P.e4m3x2_lo_to_f16x2(lo[s_]), P.e4m3x2_lo_to_f16x2(hi[s_]),
-                                       P.e4m3x2_hi_to_f16x2(lo[s_]), P.e4m3x2_hi_to_f16x2(hi[s_]),
-                                       b0, b1, d[0], d[1], d[2], d[3]))
+                    d = ds[j]
+                    ds[j] = list(P.mma_f16(P.e4m3x2_lo_to_f16x2(lo[s_]), P.e4m3x2_lo_to_f16x2(hi[s_]),
+                                           P.e4m3x2_hi_to_f16x2(lo[s_]), P.e4m3x2_hi_to_f16x2(hi[s_]),
+                                           b0, b1, d[0], d[1], d[2], d[3]))
                 else:
-                    d = list(P.mma_bf16(lo[2 * s_], hi[2 * s_], lo[2 * s_ + 1], hi[2 * s_ + 1], b0, b1,
-                                        d[0], d[1], d[2], d[3]))
-            if fp8:
-                # one 64-K chunk lies in one 128 x 128 weight block: fold both scales in per chunk
-                kbl = chunk // 2
-                sa0 = P.lds_f32(s_as + ((2 * tq) * (kc // 128) + kbl) * 4) * scales[j]
-                sa1 = P.lds_f32(s_as + ((2 * tq + 1) * (kc // 128) + kbl) * 4) * scales[j]
-                acc = [acc[0] + d[0] * sa0, acc[1] + d[1] * sa1, acc[2] + d[2] * sa0, acc[3] + d[3] * sa1]
-            else:
-                acc = d
+                    d = ds[j % 2]
+                    ds[j % 2] = list(P.mma_bf16(lo[2 * s_], hi[2 * s_], lo[2 * s_ + 1], hi[2 * s_ + 1], b0, b1,
+                                                d[0], d[1], d[2], d[3]))
+        if not fp8:
+            return [ds[0][i] + ds[1][i] for i in range(4)]
+        for j in range(n):
+            # one 64-K chunk lies in one 128 x 128 weight block: fold both scales in per chunk
+            d = ds[j]
+            kbl = chunks[j] // 2
+            sa0 = P.lds_f32(s_as + ((2 * tq) * (kc // 128) + kbl) * 4) * scales[j]
+            sa1 = P.lds_f32(s_as + ((2 * tq + 1) * (kc // 128) + kbl) * 4) * scales[j]
+            acc = [acc[0] + d[0] * sa0, acc[1] + d[1] * sa1, acc[2] + d[2] * sa0, acc[3] + d[3] * sa1]
         return acc
 
     def mma_reduce(acc, rows: int, kc: int, s_red, warp, lane, tid):
@@ -250,11 +262,16 @@ def build_kernel(spec: KernelSpec):
             target = P.lds_b32(si + (SI_TASK + 4) * 4)
             if wc >= 0:
                 addr = ws + WS_COUNTERS * 4 + Int64(wc) * 4
-                seen = P.ld_acquire(addr)
+                # the counter holds (earlier launches) x (its stage's tiles) + this launch's signals
+                per_launch = Int32(0)
+                for c in cutlass.range_constexpr(N_COUNTERS):
+                    per_launch = per_launch + P.sel_i32(wc == c, Int32(TILES[c]), 0)
+                base = P.lds_b32(si + (SI_TASK + 6) * 4) * per_launch
+                seen = P.ld_acquire(addr) - base
                 spins = Int32(0)
                 while seen < target and spins < SPIN_LIMIT:
                     P.nanosleep(20)
-                    seen = P.ld_acquire(addr)
+                    seen = P.ld_acquire(addr) - base
                     spins = spins + 1
                 if seen < target:
                     # A dependency never arrived: give up (never hang the GPU), record the first failure in the
@@ -493,6 +510,9 @@ def build_kernel(spec: KernelSpec):
         for w in cutlass.range_constexpr(PAIR_WARPS):  # per-warp pair counts of the token sort
             if tid < S.n_local:
                 P.sts_b32(si + (SI_CNT + w * THREADS + tid) * 4, Int32(0))
+        for i in cutlass.range_constexpr((S.max_padded + THREADS - 1) // THREADS):  # sentinel: padding slots
+            if tid + i * THREADS < S.max_padded:
+                P.st_b32(o_sorted + Int64(tid + i * THREADS) * 4, Uint32(P_PAIRS))
         wait_ready(waits, ws, si, tid)
         stamp(ROUTE, 0, Int32(0), ws, tid)
         if warp < M:
@@ -616,29 +636,42 @@ def build_kernel(spec: KernelSpec):
             for w in cutlass.range_constexpr(PAIR_WARPS):
                 cnt = cnt + P.lds_b32(si + (SI_CNT + w * THREADS + tid) * 4)
         padded = P.sel_i32(P.sel_i32(tid < NL, 1, 0), (cnt + (BS - 1)) & Int32(-BS), 0)
-        # block-wide inclusive scan of padded counts (warp scan + warp totals)
+        # inclusive scan of the padded counts: one warp when the local experts fit in it, else warp scans + totals
         x = padded
-        for sh in cutlass.range_constexpr(5):
-            y = cute.arch.shuffle_sync_up(x, 1 << sh)
-            x = x + P.sel_i32(P.sel_i32(lane >= (1 << sh), 1, 0), y, 0)
-        if lane == 31:
-            P.sts_b32(si + (SI_WTOT + warp) * 4, x)
-        cute.arch.sync_threads()
-        prefix = Int32(0)
         total = Int32(0)
-        for w in cutlass.range_constexpr(WARPS):
-            wt = P.lds_b32(si + (SI_WTOT + w) * 4)
-            prefix = prefix + P.sel_i32(P.sel_i32(w < warp, 1, 0), wt, 0)
-            total = total + wt
-        incl = x + prefix
-        if tid < NL:
-            P.sts_b32(si + (SI_END + tid) * 4, incl)
-            P.sts_b32(si + (SI_PAD + tid) * 4, padded)
-        cute.arch.sync_threads()
-        for i in cutlass.range_constexpr((S.max_padded + THREADS - 1) // THREADS):
-            idx = tid + i * THREADS
-            if idx < S.max_padded:
-                P.st_b32(o_sorted + Int64(idx) * 4, Uint32(P_PAIRS))
+        if cutlass.const_expr(NL <= 32):
+            if warp == 0:
+                for sh in cutlass.range_constexpr(5):
+                    y = cute.arch.shuffle_sync_up(x, 1 << sh)
+                    x = x + P.sel_i32(P.sel_i32(lane >= (1 << sh), 1, 0), y, 0)
+                if lane == 31:
+                    P.sts_b32(si + SI_WTOT * 4, x)
+                if tid < NL:
+                    P.sts_b32(si + (SI_END + tid) * 4, x)
+                    P.sts_b32(si + (SI_PAD + tid) * 4, padded)
+            cute.arch.sync_threads()
+            total = P.lds_b32(si + SI_WTOT * 4)
+        else:
+            for sh in cutlass.range_constexpr(5):
+                y = cute.arch.shuffle_sync_up(x, 1 << sh)
+                x = x + P.sel_i32(P.sel_i32(lane >= (1 << sh), 1, 0), y, 0)
+            if lane == 31:
+                P.sts_b32(si + (SI_WTOT + warp) * 4, x)
+            cute.arch.sync_threads()
+            prefix = Int32(0)
+            for w in cutlass.range_constexpr(WARPS):
+                wt = P.lds_b32(si + (SI_WTOT + w) * 4)
+                prefix = prefix + P.sel_i32(P.sel_i32(w < warp, 1, 0), wt, 0)
+                total = total + wt
+            if tid < NL:
+                P.sts_b32(si + (SI_END + tid) * 4, x + prefix)
+                P.sts_b32(si + (SI_PAD + tid) * 4, padded)
+            cute.arch.sync_threads()
+        # (sorted_token_ids was filled with the sentinel before the wait; the syncs since order it first)
+        if tid < P_PAIRS:
+            if lid >= 0:
+                pos = P.lds_b32(si + (SI_END + lid) * 4) - P.lds_b32(si + (SI_PAD + lid) * 4) + rank
+                P.st_b32(o_sorted + Int64(pos) * 4, Uint32(tid))
         for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):
             b = tid + i * THREADS
             if b < S.max_blocks:
@@ -655,11 +688,6 @@ def build_kernel(spec: KernelSpec):
                 P.st_b32(o_eids + Int64(b) * 4, Uint32(eid))
         if tid == 0:
             P.st_b32(o_ntpp, Uint32(total))
-        cute.arch.sync_threads()
-        if tid < P_PAIRS:
-            if lid >= 0:
-                pos = P.lds_b32(si + (SI_END + lid) * 4) - P.lds_b32(si + (SI_PAD + lid) * 4) + rank
-                P.st_b32(o_sorted + Int64(pos) * 4, Uint32(tid))
         stamp(ROUTE, 7, Int32(0), ws, tid)
 
     # ------------------------------------------------------------------------------------------------
@@ -721,15 +749,26 @@ def build_kernel(spec: KernelSpec):
             for i in cutlass.range_constexpr((NT + THREADS - 1) // THREADS):
                 if tid + i * THREADS < n_tasks:
                     P.sts_b32(st + (tid + i * THREADS) * 4, Int32(P.ld_nc_b32(tasks + Int64(tid + i * THREADS) * 4)))
-            # Everything below may read what the previous kernel wrote (inputs, the workspace it reset).
+            # Everything below may read what the previous kernel wrote (inputs, the workspace counters).
             P.griddep_wait()
             cute.arch.sync_threads()  # the table copy above is complete before thread 0 decodes any ticket
+            # No reset between launches: the 64-bit ticket counter only grows, and every launch takes exactly
+            # n_tasks + grid tickets (each CTA ends on one ticket past the table), so launch L owns tickets
+            # [L * (n_tasks + grid), (L + 1) * (n_tasks + grid)); the counters only grow too, and a wait in
+            # launch L compares against L * tiles + target (32-bit wrapping arithmetic on both sides).
             running = Int32(1)
+            window = Int64(-1)  # first ticket of this launch (thread 0)
             while running != 0:
                 if tid == 0:
                     t_ticket = P.globaltimer()
                     # relaxed: the ticket only orders who runs what; data is ordered by the counters
-                    ticket = P.atom_add_relaxed(ws + WS_HEAD * 4, Int32(1))
+                    t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
+                    if window < 0:
+                        per_launch = Int64(n_tasks) + Int64(cute.arch.grid_dim()[0])
+                        launch_no = t64 // per_launch
+                        window = launch_no * per_launch
+                        P.sts_b32(si + (SI_TASK + 6) * 4, Int32(launch_no))  # mod 2^32, like the counters
+                    ticket = Int32(t64 - window)
                     P.sts_b32(si + SI_TASK * 4, ticket)
                     if ticket < n_tasks:
                         word = P.lds_b32(st + ticket * 4)
@@ -755,20 +794,16 @@ def build_kernel(spec: KernelSpec):
                               first_local, sf, si, tid, Int32(1))
                     cute.arch.sync_threads()
                     if tid == 0:
-                        # bar.sync above + release: every thread's writes of this task are published
+                        # bar.sync above + release: every thread's writes of this task are published. Stages no
+                        # task waits on (route, down) skip it: the kernel's end publishes their outputs.
                         sig = P.lds_b32(si + (SI_TASK + 5) * 4)
-                        P.red_release_add(ctr + Int64(sig) * 4, Int32(1))
+                        waited = Int32(0)
+                        for c in cutlass.range_constexpr(len(WAITED)):
+                            waited = waited | P.sel_i32(sig == WAITED[c], 1, 0)
+                        if waited != 0:
+                            P.red_release_add(ctr + Int64(sig) * 4, Int32(1))
                         if cutlass.const_expr(S.trace):
                             P.st_u64(ws + OFF_TR + Int64(task) * (TRACE_INTS * 8) + 24, P.globaltimer())
-            # self-reset: the last CTA out restores the queue for the next launch / graph replay
-            cute.arch.sync_threads()
-            if tid == 0:
-                old = P.atom_add_acq_rel(ws + WS_DONE * 4, Int32(1))  # acq_rel: orders this CTA's work
-                if old == cute.arch.grid_dim()[0] - 1:
-                    P.st_relaxed(ws + WS_HEAD * 4, Int32(0))
-                    for c in cutlass.range_constexpr(N_COUNTERS):
-                        P.st_relaxed(ctr + c * 4, Int32(0))
-                    P.st_relaxed(ws + WS_DONE * 4, Int32(0))
 
     megapre_kernel.set_name_prefix("megapre_preamble", remove_cutlass_symbol=True, keep_mangled_name=False)
 

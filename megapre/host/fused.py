@@ -6,7 +6,7 @@ queue does not need co-resident CTAs (a task only waits on tasks with lower tick
 CTAs). MEGAPRE_PDL=0 launches cooperatively instead (no overlap with the previous kernel).
 MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default: all; 0: none).
 
-Per (device, stream, spec) it keeps a workspace (counters that the kernel resets itself, split-K partials,
+Per (device, stream, spec) it keeps a workspace (ever-growing ticket and counters, split-K partials,
 intermediates) and the task table on the device, both made on the first call, which therefore must not be
 inside a CUDA-graph capture (like Triton's JIT). Later calls allocate nothing and never synchronize.
 """

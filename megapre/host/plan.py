@@ -11,8 +11,11 @@ counters[wait_counter] >= wait_target (acquire), runs its stage on its tile, the
 counters[signal_counter] (release; always the stage's own counter). A task only waits on tasks earlier in
 the queue, and only running CTAs take tickets, so the lowest unfinished task can always run: no wait can
 deadlock, whether or not all CTAs are resident at once.
-The last CTA to finish resets the ticket and every counter, so the next launch (or graph replay) starts
-clean without any host-side reset.
+Nothing is reset between launches (no host-side reset, no end-of-kernel round): the 64-bit ticket counter and
+the counters only grow. Every launch takes exactly n_tasks + grid tickets (each CTA stops at its first ticket
+past the table), so a CTA knows its launch number L from its first ticket, and a wait in launch L is for
+counters[c] >= L * tiles[c] + target (32-bit wrapping arithmetic). Launches on one workspace never overlap:
+stream order, and with PDL the griddepcontrol.wait before the first ticket.
 """
 from __future__ import annotations
 
@@ -34,10 +37,9 @@ QUEUE_ORDER = (NORM, ROUTER, ROUTE, GATE_UP, ACT, DOWN)
 STAGE_NAMES = ("norm", "router", "gate_up", "route", "act", "down")
 N_COUNTERS = len(STAGE_NAMES)
 
-# Workspace control words (int32 index): ticket, finished-CTA count, error word (first failed task + 1),
-# the int64 address of the host-mapped error record (set by the host), then the counters. The last CTA's
-# self-reset clears only the ticket, the done-count and the counters.
-WS_HEAD, WS_DONE, WS_ERROR = 0, 1, 2
+# Workspace control words (int32 index): the 64-bit ticket counter (indices 0-1), the error word (first failed
+# task + 1), the int64 address of the host-mapped error record (set by the host), then the counters.
+WS_HEAD, WS_ERROR = 0, 2
 WS_ERRPTR = 4  # int32 index of an 8-byte field
 WS_COUNTERS = 16
 # Host-mapped error record (int32): [failed task + 1, stage, tile, counter, seen, target, 0, 0]
@@ -185,6 +187,10 @@ class KernelSpec:
     def smem_bytes(self) -> int:
         # GEMM staging, int scratch, the packed task table (+ alignment slack)
         return self.smem_floats() * 4 + self.SMEM_INTS * 4 + _align(self.n_tasks * 4, 16) + 256
+
+    def waited_counters(self) -> tuple[int, ...]:
+        """The counters some task of this spec's table waits on (their stages must signal)."""
+        return tuple(sorted({r[2] for r in task_table(self) if r[2] >= 0}))
 
     def key_fields(self) -> dict:
         return dataclasses.asdict(self)
