@@ -6,16 +6,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megapre
 from megapre.host import bench
 
-SETTINGS = [("1", "all"), ("1", "64"), ("1", "32"), ("1", "16"), ("1", "0"), ("0", "all"), ("0", "0")]
+SETTINGS = [("1", "132"), ("1", "64"), ("1", "32"), ("1", "16"), ("1", "0"), ("0", "64"), ("0", "0")]
 rows = []
 for shape, m in (("ep8", 1), ("ep8", 8), ("tp1", 1)):
     case = bench.Case.make(megapre.config.SHAPE_PRESETS[shape](), m, "cuda")
     for pdl, pf in SETTINGS:
         os.environ["MEGAPRE_PDL"] = pdl
-        if pf == "all":
-            os.environ.pop("MEGAPRE_PREFETCH_CTAS", None)
-        else:
-            os.environ["MEGAPRE_PREFETCH_CTAS"] = pf
+        os.environ["MEGAPRE_PREFETCH_CTAS"] = pf
         us = bench.time_graph(case, "fused")
         rows.append(dict(shape=shape, m=m, pdl=pdl, prefetch_ctas=pf, us=us))
         print(f"{shape} M={m} PDL={pdl} prefetch CTAs={pf:>4}: {us:6.2f} us/call", flush=True)

@@ -51,7 +51,6 @@ def build_kernel(spec: KernelSpec):
     P_PAIRS = M * S.top_k
     SF = S.smem_floats()
     NCHUNK = NG // WARPS  # norm tasks per token: one 128-group per warp
-    NL_STEPS = S.n_local.bit_length()  # binary-search steps over the local experts' padded ends
     SL = S.smem_layout()
     NT = S.n_tasks
     WAITED = S.waited_counters()  # counters some task waits on; the other stages signal nothing
@@ -172,40 +171,32 @@ def build_kernel(spec: KernelSpec):
 
     def mma_consume(acc, raw, scales, fp8: bool, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
         """acc (4 fp32: C[g][2tq], C[g][2tq+1], C[g+8][2tq], C[g+8][2tq+1]) += this warp's chunks.
-        The k16 steps are issued step-major over the chunks, so independent mma chains interleave instead of
-        waiting on each other's latency (FP8: one chain per chunk, folded into acc in chunk order afterwards;
-        bf16: two accumulators, even and odd chunks, added at the end -- a fixed order either way)."""
+        (Issuing the k16 steps step-major over the chunks, so that independent mma chains interleave, was
+        measured at 0c3c4d6: no change in any GEMM task's time, and TP1 spilled -- the chains are not the limit.)"""
         wr, wk, _ = mma_plan(rows, kc)
         g = lane >> 2
         tq = lane & 3
-        n = len(raw)
-        chunks = [(warp // wr) + wk * (first + j) for j in range(n)]
-        if fp8:
-            ds = [[Float32(0.0)] * 4 for _ in range(n)]
-        else:
-            ds = [acc, [Float32(0.0)] * 4]
-        for s_ in range(4):
-            for j in range(n):
-                lo, hi = raw[j]
-                b0, b1 = P.lds_v2(s_act + (g * kc + chunks[j] * 64 + 16 * tq + 4 * s_) * 2)
+        for j in range(len(raw)):
+            chunk = (warp // wr) + wk * (first + j)
+            lo, hi = raw[j]
+            d = [Float32(0.0)] * 4 if fp8 else acc
+            for s_ in range(4):
+                b0, b1 = P.lds_v2(s_act + (g * kc + chunk * 64 + 16 * tq + 4 * s_) * 2)
                 if fp8:
-                    d = ds[j]
-                    ds[j] = list(P.mma_f16(P.e4m3x2_lo_to_f16x2(lo[s_]), P.e4m3x2_lo_to_f16x2(hi[s_]),
-                                           P.e4m3x2_hi_to_f16x2(lo[s_]), P.e4m3x2_hi_to_f16x2(hi[s_]),
-                                           b0, b1, d[0], d[1], d[2], d[3]))
+                    d = list(P.mma_f16(P.e4m3x2_lo_to_f16x2(lo[s_]), P.e4m3x2_lo_to_f16x2(hi[s_]),
+                                       P.e4m3x2_hi_to_f16x2(lo[s_]), P.e4m3x2_hi_to_f16x2(hi[s_]),
+                                       b0, b1, d[0], d[1], d[2], d[3]))
                 else:
-                    d = ds[j % 2]
-                    ds[j % 2] = list(P.mma_bf16(lo[2 * s_], hi[2 * s_], lo[2 * s_ + 1], hi[2 * s_ + 1], b0, b1,
-                                                d[0], d[1], d[2], d[3]))
-        if not fp8:
-            return [ds[0][i] + ds[1][i] for i in range(4)]
-        for j in range(n):
-            # one 64-K chunk lies in one 128 x 128 weight block: fold both scales in per chunk
-            d = ds[j]
-            kbl = chunks[j] // 2
-            sa0 = P.lds_f32(s_as + ((2 * tq) * (kc // 128) + kbl) * 4) * scales[j]
-            sa1 = P.lds_f32(s_as + ((2 * tq + 1) * (kc // 128) + kbl) * 4) * scales[j]
-            acc = [acc[0] + d[0] * sa0, acc[1] + d[1] * sa1, acc[2] + d[2] * sa0, acc[3] + d[3] * sa1]
+                    d = list(P.mma_bf16(lo[2 * s_], hi[2 * s_], lo[2 * s_ + 1], hi[2 * s_ + 1], b0, b1,
+                                        d[0], d[1], d[2], d[3]))
+            if fp8:
+                # one 64-K chunk lies in one 128 x 128 weight block: fold both scales in per chunk
+                kbl = chunk // 2
+                sa0 = P.lds_f32(s_as + ((2 * tq) * (kc // 128) + kbl) * 4) * scales[j]
+                sa1 = P.lds_f32(s_as + ((2 * tq + 1) * (kc // 128) + kbl) * 4) * scales[j]
+                acc = [acc[0] + d[0] * sa0, acc[1] + d[1] * sa1, acc[2] + d[2] * sa0, acc[3] + d[3] * sa1]
+            else:
+                acc = d
         return acc
 
     def mma_reduce(acc, rows: int, kc: int, s_red, warp, lane, tid):
@@ -451,14 +442,16 @@ def build_kernel(spec: KernelSpec):
         G = I // 128
         warp = tid >> 5
         lane = tid & 31
-        if warp < M * G:
-            m = warp // G
-            g = warp % G
-            q, scale = act_group(m, g, lane, ws, trace_tile, tid)
-            kk = g * 128 + lane * 4
-            P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
-            if lane == 0:
-                P.sts_f32(sf + S_AS + (m * G + g) * 4, scale)
+        for r in cutlass.range_constexpr((M * G + WARPS - 1) // WARPS):
+            u = warp + WARPS * r
+            if u < M * G:
+                m = u // G
+                g = u % G
+                q, scale = act_group(m, g, lane, ws, trace_tile + r, tid)
+                kk = g * 128 + lane * 4
+                P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
+                if lane == 0:
+                    P.sts_f32(sf + S_AS + (m * G + g) * 4, scale)
         for i in cutlass.range_constexpr(((8 - M) * I // 8 + THREADS - 1) // THREADS):  # zero rows M .. 7
             v = tid + i * THREADS
             if v < (8 - M) * I // 8:
@@ -513,6 +506,9 @@ def build_kernel(spec: KernelSpec):
         for i in cutlass.range_constexpr((S.max_padded + THREADS - 1) // THREADS):  # sentinel: padding slots
             if tid + i * THREADS < S.max_padded:
                 P.st_b32(o_sorted + Int64(tid + i * THREADS) * 4, Uint32(P_PAIRS))
+        for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):  # -1: blocks past the end
+            if tid + i * THREADS < S.max_blocks:
+                P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
         wait_ready(waits, ws, si, tid)
         stamp(ROUTE, 0, Int32(0), ws, tid)
         if warp < M:
@@ -672,20 +668,13 @@ def build_kernel(spec: KernelSpec):
             if lid >= 0:
                 pos = P.lds_b32(si + (SI_END + lid) * 4) - P.lds_b32(si + (SI_PAD + lid) * 4) + rank
                 P.st_b32(o_sorted + Int64(pos) * 4, Uint32(tid))
-        for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):
-            b = tid + i * THREADS
-            if b < S.max_blocks:
-                start = b * BS
-                # upper bound: the number of experts whose padded range ends at or before this block
-                lo = Int32(0)
-                hi = Int32(NL)
-                for _ in cutlass.range_constexpr(NL_STEPS):
-                    mid = (lo + hi) >> 1
-                    le = P.sel_i32(lo < hi, P.lds_b32(si + (SI_END + P.sel_i32(mid < NL, mid, NL - 1)) * 4) <= start, 0)
-                    lo = P.sel_i32(le, mid + 1, lo)
-                    hi = P.sel_i32(le, hi, P.sel_i32(lo < hi, mid, hi))
-                eid = P.sel_i32(start < total, lo, Int32(-1))
-                P.st_b32(o_eids + Int64(b) * 4, Uint32(eid))
+        # expert of each block: expert e owns ceil(count / BS) blocks from (its padded start) / BS; blocks past
+        # the total keep the -1 written before the wait (an expert has at most M pairs: one per token)
+        if tid < NL:
+            blk0 = (P.lds_b32(si + (SI_END + tid) * 4) - padded) // BS
+            for j in cutlass.range_constexpr((M + BS - 1) // BS):
+                if j * BS < cnt:
+                    P.st_b32(o_eids + Int64(blk0 + j) * 4, Uint32(tid))
         if tid == 0:
             P.st_b32(o_ntpp, Uint32(total))
         stamp(ROUTE, 7, Int32(0), ws, tid)
@@ -737,10 +726,18 @@ def build_kernel(spec: KernelSpec):
             P.griddep_launch_dependents()
             bid = cute.arch.block_idx()[0]
             if tid == 0 and bid < prefetch_ctas:
-                # Weights do not depend on the previous kernel: ask L2 for them before waiting on it. The first
-                # prefetch_ctas CTAs split every matrix between them (with PDL the early CTAs are the low ones).
-                prefetch_slice(norm_w, H * 2, bid, prefetch_ctas)  # first: the norm needs it before any GEMM
-                prefetch_slice(bias, E * 4, bid, prefetch_ctas)
+                # Weights do not depend on the previous kernel: ask L2 for them before waiting on it. With PDL the
+                # early CTAs are the low ones: CTAs 0-2 take what the norm needs first, whole (a prefetch is only
+                # a hint -- L2 is where every SM's writes land, so hidden / residual prefetched before the previous
+                # kernel wrote them are still read fresh after griddepcontrol.wait); then the first prefetch_ctas
+                # CTAs split every weight matrix between them.
+                if bid == 0:
+                    P.prefetch_l2_bulk(norm_w, Int32(H * 2))
+                    P.prefetch_l2_bulk(bias, Int32(E * 4))
+                if bid == 1 % prefetch_ctas:
+                    P.prefetch_l2_bulk(hidden, Int32(M * H * 2))
+                if bid == 2 % prefetch_ctas:
+                    P.prefetch_l2_bulk(residual, Int32(M * H * 2))
                 prefetch_slice(gate_w, E * H * 2, bid, prefetch_ctas)
                 prefetch_slice(w13, 2 * I * H, bid, prefetch_ctas)
                 prefetch_slice(w2, H * I, bid, prefetch_ctas)

@@ -4,7 +4,7 @@ Launch: by default with programmatic dependent launch (PDL), so the kernel's CTA
 previous kernel in the stream drains and prefetch the weights into L2 before griddepcontrol.wait; the task
 queue does not need co-resident CTAs (a task only waits on tasks with lower tickets, all taken by running
 CTAs). MEGAPRE_PDL=0 launches cooperatively instead (no overlap with the previous kernel).
-MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default: all; 0: none).
+MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default 64; 0: none).
 
 Per (device, stream, spec) it keeps a workspace (ever-growing ticket and counters, split-K partials,
 intermediates) and the task table on the device, both made on the first call, which therefore must not be
@@ -156,7 +156,9 @@ def _prefetch_ctas(num_sms: int) -> int:
     v = os.environ.get("MEGAPRE_PREFETCH_CTAS")
     if os.environ.get("MEGAPRE_NO_PREFETCH") == "1":
         return 0
-    return num_sms if v is None else max(0, min(int(v), num_sms))
+    # default 64: with PDL the CTAs that start while the previous call drains are the low ones, and about
+    # half the SMs free up early (scripts/sweep_fused.py measures the choice)
+    return min(64, num_sms) if v is None else max(0, min(int(v), num_sms))
 
 
 def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
