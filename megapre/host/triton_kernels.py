@@ -34,7 +34,10 @@ def add_rmsnorm_quant_kernel(hidden_ptr, residual_ptr, norm_w_ptr, res_out_ptr, 
     tl.store(res_out_ptr + row + offs, res, mask=mask)
     resf = res.to(tl.float32)
     ss = tl.sum(tl.sum(resf * resf, axis=1), axis=0)
-    rstd = 1.0 / tl.sqrt(ss / H + eps)
+    # IEEE division and square root, as the reference: Triton's "/" and tl.sqrt are approximations, and one
+    # ulp of rstd flips bf16 roundings of x (and so a_q codes and router logits)
+    one = tl.full(ss.shape, 1.0, tl.float32)
+    rstd = tl.math.div_rn(one, tl.math.sqrt_rn(tl.math.div_rn(ss, tl.full(ss.shape, H, tl.float32)) + eps))
     w = tl.load(norm_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = ((resf * rstd).to(tl.bfloat16).to(tl.float32) * w).to(tl.bfloat16)
     tl.store(x_out_ptr + row + offs, x, mask=mask)
@@ -70,6 +73,11 @@ def skinny_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M,
     for k0 in range(k_begin, k_begin + K_PER_SPLIT, BK):
         a = tl.load(a_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * K + (k0 + rk)[None, :])
+        if BLOCK_SCALED:
+            # e4m3 -> f16 is exact, and the f16 tensor-core path accumulates in full fp32; Hopper's FP8 path
+            # keeps only ~14 mantissa bits while accumulating, which moved shared_out by up to 2% (in GPU tests)
+            a = a.to(tl.float16)
+            w = w.to(tl.float16)
         part = tl.dot(w, tl.trans(a))  # (BN, BM), fp32 accumulate
         if BLOCK_SCALED:
             kb = k0 // BK
