@@ -84,7 +84,8 @@ def test_launch_counters_across_the_32_bit_wrap(m):
     grid = torch.cuda.get_device_properties(0).multi_processor_count
     per_launch = spec.n_tasks + grid
     tiles = spec.stage_tiles()
-    launch_no = (1 << 32) // tiles[0] - 1  # the norm counter wraps during the next two launches
+    most = max(tiles.values())
+    launch_no = (1 << 32) // most - 1  # the busiest counter wraps during the next two launches
     ws[WS_HEAD * 4: WS_HEAD * 4 + 8].view(torch.int64).fill_(launch_no * per_launch)
     ctr = ws[WS_COUNTERS * 4: (WS_COUNTERS + N_COUNTERS) * 4].view(torch.int32)
     for c in range(N_COUNTERS):

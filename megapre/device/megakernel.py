@@ -66,9 +66,10 @@ def build_kernel(spec: KernelSpec):
     assert EPL == 8
 
     # ------------------------------------------------------------------------------------------------
-    # residual add + RMSNorm + MoE input quantization of one 1024-column chunk of one token (one 128-group
-    # per warp, 4 columns per lane): the norm stage's task, and at small M (spec.fuse_norm) the first step of
-    # every router and gate_up task, which then need no norm stage and no dependency hop before them
+    # stage: residual add + RMSNorm + MoE input quantization of one 1024-column chunk of one token (one
+    # 128-group per warp, 4 columns per lane). (Running this inside every router and gate_up task at M <= 2,
+    # which removes the norm stage and its hop, was measured at 009b80a: 112 CTAs re-reading the rows at once
+    # made each task's norm take ~2 us instead of ~1.4, and the call got slower: 9.75 / 11.28 us at M = 1 / 2.)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
     def norm_values(m: Int32, c: Int32, w0: Uint32, w1: Uint32, hidden: Int64, residual: Int64, si: Int32,
@@ -144,43 +145,6 @@ def build_kernel(spec: KernelSpec):
         if lane == 0:
             P.st_f32(o_as + Int64(m * NG + c * WARPS + warp) * 4, scale)
         stamp(NORM, 2, tile, ws, tid)
-
-    @cute.jit
-    def stage_norm_into_smem(split: Int32, write_outputs: Int32, fp8: cutlass.Constexpr, hidden: Int64,
-                             residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64, o_as: Int64, ws: Int64,
-                             sf: Int32, si: Int32, tid: Int32):
-        """spec.fuse_norm: a router (fp8=False) or gate_up (fp8=True) task computes the norm of its own K chunk
-        (= norm chunk ``split``) for every token and stages it like stage_x / stage_fp8_acts would have; the
-        tasks of row tile 0 also write the chunk's outputs (router: residual, gate_up: a_q / a_scale)."""
-        warp = tid >> 5
-        lane = tid & 31
-        kc = S.router_kc
-        col = (split * WARPS + warp) * 128 + lane * 4
-        kk = warp * 128 + lane * 4
-        w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
-        for m in cutlass.range_constexpr(M):
-            v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(Int32(m), split, w0, w1, hidden, residual, si, tid,
-                                                         Int32(1), ws)
-            if cutlass.const_expr(fp8):
-                q, scale = quant_group(x0, x1, x2, x3)
-                P.sts_v2(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
-                if lane == 0:
-                    P.sts_f32(sf + S_AS + (m * (kc // 128) + warp) * 4, scale)
-                if write_outputs != 0:
-                    P.st_b32(o_aq + Int64(m * H + col), q)
-                    if lane == 0:
-                        P.st_f32(o_as + Int64(m * NG + split * WARPS + warp) * 4, scale)
-            else:
-                P.sts_v2(sf + S_ACT + (m * kc + kk) * 2, P.f32x2_to_bf16x2(x0, x1), P.f32x2_to_bf16x2(x2, x3))
-                if write_outputs != 0:
-                    P.st_v2(o_res + Int64(m * H + col) * 2, P.f32x2_to_bf16x2(v0, v1), P.f32x2_to_bf16x2(v2, v3))
-        for i in cutlass.range_constexpr(((8 - M) * kc // 8 + THREADS - 1) // THREADS):  # rows M .. 7: zero
-            v = tid + i * THREADS
-            if v < (8 - M) * kc // 8:
-                P.sts_v4(sf + S_ACT + (M * kc + v * 8) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
-        if cutlass.const_expr(fp8):
-            if tid < (8 - M) * (kc // 128):
-                P.sts_f32(sf + S_AS + (M * (kc // 128) + tid) * 4, Float32(0.0))
 
     # ------------------------------------------------------------------------------------------------
     # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem
@@ -359,8 +323,7 @@ def build_kernel(spec: KernelSpec):
     # stage: router GEMM partials (bf16 x bf16 -> fp32)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_router(tile: Int32, gate_w: Int64, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64,
-                     ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
+    def stage_router(tile: Int32, gate_w: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
         warp = tid >> 5
         lane = tid & 31
         kc = S.router_kc
@@ -371,22 +334,18 @@ def build_kernel(spec: KernelSpec):
         raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
         wait_ready(waits, ws, si, tid)
         stamp(ROUTER, 0, tile, ws, tid)
-        if cutlass.const_expr(S.fuse_norm):
-            stage_norm_into_smem(split, P.sel_i32(rt == 0, 1, 0), False, hidden, residual, norm_w, o_res, o_res,
-                                 o_res, ws, sf, si, tid)
-        else:
-            # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
-            nvec = 8 * kc // 8
-            for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
-                v = tid + i * THREADS
-                if v < nvec:
-                    m = v // (kc // 8)
-                    kk = (v % (kc // 8)) * 8
-                    if m < M:
-                        u0, u1, u2, u3 = P.ld_cg_v4(ws + OFF_X + Int64(m * H + k0 + kk) * 2)
-                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
-                    else:
-                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
+        nvec = 8 * kc // 8
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            if v < nvec:
+                m = v // (kc // 8)
+                kk = (v % (kc // 8)) * 8
+                if m < M:
+                    u0, u1, u2, u3 = P.ld_cg_v4(ws + OFF_X + Int64(m * H + k0 + kk) * 2)
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
+                else:
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
         cute.arch.sync_threads()
         stamp(ROUTER, 1, tile, ws, tid)
         outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
@@ -428,8 +387,8 @@ def build_kernel(spec: KernelSpec):
                 P.sts_f32(sf + S_AS + v * 4, sc)
 
     @cute.jit
-    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, hidden: Int64,
-                      residual: Int64, norm_w: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
+    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
+                      si: Int32, tid: Int32, waits: Int32):
         warp = tid >> 5
         lane = tid & 31
         kc = S.gu_kc
@@ -440,11 +399,7 @@ def build_kernel(spec: KernelSpec):
         raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
         wait_ready(waits, ws, si, tid)
         stamp(GATE_UP, 0, tile, ws, tid)
-        if cutlass.const_expr(S.fuse_norm):
-            stage_norm_into_smem(split, P.sel_i32(rt == 0, 1, 0), True, hidden, residual, norm_w, o_aq, o_aq, o_as,
-                                 ws, sf, si, tid)
-        else:
-            stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
+        stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
         cute.arch.sync_threads()
         stamp(GATE_UP, 1, tile, ws, tid)
         outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
@@ -753,9 +708,9 @@ def build_kernel(spec: KernelSpec):
         if stage == NORM:
             stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, si, tid)
         if stage == ROUTER:
-            stage_router(tile, gate_w, hidden, residual, norm_w, o_res, ws, sf, si, tid, waits)
+            stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, o_aq, o_as, w13, w13_s, hidden, residual, norm_w, ws, sf, si, tid, waits)
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
             stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:

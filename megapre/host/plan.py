@@ -81,10 +81,6 @@ class KernelSpec:
     # SiLU-and-mul + quantization inside every down task (no act stage, one dependency hop less), where the
     # gate_up partials each down task then reads stay small: inter x M <= 2048 (TP8, every M)
     fuse_act: bool = False
-    # the norm inside every router and gate_up task (their K chunk = one norm chunk), so those tasks wait on
-    # nothing and the norm stage and its hop disappear, where re-reading the rows per task stays cheap: M <= 2
-    # with the 56 gate_up tasks of TP8 (TP1's 448 gate_up tasks would each pay the row reads on the way)
-    fuse_norm: bool = False
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
     trace: bool = False
 
@@ -96,7 +92,7 @@ class KernelSpec:
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
-                   down_rows=128 if inter <= 256 else 64, fuse_act=inter * m <= 2048, fuse_norm=m <= 2 and inter <= 256, trace=trace)
+                   down_rows=128 if inter <= 256 else 64, fuse_act=inter * m <= 2048, trace=trace)
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
@@ -112,8 +108,6 @@ class KernelSpec:
             return f"{self.n_local} local experts (> {THREADS})"
         if h % (self.router_splits * QUANT_GROUP) or h % (self.gu_splits * QUANT_GROUP):
             return f"hidden_size {h} does not split into the GEMM K chunks"
-        if self.fuse_norm and not self.router_kc == self.gu_kc == QUANT_GROUP * WARPS:
-            return "the fused norm needs router and gate_up K chunks of one norm chunk (1024 columns)"
         if (2 * self.inter) % self.gu_rows or h % self.down_rows or self.inter % QUANT_GROUP:
             return f"shared intermediate {self.inter} does not tile"
         if self.m * self.top_k > 64:
@@ -141,7 +135,7 @@ class KernelSpec:
 
     def stage_tiles(self) -> dict[int, int]:
         return {
-            NORM: 0 if self.fuse_norm else self.m * (self.hidden // (QUANT_GROUP * WARPS)),  # (token, 1024 columns)
+            NORM: self.m * (self.hidden // (QUANT_GROUP * WARPS)),  # (token, 1024-column chunk)
             ROUTER: (self.experts // self.router_rows) * self.router_splits,
             GATE_UP: (2 * self.inter // self.gu_rows) * self.gu_splits,
             ROUTE: 1,  # top-k of every token (a warp each) + token sorting
@@ -205,8 +199,8 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
     tiles = spec.stage_tiles()
     waits = {  # stage -> (counter it waits on, how many signals make it ready)
         NORM: (-1, 0),
-        ROUTER: (-1, 0) if spec.fuse_norm else (NORM, tiles[NORM]),
-        GATE_UP: (-1, 0) if spec.fuse_norm else (NORM, tiles[NORM]),
+        ROUTER: (NORM, tiles[NORM]),
+        GATE_UP: (NORM, tiles[NORM]),
         ROUTE: (ROUTER, tiles[ROUTER]),
         ACT: (GATE_UP, tiles[GATE_UP]),
         DOWN: (GATE_UP, tiles[GATE_UP]) if spec.fuse_act else (ACT, tiles[ACT]),
