@@ -4,7 +4,7 @@ Launch: by default with programmatic dependent launch (PDL), so the kernel's CTA
 previous kernel in the stream drains and prefetch the weights into L2 before griddepcontrol.wait; the task
 queue does not need co-resident CTAs (a task only waits on tasks with lower tickets, all taken by running
 CTAs). MEGAPRE_PDL=0 launches cooperatively instead (no overlap with the previous kernel).
-MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default 64; 0: none).
+MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default: all for TP8, 64 for TP1; 0: none).
 
 Per (device, stream, spec) it keeps a workspace (ever-growing ticket and counters, split-K partials,
 intermediates) and the task table on the device, both made on the first call, which therefore must not be
@@ -152,13 +152,16 @@ def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
     return ws, table
 
 
-def _prefetch_ctas(num_sms: int) -> int:
+def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
+    """How many CTAs split the L2 weight prefetch. Measured with scripts/sweep_fused.py on the H200 (three runs):
+    TP8 is 0.2-0.3 us faster at M = 1 with every CTA taking a slice; TP1 (47 MB of weights, more than L2 can
+    hold at once with the next call's) is ~1.3 us faster with 64 -- the CTAs that start early under PDL."""
     v = os.environ.get("MEGAPRE_PREFETCH_CTAS")
     if os.environ.get("MEGAPRE_NO_PREFETCH") == "1":
         return 0
-    # default 64: with PDL the CTAs that start while the previous call drains are the low ones, and about
-    # half the SMs free up early (scripts/sweep_fused.py measures the choice)
-    return min(64, num_sms) if v is None else max(0, min(int(v), num_sms))
+    if v is not None:
+        return max(0, min(int(v), num_sms))
+    return num_sms if spec.inter <= 256 else min(64, num_sms)
 
 
 def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
@@ -195,7 +198,7 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
             out.topk_weights.data_ptr(), out.topk_ids.data_ptr(), out.a_q.data_ptr(), out.a_scale.data_ptr(),
             out.shared_out.data_ptr(), out.sorted_token_ids.data_ptr(), out.expert_ids.data_ptr(),
             out.num_tokens_post_padded.data_ptr(), ws.data_ptr(), table.data_ptr(), table.shape[0],
-            cfg.first_local_expert, -1, _prefetch_ctas(kernel.num_sms))
+            cfg.first_local_expert, -1, _prefetch_ctas(spec, kernel.num_sms))
     # The kernel reads the task table before griddepcontrol.wait: a table's first launch goes without PDL, so
     # the copy that uploaded it is surely complete (later launches find it long done).
     # (A planted _table is always launched without PDL.)
