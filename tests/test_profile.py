@@ -105,6 +105,20 @@ def test_analyze_median_call():
     assert mc["kernels"][0]["start_us"] == 0.0
     assert f["median_call"]["wall_us"] == pytest.approx(f["median_call"]["sum_us"])
     assert len(u["rows"]) == 56 and len(f["rows"]) == 8
+    # the replay's span over its calls (what bench measures per call, graph launch aside)
+    seg = P.split_replays(synthetic_trace(calls=4, replays=2), 4)
+    spans = [(max(r["start_ns"] + r["dur_ns"] for r in x) - min(r["start_ns"] for r in x)) / 1e3 / 4 for x in seg]
+    assert u["span_us_per_call_median"] == pytest.approx(sum(spans[:2]) / 2)
+    assert f["span_us_per_call_median"] == pytest.approx(sum(spans[2:]) / 2)
+
+
+def test_span_per_call_counts_overlapping_calls_once():
+    """With PDL a call's kernel starts while the previous one runs: its own wall overstates the time per call,
+    the replay's span / calls does not."""
+    ks = [{"name": "k", "start_ns": 10_000.0 * i, "dur_ns": 15_000.0} for i in range(4)]  # each overlaps the next
+    summ = P.summarize_backend([ks], calls_per_graph=4)
+    assert summ["median_call"]["wall_us"] == pytest.approx(15.0)
+    assert summ["span_us_per_call_median"] == pytest.approx((30.0 + 15.0) / 4)
 
 
 def make_result(tmp_commit="abc1234"):
