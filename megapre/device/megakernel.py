@@ -44,8 +44,8 @@ def build_kernel(spec: KernelSpec):
     M, H, E, NG = S.m, S.hidden, S.experts, S.hidden_groups
     I = S.inter  # noqa: E741
     LAY = S.ws_layout()
-    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS, OFF_TR, OFF_PH, OFF_SS = (
-        LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale", "trace", "phases", "ss_part"))
+    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS, OFF_TR, OFF_PH = (
+        LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale", "trace", "phases"))
     EPL = E // 32  # experts per lane in the top-k warp
     LPG = S.experts_per_group // EPL  # lanes per group
     P_PAIRS = M * S.top_k
@@ -57,8 +57,7 @@ def build_kernel(spec: KernelSpec):
     TILES = [S.stage_tiles()[c] for c in range(N_COUNTERS)]  # signals per launch on each counter
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
-    SI_TASK, SI_RED, SI_SS, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 32, 96, 352, 608, 640, 704
-    assert SI_SS + M * NCHUNK <= SI_PAD
+    SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
     assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
     # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
@@ -146,101 +145,6 @@ def build_kernel(spec: KernelSpec):
         if lane == 0:
             P.st_f32(o_as + Int64(m * NG + c * WARPS + warp) * 4, scale)
         stamp(NORM, 2, tile, ws, tid)
-
-    # ------------------------------------------------------------------------------------------------
-    # TP8 shapes (spec.norm_split): the norm task only adds the residual and publishes its chunk's sum of
-    # squares; every router / gate_up task adds the token's 7 partial sums (in chunk order, so all of them
-    # get the same rstd bits) and normalizes (and quantizes) just its own K chunk -- the chunk the norm task
-    # would have written to memory for it. The norm task is then short (its 1024 columns, no division chain,
-    # two stores) and x / a_q are never written to and read back from memory on the critical path.
-    # ------------------------------------------------------------------------------------------------
-    @cute.jit
-    def stage_norm_split(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, ws: Int64, si: Int32, tid: Int32):
-        """Task (token m, chunk c): residual out for the chunk, and the chunk's sum of squares (workspace)."""
-        m = tile // NCHUNK
-        c = tile % NCHUNK
-        warp = tid >> 5
-        lane = tid & 31
-        stamp(NORM, 0, tile, ws, tid)
-        off = Int64(m * H + (c * WARPS + warp) * 128 + lane * 4) * 2
-        h0, h1 = P.ld_nc_v2(hidden + off)
-        r0, r1 = P.ld_nc_v2(residual + off)
-        ha, hb = P.bf16x2_to_f32(h0)
-        hc, hd = P.bf16x2_to_f32(h1)
-        ra, rb = P.bf16x2_to_f32(r0)
-        rc, rd = P.bf16x2_to_f32(r1)
-        v = [P.round_bf16(ha + ra), P.round_bf16(hb + rb), P.round_bf16(hc + rc), P.round_bf16(hd + rd)]
-        P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
-        ss = Float32(0.0)
-        for j in cutlass.range_constexpr(4):
-            ss = ss + v[j] * v[j]
-        ss = P.warp_sum_f32(ss)
-        if lane == 0:
-            P.sts_f32(si + (SI_RED + warp) * 4, ss)
-        cute.arch.sync_threads()
-        stamp(NORM, 1, tile, ws, tid)
-        if tid == 0:
-            tot = Float32(0.0)
-            for w in cutlass.range_constexpr(WARPS):
-                tot = tot + P.lds_f32(si + (SI_RED + w) * 4)
-            P.st_f32(ws + OFF_SS + Int64(m * NCHUNK + c) * 4, tot)
-        stamp(NORM, 2, tile, ws, tid)
-
-    @cute.jit
-    def stage_normed_chunk(split: Int32, write_outputs: Int32, fp8: cutlass.Constexpr, hidden: Int64,
-                           residual: Int64, norm_w: Int64, o_aq: Int64, o_as: Int64, ws: Int64, sf: Int32,
-                           si: Int32, tid: Int32):
-        """spec.norm_split, after the task waited for every norm task: x of K chunk ``split`` (= norm chunk) for
-        all tokens, staged like the router (bf16, fp8=False) or gate_up (f16 codes + scales, fp8=True) wants it;
-        gate_up tasks with write_outputs also store that chunk of a_q / a_scale."""
-        warp = tid >> 5
-        lane = tid & 31
-        kc = WARPS * 128
-        kk = warp * 128 + lane * 4
-        col = split * kc + kk
-        w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
-        if tid < M * NCHUNK:
-            P.sts_f32(si + (SI_SS + tid) * 4, P.ld_cg_f32(ws + OFF_SS + Int64(tid) * 4))
-        rows = []
-        for m in cutlass.range_constexpr(M):
-            off = Int64(m * H + col) * 2
-            h0, h1 = P.ld_nc_v2(hidden + off)
-            r0, r1 = P.ld_nc_v2(residual + off)
-            rows.append((h0, h1, r0, r1))
-        cute.arch.sync_threads()
-        wa, wb = P.bf16x2_to_f32(w0)
-        wc, wd = P.bf16x2_to_f32(w1)
-        wv = [wa, wb, wc, wd]
-        for m in cutlass.range_constexpr(M):
-            tot = Float32(0.0)
-            for c in cutlass.range_constexpr(NCHUNK):
-                tot = tot + P.lds_f32(si + (SI_SS + m * NCHUNK + c) * 4)
-            rstd = P.div_rn(Float32(1.0), P.sqrt_rn(P.div_rn(tot, Float32(H)) + Float32(S.eps)))
-            h0, h1, r0, r1 = rows[m]
-            ha, hb = P.bf16x2_to_f32(h0)
-            hc, hd = P.bf16x2_to_f32(h1)
-            ra, rb = P.bf16x2_to_f32(r0)
-            rc, rd = P.bf16x2_to_f32(r1)
-            v = [P.round_bf16(ha + ra), P.round_bf16(hb + rb), P.round_bf16(hc + rc), P.round_bf16(hd + rd)]
-            x = [P.round_bf16(P.round_bf16(v[j] * rstd) * wv[j]) for j in range(4)]
-            if cutlass.const_expr(fp8):
-                q, scale = quant_group(x[0], x[1], x[2], x[3])
-                P.sts_v2(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
-                if lane == 0:
-                    P.sts_f32(sf + S_AS + (m * WARPS + warp) * 4, scale)
-                if write_outputs != 0:
-                    P.st_b32(o_aq + Int64(m * H + col), q)
-                    if lane == 0:
-                        P.st_f32(o_as + Int64(m * NG + split * WARPS + warp) * 4, scale)
-            else:
-                P.sts_v2(sf + S_ACT + (m * kc + kk) * 2, P.f32x2_to_bf16x2(x[0], x[1]), P.f32x2_to_bf16x2(x[2], x[3]))
-        for i in cutlass.range_constexpr(((8 - M) * kc // 8 + THREADS - 1) // THREADS):  # rows M .. 7: zero
-            u = tid + i * THREADS
-            if u < (8 - M) * kc // 8:
-                P.sts_v4(sf + S_ACT + (M * kc + u * 8) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
-        if cutlass.const_expr(fp8):
-            if tid < (8 - M) * WARPS:
-                P.sts_f32(sf + S_AS + (M * WARPS + tid) * 4, Float32(0.0))
 
     # ------------------------------------------------------------------------------------------------
     # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem
@@ -419,8 +323,7 @@ def build_kernel(spec: KernelSpec):
     # stage: router GEMM partials (bf16 x bf16 -> fp32)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_router(tile: Int32, gate_w: Int64, hidden: Int64, residual: Int64, norm_w: Int64, ws: Int64, sf: Int32,
-                     si: Int32, tid: Int32, waits: Int32):
+    def stage_router(tile: Int32, gate_w: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
         warp = tid >> 5
         lane = tid & 31
         kc = S.router_kc
@@ -431,21 +334,18 @@ def build_kernel(spec: KernelSpec):
         raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
         wait_ready(waits, ws, si, tid)
         stamp(ROUTER, 0, tile, ws, tid)
-        if cutlass.const_expr(S.norm_split):
-            stage_normed_chunk(split, Int32(0), False, hidden, residual, norm_w, gate_w, gate_w, ws, sf, si, tid)
-        else:
-            # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
-            nvec = 8 * kc // 8
-            for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
-                v = tid + i * THREADS
-                if v < nvec:
-                    m = v // (kc // 8)
-                    kk = (v % (kc // 8)) * 8
-                    if m < M:
-                        u0, u1, u2, u3 = P.ld_cg_v4(ws + OFF_X + Int64(m * H + k0 + kk) * 2)
-                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
-                    else:
-                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
+        nvec = 8 * kc // 8
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            if v < nvec:
+                m = v // (kc // 8)
+                kk = (v % (kc // 8)) * 8
+                if m < M:
+                    u0, u1, u2, u3 = P.ld_cg_v4(ws + OFF_X + Int64(m * H + k0 + kk) * 2)
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
+                else:
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
         cute.arch.sync_threads()
         stamp(ROUTER, 1, tile, ws, tid)
         outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
@@ -487,8 +387,8 @@ def build_kernel(spec: KernelSpec):
                 P.sts_f32(sf + S_AS + v * 4, sc)
 
     @cute.jit
-    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, hidden: Int64,
-                      residual: Int64, norm_w: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
+    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
+                      si: Int32, tid: Int32, waits: Int32):
         warp = tid >> 5
         lane = tid & 31
         kc = S.gu_kc
@@ -499,11 +399,7 @@ def build_kernel(spec: KernelSpec):
         raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
         wait_ready(waits, ws, si, tid)
         stamp(GATE_UP, 0, tile, ws, tid)
-        if cutlass.const_expr(S.norm_split):
-            stage_normed_chunk(split, P.sel_i32(rt == 0, 1, 0), True, hidden, residual, norm_w, o_aq, o_as, ws, sf,
-                               si, tid)
-        else:
-            stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
+        stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
         cute.arch.sync_threads()
         stamp(GATE_UP, 1, tile, ws, tid)
         outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
@@ -810,14 +706,11 @@ def build_kernel(spec: KernelSpec):
                   tid: Int32, waits: Int32):
         """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0."""
         if stage == NORM:
-            if cutlass.const_expr(S.norm_split):
-                stage_norm_split(tile, hidden, residual, o_res, ws, si, tid)
-            else:
-                stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, si, tid)
+            stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, si, tid)
         if stage == ROUTER:
-            stage_router(tile, gate_w, hidden, residual, norm_w, ws, sf, si, tid, waits)
+            stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, o_aq, o_as, w13, w13_s, hidden, residual, norm_w, ws, sf, si, tid, waits)
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
             stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:

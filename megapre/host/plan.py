@@ -81,10 +81,6 @@ class KernelSpec:
     # SiLU-and-mul + quantization inside every down task (no act stage, one dependency hop less), where the
     # gate_up partials each down task then reads stay small: inter x M <= 2048 (TP8, every M)
     fuse_act: bool = False
-    # TP8: the norm task publishes only its chunk's sum of squares (and the residual); each router / gate_up
-    # task normalizes its own K chunk from the 7 partial sums (see stage_norm_split in megakernel.py). Not for
-    # TP1, whose 448 gate_up tasks would each pay that on their serial path.
-    norm_split: bool = False
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
     trace: bool = False
 
@@ -96,7 +92,7 @@ class KernelSpec:
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
-                   down_rows=128 if inter <= 256 else 64, fuse_act=inter * m <= 2048, norm_split=inter <= 256, trace=trace)
+                   down_rows=128 if inter <= 256 else 64, fuse_act=inter * m <= 2048, trace=trace)
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
@@ -114,8 +110,6 @@ class KernelSpec:
             return f"hidden_size {h} does not split into the GEMM K chunks"
         if (2 * self.inter) % self.gu_rows or h % self.down_rows or self.inter % QUANT_GROUP:
             return f"shared intermediate {self.inter} does not tile"
-        if self.norm_split and not self.router_kc == self.gu_kc == QUANT_GROUP * WARPS:
-            return "the split norm needs router and gate_up K chunks of one norm chunk (1024 columns)"
         if self.m * self.top_k > 64:
             return "more than 64 (token, expert) pairs"
         if sum(self.stage_tiles().values()) >= 1 << TILE_BITS or max(self.stage_tiles().values()) >= 1 << TILE_BITS:
@@ -159,7 +153,6 @@ class KernelSpec:
             ("gu_part", self.gu_splits * self.m * 2 * self.inter * 4),
             ("h_q", self.m * self.inter),  # fp8 SiLU-and-mul output
             ("h_scale", self.m * (self.inter // QUANT_GROUP) * 4),
-            ("ss_part", self.m * (self.hidden // (QUANT_GROUP * WARPS)) * 4),  # norm_split: per-chunk sums
             ("trace", (sum(self.stage_tiles().values()) * TRACE_INTS * 8) if self.trace else 0),
             ("phases", N_COUNTERS * PHASE_SLOTS * 8 if self.trace else 0),
         ):
