@@ -120,8 +120,10 @@ def build_kernel(spec: KernelSpec):
         """FP8 of a warp's 128-group (4 values per lane): (4 e4m3 codes packed, the group's scale)."""
         amax = P.fmax(P.fmax(P.fabs(x0), P.fabs(x1)), P.fmax(P.fabs(x2), P.fabs(x3)))
         amax = P.warp_max_f32(amax)
-        scale = P.div_rn(P.fmax(amax, Float32(1e-10)), Float32(448.0))
-        q = P.f32x4_to_e4m3x4(P.div_rn(x0, scale), P.div_rn(x1, scale), P.div_rn(x2, scale), P.div_rn(x3, scale))
+        # = div_rn(max(amax, 1e-10), 448) and div_rn(x_i, scale), bit for bit, without div.rn's branches
+        scale = P.div448(P.fmax(amax, Float32(1e-10)))
+        q0, q1, q2, q3 = P.div4_by(scale, x0, x1, x2, x3)
+        q = P.f32x4_to_e4m3x4(q0, q1, q2, q3)
         return q, scale
 
     @cute.jit
@@ -435,9 +437,9 @@ def build_kernel(spec: KernelSpec):
             h.append(P.round_bf16(act * uj))
         amax = P.fmax(P.fmax(P.fabs(h[0]), P.fabs(h[1])), P.fmax(P.fabs(h[2]), P.fabs(h[3])))
         amax = P.warp_max_f32(amax)
-        scale = P.div_rn(P.fmax(amax, Float32(1e-10)), Float32(448.0))
-        q = P.f32x4_to_e4m3x4(P.div_rn(h[0], scale), P.div_rn(h[1], scale), P.div_rn(h[2], scale),
-                              P.div_rn(h[3], scale))
+        scale = P.div448(P.fmax(amax, Float32(1e-10)))  # exact, see quant_group
+        q0, q1, q2, q3 = P.div4_by(scale, h[0], h[1], h[2], h[3])
+        q = P.f32x4_to_e4m3x4(q0, q1, q2, q3)
         return q, scale
 
     @cute.jit
