@@ -56,3 +56,32 @@ def test_unsupported_shapes_say_why():
     small = megapre.PreambleConfig(hidden_size=512, n_routed_experts=64, n_group=4, topk_group=2, top_k=4,
                                    shared_intermediate_size=256)
     assert KernelSpec.from_config(small, 2).unsupported() is not None
+
+
+def test_kernel_arguments_follow_the_manifest_order_and_check_alignment():
+    """fused._kernel_args builds the launch arguments by the parameter names the cubin's manifest lists (the
+    runtime never imports the DSL), and refuses misaligned inputs with a clear error."""
+    import torch
+    from megapre.host import fused
+    from megapre.host.plan import pack_table
+    cfg = CONFIGS[0]
+    w = megapre.PreambleWeights.random(cfg, seed=1)
+    out = megapre.PreambleOutput.empty(cfg, 2, "cpu")
+    hidden = torch.zeros(2, cfg.hidden_size, dtype=torch.bfloat16)
+    residual = torch.zeros_like(hidden)
+    spec = KernelSpec.from_config(cfg, 2)
+    ws = torch.zeros(spec.ws_layout()["total"], dtype=torch.uint8)
+    table = torch.tensor(pack_table(task_table(spec)), dtype=torch.int32)
+    params = ["hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
+              "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
+              "first_local", "mode", "prefetch_ctas"]
+    args = fused._kernel_args({"params": params}, hidden, residual, w, out, ws, table, 3, 64)
+    assert args[0] == hidden.data_ptr() and args[5] == w.w13.data_ptr() and args[19] == ws.data_ptr()
+    assert args[21:] == (spec.n_tasks, cfg.first_local_expert, 3, 64)
+    rev = fused._kernel_args({"params": params[::-1]}, hidden, residual, w, out, ws, table, 3, 64)
+    assert rev == args[::-1]
+    with pytest.raises(RuntimeError, match="rebuild"):
+        fused._kernel_args({"params": params + ["new_param"]}, hidden, residual, w, out, ws, table, 3, 64)
+    odd = torch.zeros(2 * cfg.hidden_size + 1, dtype=torch.bfloat16)[1:].view(2, cfg.hidden_size)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        fused._kernel_args({"params": params}, odd, residual, w, out, ws, table, -1, 64)

@@ -164,6 +164,29 @@ def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
     return num_sms if spec.inter <= 256 else min(64, num_sms)
 
 
+def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: PreambleOutput, ws, table, mode: int,
+                 prefetch_ctas: int) -> tuple:
+    """The kernel's arguments in the order its manifest lists them (megakernel.PARAMS at build time)."""
+    tensors = {"hidden": hidden, "residual": residual, "norm_w": w.norm_weight, "gate_w": w.gate_weight,
+               "bias": w.e_score_correction_bias, "w13": w.w13, "w13_s": w.w13_scale, "w2": w.w2,
+               "w2_s": w.w2_scale}
+    for name, t in tensors.items():  # 16-byte vector loads and L2 bulk prefetches
+        if t.data_ptr() % 16:
+            raise ValueError(f"backend='fused': {name} must start at a 16-byte aligned address "
+                             f"(got {t.data_ptr():#x}; a view at an odd offset? pass a .clone())")
+    tensors.update(o_res=out.residual, o_logits=out.router_logits, o_w=out.topk_weights, o_ids=out.topk_ids,
+                   o_aq=out.a_q, o_as=out.a_scale, o_shared=out.shared_out, o_sorted=out.sorted_token_ids,
+                   o_eids=out.expert_ids, o_ntpp=out.num_tokens_post_padded, ws=ws, tasks=table)
+    values = {k: t.data_ptr() for k, t in tensors.items()}
+    values.update(n_tasks=table.numel(), first_local=w.config.first_local_expert, mode=mode,
+                  prefetch_ctas=prefetch_ctas)
+    try:
+        return tuple(values[p] for p in manifest["params"])
+    except KeyError as e:
+        raise RuntimeError(f"the cached megakernel takes a parameter this megapre does not know ({e}); rebuild "
+                           f"the cache with `python -m megapre build`") from None
+
+
 def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
               out: PreambleOutput, trace: bool = False, _table: torch.Tensor | None = None) -> PreambleOutput:
     """One launch. trace=True runs the timeline-recording build of the kernel (see read_trace).
@@ -184,21 +207,7 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
         if _table.numel() != spec.n_tasks:
             raise ValueError(f"_table has {_table.numel()} tasks, the kernel was built for {spec.n_tasks}")
         table = _table
-    w = weights
-    ptrs = {"hidden": hidden, "residual": residual, "norm_weight": w.norm_weight, "gate_weight": w.gate_weight,
-            "e_score_correction_bias": w.e_score_correction_bias, "w13": w.w13, "w13_scale": w.w13_scale,
-            "w2": w.w2, "w2_scale": w.w2_scale}
-    for name, t in ptrs.items():  # 16-byte vector loads and L2 bulk prefetches
-        if t.data_ptr() % 16:
-            raise ValueError(f"backend='fused': {name} must start at a 16-byte aligned address "
-                             f"(got {t.data_ptr():#x}; a view at an odd offset? pass a .clone())")
-    args = (hidden.data_ptr(), residual.data_ptr(), w.norm_weight.data_ptr(), w.gate_weight.data_ptr(),
-            w.e_score_correction_bias.data_ptr(), w.w13.data_ptr(), w.w13_scale.data_ptr(), w.w2.data_ptr(),
-            w.w2_scale.data_ptr(), out.residual.data_ptr(), out.router_logits.data_ptr(),
-            out.topk_weights.data_ptr(), out.topk_ids.data_ptr(), out.a_q.data_ptr(), out.a_scale.data_ptr(),
-            out.shared_out.data_ptr(), out.sorted_token_ids.data_ptr(), out.expert_ids.data_ptr(),
-            out.num_tokens_post_padded.data_ptr(), ws.data_ptr(), table.data_ptr(), table.shape[0],
-            cfg.first_local_expert, -1, _prefetch_ctas(spec, kernel.num_sms))
+    args = _kernel_args(manifest, hidden, residual, weights, out, ws, table, -1, _prefetch_ctas(spec, kernel.num_sms))
     # The kernel reads the task table before griddepcontrol.wait: a table's first launch goes without PDL, so
     # the copy that uploaded it is surely complete (later launches find it long done).
     # (A planted _table is always launched without PDL.)
@@ -221,19 +230,12 @@ def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) 
     kernel = launch.get_kernel(cubin, manifest, key, device)
     stream = torch.cuda.current_stream(device)
     ws, table = _prepare(spec, device, stream)
-    w = weights
-    base = [hidden.data_ptr(), residual.data_ptr(), w.norm_weight.data_ptr(), w.gate_weight.data_ptr(),
-            w.e_score_correction_bias.data_ptr(), w.w13.data_ptr(), w.w13_scale.data_ptr(), w.w2.data_ptr(),
-            w.w2_scale.data_ptr(), out.residual.data_ptr(), out.router_logits.data_ptr(),
-            out.topk_weights.data_ptr(), out.topk_ids.data_ptr(), out.a_q.data_ptr(), out.a_scale.data_ptr(),
-            out.shared_out.data_ptr(), out.sorted_token_ids.data_ptr(), out.expert_ids.data_ptr(),
-            out.num_tokens_post_padded.data_ptr(), ws.data_ptr(), table.data_ptr(), table.shape[0],
-            cfg.first_local_expert]
     tiles = spec.stage_tiles()
     for stage in range(len(STAGE_NAMES)):
         if tiles[stage] == 0:  # e.g. act, when the down tasks do it (spec.fuse_act)
             continue
-        kernel.launch(tuple(base + [stage, 0]), grid=tiles[stage], stream=stream)
+        kernel.launch(_kernel_args(manifest, hidden, residual, weights, out, ws, table, stage, 0), grid=tiles[stage],
+                      stream=stream)
     return out
 
 
