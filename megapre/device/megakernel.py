@@ -3,16 +3,20 @@
 What it computes: every output of megapre.run for M <= 8 tokens (see megapre/host/plan.py for the task
 protocol and megapre/host/reference.py for the semantics). Stages, each a device function that the queue
 loop dispatches to, and that ``mode >= 0`` runs alone (tile = blockIdx.x) for per-stage testing
-(mode -1: the full queue; the first ``prefetch_ctas`` CTAs ask L2 for all weights before waiting on the
-previous kernel (programmatic dependent launch), 0 turns that off):
+(mode -1: the full queue; the first ``prefetch_ctas`` CTAs ask L2 for the weights before griddepcontrol.wait,
+i.e. while the previous kernel drains under programmatic dependent launch; 0 turns that off):
 
     norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale
     router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
     gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace)
     route    (one task)            warp m: logits = sum of partials, sigmoid, grouped top-k, weights of token m;
                                    then the CTA: moe_align_block_size over the local experts
-    act      (one task per 128 h)  gate_up = bf16(sum of partials); h = silu(gate) * up; FP8 quant of h
-    down     (row tile)            block-scaled FP8 h_q @ w2.T -> shared_out (bf16)
+    act      (one task per 128 h)  TP1 only: gate_up = bf16(sum of partials); h = silu(gate) * up; FP8 of h
+    down     (row tile)            (TP8: the act step first, into shared memory -- spec.fuse_act) then
+                                   block-scaled FP8 h_q @ w2.T -> shared_out (bf16)
+
+Nothing is reset between launches: the ticket counter and the counters only grow, and a CTA derives its launch
+number from its first ticket (plan.py). Stages nobody waits on (route, down) signal nothing.
 
 GEMMs (M <= 8 makes them weight streams): tensor-core mma.sync m16n8k16 with the weights as the 16-row A
 operand and the <= 8 tokens as B ("swap AB"), see mma_issue / mma_consume. Split-K partials are added by

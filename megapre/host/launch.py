@@ -2,8 +2,8 @@
 
 The megakernel launch carries the programmatic-dependent-launch attribute (PDL: the kernel may be scheduled
 while the previous kernel in the stream drains; it prefetches weights, then waits in griddepcontrol.wait), or,
-with MEGAPRE_PDL=0, the cooperative attribute. Either way on torch's current stream, with raw device pointers and no host synchronization, so it can be captured in a CUDA graph.
-Every driver call's return code is checked.
+with MEGAPRE_PDL=0, the cooperative attribute. Either way on torch's current stream, with raw device pointers
+and no host synchronization, so it can be captured in a CUDA graph. Every driver call's return code is checked.
 """
 from __future__ import annotations
 
