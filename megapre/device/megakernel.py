@@ -263,6 +263,11 @@ def build_kernel(spec: KernelSpec):
         _, _, per_warp = mma_plan(rows, kc)
         return max(1, min(per_warp, 64 // (8 if fp8 else 16)))
 
+    def split_k_tile(tile, splits: int, kc: int, rows: int):
+        """A split-K GEMM task's (K split, first K column, first weight row): tile = row tile x splits + split."""
+        split = tile % splits
+        return split, split * kc, (tile // splits) * rows
+
     B_ROUTER = mma_batch(S.router_rows, S.router_kc, False)
     B_GU = mma_batch(S.gu_rows, S.gu_kc, True)
     B_DOWN = mma_batch(S.down_rows, S.inter, True)
@@ -330,13 +335,9 @@ def build_kernel(spec: KernelSpec):
     # ------------------------------------------------------------------------------------------------
     @cute.jit
     def stage_router(tile: Int32, gate_w: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
-        warp = tid >> 5
-        lane = tid & 31
+        warp, lane = tid >> 5, tid & 31
         kc = S.router_kc
-        rt = tile // S.router_splits
-        split = tile % S.router_splits
-        k0 = split * kc
-        row_base = rt * S.router_rows
+        split, k0, row_base = split_k_tile(tile, S.router_splits, kc, S.router_rows)
         raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
         wait_ready(waits, ws, si, tid)
         stamp(ROUTER, 0, tile, ws, tid)
@@ -395,13 +396,9 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
                       si: Int32, tid: Int32, waits: Int32):
-        warp = tid >> 5
-        lane = tid & 31
+        warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
-        rt = tile // S.gu_splits
-        split = tile % S.gu_splits
-        k0 = split * kc
-        row_base = rt * S.gu_rows
+        split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
         raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
         wait_ready(waits, ws, si, tid)
         stamp(GATE_UP, 0, tile, ws, tid)
@@ -439,12 +436,7 @@ def build_kernel(spec: KernelSpec):
             uj = P.round_bf16(up[j])
             act = P.round_bf16(P.div_rn(gj, Float32(1.0) + P.exp_f32(-gj)))
             h.append(P.round_bf16(act * uj))
-        amax = P.fmax(P.fmax(P.fabs(h[0]), P.fabs(h[1])), P.fmax(P.fabs(h[2]), P.fabs(h[3])))
-        amax = P.warp_max_f32(amax)
-        scale = P.div448(P.fmax(amax, Float32(1e-10)))  # exact, see quant_group
-        q0, q1, q2, q3 = P.div4_by(scale, h[0], h[1], h[2], h[3])
-        q = P.f32x4_to_e4m3x4(q0, q1, q2, q3)
-        return q, scale
+        return quant_group(h[0], h[1], h[2], h[3])
 
     @cute.jit
     def stage_act(g: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):

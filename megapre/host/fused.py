@@ -239,35 +239,35 @@ def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) 
     return out
 
 
-def read_trace(config, m: int, device=None) -> list[dict]:
-    """The last traced launch's timeline (synchronizes): one dict per task, times in ns from the first ticket."""
-    from .plan import STAGE_NAMES, TRACE_INTS
+def _traced_workspace(config, m: int, device) -> tuple:
+    """(spec, workspace, task records [n, TRACE_INTS] on the CPU, first ticket time) of the last traced launch
+    (synchronizes)."""
+    from .plan import TRACE_INTS
     device = torch.device(device or "cuda")
     spec = KernelSpec.from_config(config, m, trace=True)
     torch.cuda.synchronize(device)
-    rows = task_table(spec)
     idx = device.index if device.index is not None else torch.cuda.current_device()
     ws = next(v for k, v in _workspaces.items() if k[0] == spec and k[1] == idx)
     lay = spec.ws_layout()
-    rec = ws[lay["trace"]: lay["trace"] + len(rows) * TRACE_INTS * 8].view(torch.int64).view(-1, TRACE_INTS).cpu()
-    t0 = int(rec[:, 1].min())
+    rec = ws[lay["trace"]: lay["trace"] + spec.n_tasks * TRACE_INTS * 8].view(torch.int64).view(-1, TRACE_INTS).cpu()
+    return spec, ws, rec, int(rec[:, 1].min())
+
+
+def read_trace(config, m: int, device=None) -> list[dict]:
+    """The last traced launch's timeline (synchronizes): one dict per task, times in ns from the first ticket."""
+    spec, _, rec, t0 = _traced_workspace(config, m, device)
     return [dict(task=i, stage=STAGE_NAMES[r[0]], tile=r[1], cta=int(rec[i, 0]), ticket=int(rec[i, 1]) - t0,
-                 ready=int(rec[i, 2]) - t0, done=int(rec[i, 3]) - t0) for i, r in enumerate(rows)]
+                 ready=int(rec[i, 2]) - t0, done=int(rec[i, 3]) - t0) for i, r in enumerate(task_table(spec))]
 
 
 def read_phases(config, m: int, device=None) -> dict[str, list[float]]:
     """The last traced launch's in-task points (the stamp calls in megakernel.py) of tile 0 of each stage,
     in us from the first ticket; -1 where a point was not passed (or not stamped for that stage)."""
-    from .plan import PHASE_SLOTS, TRACE_INTS
-    device = torch.device(device or "cuda")
-    spec = KernelSpec.from_config(config, m, trace=True)
-    torch.cuda.synchronize(device)
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    ws = next(v for k, v in _workspaces.items() if k[0] == spec and k[1] == idx)
+    from .plan import PHASE_SLOTS
+    spec, ws, _, t0 = _traced_workspace(config, m, device)
     lay = spec.ws_layout()
-    n = len(task_table(spec))
-    t0 = int(ws[lay["trace"]: lay["trace"] + n * TRACE_INTS * 8].view(torch.int64).view(-1, TRACE_INTS)[:, 1].min())
-    ph = ws[lay["phases"]: lay["phases"] + len(STAGE_NAMES) * PHASE_SLOTS * 8].view(torch.int64).cpu()
-    ws[lay["phases"]: lay["phases"] + len(STAGE_NAMES) * PHASE_SLOTS * 8].zero_()
+    area = ws[lay["phases"]: lay["phases"] + len(STAGE_NAMES) * PHASE_SLOTS * 8]
+    ph = area.view(torch.int64).cpu()
+    area.zero_()
     return {name: [(int(ph[s * PHASE_SLOTS + j]) - t0) / 1000 if int(ph[s * PHASE_SLOTS + j]) else -1.0
                    for j in range(PHASE_SLOTS)] for s, name in enumerate(STAGE_NAMES)}

@@ -88,7 +88,7 @@ class KernelSpec:
     def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False) -> "KernelSpec":
         inter = cfg.shared_local_intermediate
         return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
-                   topk_group=cfg.topk_group, top_k=cfg.top_k, inter=cfg.shared_local_intermediate,
+                   topk_group=cfg.topk_group, top_k=cfg.top_k, inter=inter,
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
@@ -112,7 +112,7 @@ class KernelSpec:
             return f"shared intermediate {self.inter} does not tile"
         if self.m * self.top_k > 64:
             return "more than 64 (token, expert) pairs"
-        if sum(self.stage_tiles().values()) >= 1 << TILE_BITS or max(self.stage_tiles().values()) >= 1 << TILE_BITS:
+        if self.n_tasks >= 1 << TILE_BITS:  # (every stage's tile count, and so every wait target, is below it)
             return "too many tasks for the packed task table"
         return None
 
