@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine runs everything that needs the GPU and leaves logs + JSON under $OUT:
 #   tests (GPU tests included), the benchmark table, and (when asked) the Nsight Systems profile.
-# Usage (from the repository root, on the GPU machine):  bash scripts/gpu-check.sh [tests] [bench] [profile]
+# Usage (from the repository root, on the GPU machine):
+#   bash scripts/gpu-check.sh [tests] [bench] [bench-hmma] [demo] [trace] [sass] [profile] [reliability]
 # The GPU machine cannot install packages: megapre runs from the source tree (PYTHONPATH) with its torch,
 # triton and cuda-bindings; fused-kernel cubins come prebuilt in .megapre-cache/ (carried, see README).
 set -uo pipefail
@@ -21,6 +22,9 @@ for step in $steps; do
       python3 -m pytest -q -rs -s tests/ 2>&1 | tee "$OUT/pytest.log" | tail -40; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     bench)
       python3 -m megapre bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
+    bench-hmma)  # A/B of the FP8 GEMM instruction in the same run (needs MEGAPRE_FP8_MMA=hmma cubins carried)
+      MEGAPRE_FP8_MMA=hmma python3 -m megapre bench --json "$OUT/bench-hmma.json" 2>&1 | tee "$OUT/bench-hmma.txt"
+      rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     demo)
       python3 -m megapre demo 2>&1 | tee "$OUT/demo.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     profile)
@@ -38,7 +42,9 @@ for step in $steps; do
       python3 scripts/sweep_fused.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     sass)  # tensor-core instructions and resource usage of every cached cubin (cuobjdump is there, not here)
       for c in .megapre-cache/*/megapre.cubin; do
-        echo "$c: $(cuobjdump -sass "$c" | grep -cE 'HMMA|QGMMA|HGMMA') tensor-core instructions;" \
+        sass=$(cuobjdump -sass "$c")
+        spec=$(python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['spec']; print(f\"I={s['inter']} M={s['m']} {s['fp8_mma']}{' trace' if s['trace'] else ''}\")" "${c%/*}/manifest.json")
+        echo "$c ($spec): QGMMA $(grep -c QGMMA <<<"$sass"), HMMA $(grep -c HMMA <<<"$sass");" \
              "$(cuobjdump -res-usage "$c" 2>/dev/null | grep -oE 'REG:[0-9]+|STACK:[0-9]+|LOCAL:[0-9]+' | tr '\n' ' ')"
       done 2>&1 | tee "$OUT/sass.txt" ;;
     *) echo "unknown step $step"; rc=2 ;;

@@ -38,3 +38,45 @@ def test_random_float_pairs_across_exponents():
     q_new = a.astype(np.float64) * (1.0 / b.astype(np.float64))
     assert normal.sum() > n * 0.9
     assert np.array_equal(_bits(q_ref[normal]), _bits(q_new[normal]))
+
+
+def _ulps(x: np.ndarray, k: int) -> np.ndarray:
+    """x moved by k double-precision ulps (the error budget of the kernel's Newton-refined approximations)."""
+    for _ in range(abs(k)):
+        x = np.nextafter(x, np.inf if k > 0 else -np.inf)
+    return x
+
+
+def test_division_margin_with_an_approximate_reciprocal():
+    """primitives.div_exact / div4_by: a reciprocal from rcp.approx + two Newton steps is within ~1-2 ulps of
+    double (not correctly rounded); rounding a * r to fp32 must still give the IEEE quotient. Checked with the
+    reciprocal off by up to 3 ulps either way."""
+    rng = np.random.default_rng(int.from_bytes(np.random.bytes(4), "little"))
+    n = 400_000
+    a = rng.standard_normal(n).astype(np.float32) * np.float32(2.0) ** rng.integers(-40, 40, n).astype(np.float32)
+    b = (np.abs(rng.standard_normal(n)).astype(np.float32) + np.float32(1e-3)) \
+        * np.float32(2.0) ** rng.integers(-30, 30, n).astype(np.float32)
+    b[: n // 4] = (1.0 + np.exp(-rng.standard_normal(n // 4) * 8)).astype(np.float32)  # SiLU's 1 + e^-g
+    q_ref = (a / b).astype(np.float32)
+    r = 1.0 / b.astype(np.float64)
+    for k in (-3, -1, 1, 3):
+        assert np.array_equal(_bits(q_ref), _bits(a.astype(np.float64) * _ulps(r, k))), k
+
+
+def test_rms_rstd_chain_in_double_precision():
+    """primitives.rms_rstd: fl32(1 / fl32(sqrt(fl32(fl32(tot / H) + eps)))) from a double-precision square root
+    and reciprocal that are each a few ulps off, for H = 7168 and eps = 1e-6 (DeepSeek-V3)."""
+    rng = np.random.default_rng(int.from_bytes(np.random.bytes(4), "little"))
+    n = 400_000
+    h, eps = 7168, np.float32(1e-6)
+    tot = (np.abs(rng.standard_normal(n)) * 10.0 ** rng.uniform(-12, 12, n)).astype(np.float32)
+    v_ref = ((tot / np.float32(h)).astype(np.float32) + eps).astype(np.float32)
+    v_new = ((tot.astype(np.float64) * (1.0 / h)).astype(np.float32) + eps).astype(np.float32)
+    assert np.array_equal(_bits(v_ref), _bits(v_new))
+    s_ref = np.sqrt(v_ref).astype(np.float32)
+    rstd_ref = (np.float32(1.0) / s_ref).astype(np.float32)
+    for k in (-3, 3):
+        s = _ulps(np.sqrt(v_new.astype(np.float64)), k).astype(np.float32)
+        assert np.array_equal(_bits(s_ref), _bits(s)), k
+        rstd = _ulps(1.0 / s.astype(np.float64), -k).astype(np.float32)
+        assert np.array_equal(_bits(rstd_ref), _bits(rstd)), k

@@ -50,6 +50,7 @@ def build_kernel(spec: KernelSpec):
     LAY = S.ws_layout()
     OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS, OFF_TR, OFF_PH = (
         LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale", "trace", "phases"))
+    QGMMA = S.fp8_mma == "qgmma"
     EPL = E // 32  # experts per lane in the top-k warp
     LPG = S.experts_per_group // EPL  # lanes per group
     P_PAIRS = M * S.top_k
@@ -107,7 +108,7 @@ def build_kernel(spec: KernelSpec):
         for w in cutlass.range_constexpr(WARPS):
             tot = tot + P.lds_f32(si + (SI_RED + w) * 4)
         cute.arch.sync_threads()  # SI_RED is free again (the next token's sum may follow)
-        rstd = P.div_rn(Float32(1.0), P.sqrt_rn(P.div_rn(tot, Float32(H)) + Float32(S.eps)))
+        rstd = P.rms_rstd(tot, H, S.eps)  # = 1 / sqrt(tot / H + eps) with IEEE fp32 roundings, branch-free
         # the loop above loaded group warp + 8 i in iteration i; this chunk's group is iteration c
         v = [Float32(0.0)] * 4
         for i in cutlass.range_constexpr(NCHUNK):
@@ -169,6 +170,15 @@ def build_kernel(spec: KernelSpec):
         n_chunks = kc // 64
         return wr, wk, n_chunks // wk
 
+    def chunk_of(warp, i: int, rows: int, kc: int, fp8: bool):
+        """The 64-K chunk that a warp takes i-th. FP8: K groups take whole 128-K blocks (chunk pairs), so that
+        qgmma_consume accumulates a block's four k32 steps in one set of registers before its scales apply;
+        bf16: K groups interleave chunk by chunk."""
+        wr, wk, _ = mma_plan(rows, kc)
+        if fp8:
+            return 2 * ((warp // wr) + wk * (i // 2)) + i % 2
+        return (warp // wr) + wk * i
+
     def mma_issue(w_ptr, ldw: int, fp8: bool, row_base, k0, rows: int, kc: int, w_scale, lds_scale: int,
                   warp, lane, first: int, count: int):
         """Weight loads (and FP8 block scales) of this warp's chunks first .. first + count - 1."""
@@ -179,12 +189,12 @@ def build_kernel(spec: KernelSpec):
         raw = []
         scales = []
         for i in range(first, first + count):
-            col = k0 + ((warp // wr) + wk * i) * 64 + 16 * tq
+            col = k0 + chunk_of(warp, i, rows, kc, fp8) * 64 + 16 * tq
             if fp8:
                 lo = P.ld_nc_v4(w_ptr + Int64(row) * ldw + Int64(col))
                 hi = P.ld_nc_v4(w_ptr + Int64(row + 8) * ldw + Int64(col))
                 raw.append((lo, hi))
-                kb = (k0 + ((warp // wr) + wk * i) * 64) // 128
+                kb = (k0 + chunk_of(warp, i, rows, kc, fp8) * 64) // 128
                 scales.append(P.ld_nc_f32(w_scale + Int64((row_base + (warp % wr) * 16) // 128 * lds_scale + kb) * 4))
             else:
                 base = w_ptr + (Int64(row) * ldw + Int64(col)) * 2
@@ -201,7 +211,7 @@ def build_kernel(spec: KernelSpec):
         g = lane >> 2
         tq = lane & 3
         for j in range(len(raw)):
-            chunk = (warp // wr) + wk * (first + j)
+            chunk = chunk_of(warp, first + j, rows, kc, fp8)
             lo, hi = raw[j]
             d = [Float32(0.0)] * 4 if fp8 else acc
             for s_ in range(4):
@@ -221,6 +231,38 @@ def build_kernel(spec: KernelSpec):
                 acc = [acc[0] + d[0] * sa0, acc[1] + d[1] * sa1, acc[2] + d[2] * sa0, acc[3] + d[3] * sa1]
             else:
                 acc = d
+        return acc
+
+    def qgmma_consume(acc, raw, scales, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
+        """FP8 on the warpgroup MMA: the same per-thread weight loads as mma_issue made (16 bytes of rows g and
+        g + 8 per 64-K chunk, K 16 tq .. 16 tq + 15) are the A fragments of two k32 steps: step t takes words
+        2t, 2t + 1, i.e. its K slot 4 tq + j is physical K 16 tq + 8 t + j and slot 16 + 4 tq + j is
+        16 tq + 8 t + 4 + j; stage_fp8_acts lays the tokens out in shared memory with the same map. A warpgroup
+        is 4 row blocks of one K group (wr = 4 or 8). A chunk pair (one 128 x 128 weight block, chunk_of) runs
+        as four wgmmas into one accumulator set; its block scales are folded in fp32 after the wait -- the
+        tensor core only ever sums 128 products, as DeepGEMM's promotion interval."""
+        wr, wk, _ = mma_plan(rows, kc)
+        tq = lane & 3
+        assert len(raw) % 2 == 0 and first % 2 == 0
+        P.wgmma_fence()
+        ds = []
+        for j in range(0, len(raw), 2):
+            d = [Float32(0.0)] * 4
+            for h in range(2):
+                chunk = chunk_of(warp, first + j + h, rows, kc, True)
+                lo, hi = raw[j + h]
+                for t in range(2):
+                    desc = P.wgmma_desc(s_act + (chunk * 2 + t) * P.WGMMA_B_STEP)
+                    d = P.wgmma_e4m3(lo[2 * t], hi[2 * t], lo[2 * t + 1], hi[2 * t + 1], desc, d, h + t > 0)
+            ds.extend(d)
+        P.wgmma_commit()
+        ds = P.wgmma_wait(ds)
+        for j in range(0, len(raw), 2):
+            d = ds[2 * j: 2 * j + 4]
+            kbl = chunk_of(warp, first + j, rows, kc, True) // 2
+            sa0 = P.lds_f32(s_as + ((2 * tq) * (kc // 128) + kbl) * 4) * scales[j]
+            sa1 = P.lds_f32(s_as + ((2 * tq + 1) * (kc // 128) + kbl) * 4) * scales[j]
+            acc = [acc[0] + d[0] * sa0, acc[1] + d[1] * sa1, acc[2] + d[2] * sa0, acc[3] + d[3] * sa1]
         return acc
 
     def mma_reduce(acc, rows: int, kc: int, s_red, warp, lane, tid):
@@ -250,12 +292,15 @@ def build_kernel(spec: KernelSpec):
                  s_act, s_as, s_red, warp, lane, tid, raw0, sc0, batch: int):
         """Finish a GEMM task whose first ``batch`` chunks of weight loads were issued before the wait."""
         _, _, per_warp = mma_plan(rows, kc)
+        consume = qgmma_consume if fp8 and QGMMA else (
+            lambda acc, raw, sc, rows, kc, first, s_act, s_as, warp, lane:
+            mma_consume(acc, raw, sc, fp8, rows, kc, first, s_act, s_as, warp, lane))
         acc = [Float32(0.0)] * 4
-        acc = mma_consume(acc, raw0, sc0, fp8, rows, kc, 0, s_act, s_as, warp, lane)
+        acc = consume(acc, raw0, sc0, rows, kc, 0, s_act, s_as, warp, lane)
         for first in range(batch, per_warp, batch):
             raw, sc = mma_issue(w_ptr, ldw, fp8, row_base, k0, rows, kc, w_scale, lds_scale, warp, lane, first,
                                 min(batch, per_warp - first))
-            acc = mma_consume(acc, raw, sc, fp8, rows, kc, first, s_act, s_as, warp, lane)
+            acc = consume(acc, raw, sc, rows, kc, first, s_act, s_as, warp, lane)
         return mma_reduce(acc, rows, kc, s_red, warp, lane, tid)
 
     def mma_batch(rows: int, kc: int, fp8: bool) -> int:
@@ -368,20 +413,33 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def stage_fp8_acts(src: Int64, src_scale: Int64, ld_src: cutlass.Constexpr, ld_scale: cutlass.Constexpr,
                        k0: Int32, kc: cutlass.Constexpr, sf: Int32, tid: Int32):
-        """Stage FP8 activations src[m, k0:k0+kc] as f16 codes (exact) for 8 token rows (zeros past M), and
-        their per-128 scales; the scales are applied per chunk after the tensor-core products."""
+        """Stage FP8 activations src[m, k0:k0+kc] for 8 token rows (zeros past M) -- e4m3 bytes in the wgmma B
+        layout (qgmma) or f16 codes (hmma, exact) -- and their per-128 scales, applied per chunk after the
+        tensor-core products."""
         nvec = 8 * kc // 8
         for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
             v = tid + i * THREADS
             if v < nvec:
                 m = v // (kc // 8)
                 kk = (v % (kc // 8)) * 8
-                if m < M:
-                    q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
-                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0), P.e4m3x2_hi_to_f16x2(q0),
-                             P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
+                if cutlass.const_expr(QGMMA):
+                    # e4m3 bytes in the wgmma B layout (qgmma_consume): physical K kk .. kk + 7 of a 64-K chunk
+                    # is K slots 4 tq .. of step t (bytes 0-3) and 16 + 4 tq .. (bytes 4-7, the next core matrix)
+                    q0 = Uint32(0)
+                    q1 = Uint32(0)
+                    if m < M:
+                        q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
+                    p = kk % 64
+                    dst = sf + S_ACT + ((kk // 64) * 2 + (p % 16) // 8) * P.WGMMA_B_STEP + m * 16 + 4 * (p // 16)
+                    P.sts_b32(dst, Int32(q0))
+                    P.sts_b32(dst + 128, Int32(q1))
                 else:
-                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+                    if m < M:
+                        q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
+                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0),
+                                 P.e4m3x2_hi_to_f16x2(q0), P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
+                    else:
+                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
         nsc = 8 * (kc // 128)
         for i in cutlass.range_constexpr((nsc + THREADS - 1) // THREADS):
             v = tid + i * THREADS
@@ -403,6 +461,8 @@ def build_kernel(spec: KernelSpec):
         wait_ready(waits, ws, si, tid)
         stamp(GATE_UP, 0, tile, ws, tid)
         stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
+        if cutlass.const_expr(QGMMA):
+            P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
         cute.arch.sync_threads()
         stamp(GATE_UP, 1, tile, ws, tid)
         outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
@@ -434,7 +494,7 @@ def build_kernel(spec: KernelSpec):
         for j in cutlass.range_constexpr(4):
             gj = P.round_bf16(gt[j])
             uj = P.round_bf16(up[j])
-            act = P.round_bf16(P.div_rn(gj, Float32(1.0) + P.exp_f32(-gj)))
+            act = P.round_bf16(P.div_exact(gj, Float32(1.0) + P.exp_f32(-gj)))
             h.append(P.round_bf16(act * uj))
         return quant_group(h[0], h[1], h[2], h[3])
 
@@ -465,13 +525,28 @@ def build_kernel(spec: KernelSpec):
                 g = u % G
                 q, scale = act_group(m, g, lane, ws, trace_tile + r, tid)
                 kk = g * 128 + lane * 4
-                P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
+                if cutlass.const_expr(QGMMA):
+                    # the wgmma B layout (see stage_fp8_acts): word w = lane % 4 of the 16-byte run of tq
+                    w = lane & 3
+                    P.sts_b32(sf + S_ACT + ((kk // 64) * 2 + w // 2) * P.WGMMA_B_STEP + (w % 2) * 128 + m * 16
+                              + 4 * ((lane & 15) >> 2), Int32(q))
+                else:
+                    P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
                 if lane == 0:
                     P.sts_f32(sf + S_AS + (m * G + g) * 4, scale)
-        for i in cutlass.range_constexpr(((8 - M) * I // 8 + THREADS - 1) // THREADS):  # zero rows M .. 7
-            v = tid + i * THREADS
-            if v < (8 - M) * I // 8:
-                P.sts_v4(sf + S_ACT + (M * I + v * 8) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        if cutlass.const_expr(QGMMA):
+            # zero rows M .. 7: 16 bytes per (k32 step, core matrix, row)
+            RZ = 8 - M
+            for i in cutlass.range_constexpr(((I // 32) * 2 * RZ + THREADS - 1) // THREADS):
+                v = tid + i * THREADS
+                if v < (I // 32) * 2 * RZ:
+                    P.sts_v4(sf + S_ACT + (v // (2 * RZ)) * P.WGMMA_B_STEP + ((v % (2 * RZ)) // RZ) * 128
+                             + (M + v % RZ) * 16, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        else:
+            for i in cutlass.range_constexpr(((8 - M) * I // 8 + THREADS - 1) // THREADS):  # zero rows M .. 7
+                v = tid + i * THREADS
+                if v < (8 - M) * I // 8:
+                    P.sts_v4(sf + S_ACT + (M * I + v * 8) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
         if tid < (8 - M) * G:
             P.sts_f32(sf + S_AS + (M * G + tid) * 4, Float32(0.0))
 
@@ -491,6 +566,8 @@ def build_kernel(spec: KernelSpec):
             stage_act_to_smem(ws, sf, tid, rt)
         else:
             stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
+        if cutlass.const_expr(QGMMA):
+            P.fence_proxy_async_smem()
         cute.arch.sync_threads()
         stamp(DOWN, 1, rt, ws, tid)
         outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,

@@ -477,6 +477,14 @@ def atom_add_relaxed_u64(addr: Int64, v: Int64) -> Int64:
 # and 5 * 10^6 random float pairs across exponents matched when this was written.)
 R448_HEX = "0d3F62492492492492"  # fl64(1 / 448)
 
+# A double-precision reciprocal from rcp.approx.ftz.f64 (relative error ~2^-20) and two Newton steps (error
+# squares each step: ~2^-40, then rounding-limited, < 2^-51) is branch-free; rounding fl64(a) * r to fp32 then
+# gives fl32(a / b) exactly for normal quotients (never within 2^-49 of an fp32 midpoint, see above).
+# tests/test_numerics.py checks the margins with the reciprocal perturbed by +-2^-51.
+_RCP64 = ("rcp.approx.ftz.f64 {r}, {b}; neg.f64 {n}, {b}; "
+          "fma.rn.f64 {e}, {n}, {r}, 0d3FF0000000000000; fma.rn.f64 {r}, {r}, {e}, {r}; "
+          "fma.rn.f64 {e}, {n}, {r}, 0d3FF0000000000000; fma.rn.f64 {r}, {r}, {e}, {r}; ")
+
 
 @cute.jit
 def div448(a: Float32) -> Float32:
@@ -490,9 +498,106 @@ def div448(a: Float32) -> Float32:
 def div4_by(s: Float32, x0: Float32, x1: Float32, x2: Float32, x3: Float32):
     """fl32(x_i / s) for four values and one divisor (results normal or zero: quantization to FP8 codes)."""
     return _asm([Float32] * 4, [s, x0, x1, x2, x3],
-                "{ .reg .f64 r, t0, t1, t2, t3; cvt.f64.f32 r, $4; rcp.rn.f64 r, r; "
-                "cvt.f64.f32 t0, $5; mul.rn.f64 t0, t0, r; cvt.rn.f32.f64 $0, t0; "
+                "{ .reg .f64 r, b, n, e, t0, t1, t2, t3; cvt.f64.f32 b, $4; " + _RCP64.format(r="r", b="b", n="n", e="e")
+                + "cvt.f64.f32 t0, $5; mul.rn.f64 t0, t0, r; cvt.rn.f32.f64 $0, t0; "
                 "cvt.f64.f32 t1, $6; mul.rn.f64 t1, t1, r; cvt.rn.f32.f64 $1, t1; "
                 "cvt.f64.f32 t2, $7; mul.rn.f64 t2, t2, r; cvt.rn.f32.f64 $2, t2; "
                 "cvt.f64.f32 t3, $8; mul.rn.f64 t3, t3, r; cvt.rn.f32.f64 $3, t3; }",
                 "=f,=f,=f,=f,f,f,f,f,f")
+
+
+# ---- FP8 tensor cores: warpgroup MMA (QGMMA in SASS) -------------------------------------------------------
+# wgmma m64n8k32 e4m3 x e4m3 -> f32 with the weights (64 rows, A) in registers straight from global memory and
+# the <= 8 tokens (B) in shared memory, described by a matrix descriptor. The four warps of a warpgroup issue it
+# together (rows 16 w .. 16 w + 15 for warp w of the group). A fragment per thread (g = lane / 4, tq = lane % 4):
+# a0 = row g, K 4tq..4tq+3; a1 = row g+8, same K; a2 = row g, K 16+4tq..; a3 = row g+8, K 16+4tq.. (4 e4m3 each).
+# D per thread: d0, d1 = row g, tokens 2tq, 2tq+1; d2, d3 = row g+8 (the mma.sync m16n8 accumulator layout).
+# B layout (no swizzle, K-major): two 8 x 16-byte core matrices (K 0-15 and K 16-31), 128 bytes apart (LBO).
+WGMMA_B_STEP = 256  # bytes of B per k32 step: 8 tokens x 32 K
+
+
+@cute.jit
+def wgmma_desc(saddr: Int32) -> Int64:
+    """Matrix descriptor of one k32 step of B at shared address saddr (16-byte aligned): start >> 4, LBO 128 B
+    (K-adjacent core matrices), SBO 256 B (unused with 8 tokens), no swizzle."""
+    return Int64((saddr >> 4) & 0x3FFF) | Int64((128 >> 4) << 16) | (Int64(256 >> 4) << 32)
+
+
+def wgmma_e4m3(a0, a1, a2, a3, desc, d, accumulate: bool):
+    """d (4 fp32) = A x B (+ d when accumulate). Asynchronous: d is valid after wgmma_commit + wgmma_wait."""
+    if accumulate:
+        return _asm([Float32] * 4, [d[0], d[1], d[2], d[3], a0, a1, a2, a3, desc],
+                    "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {$0, $1, $2, $3}, {$8, $9, $10, $11}, "
+                    "$12, 1, 1, 1;", "=f,=f,=f,=f,0,1,2,3,r,r,r,r,l", True)
+    return _asm([Float32] * 4, [a0, a1, a2, a3, desc],
+                "{ .reg .pred p; setp.ne.b32 p, 0, 0; wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 "
+                "{$0, $1, $2, $3}, {$4, $5, $6, $7}, $8, p, 1, 1; }", "=f,=f,=f,=f,r,r,r,r,l", True)
+
+
+def wgmma_fence():
+    """Before the first wgmma that reads registers written by ordinary instructions."""
+    _asm([], [], "wgmma.fence.sync.aligned;", "", True)
+
+
+def wgmma_commit():
+    _asm([], [], "wgmma.commit_group.sync.aligned;", "", True)
+
+
+def wgmma_wait(vals):
+    """Wait for every committed wgmma; vals (the accumulators, flat list of Float32) pass through the wait, so
+    nothing reads them before it."""
+    n = len(vals)
+    cons = ",".join(["=f"] * n + [str(i) for i in range(n)])
+    out = _asm([Float32] * n, list(vals), "wgmma.wait_group.sync.aligned 0;", cons, True)
+    return [out] if n == 1 else list(out)
+
+
+@cute.jit
+def fence_proxy_async_smem():
+    """Ordinary shared-memory stores -> visible to the async proxy (wgmma's B reads); then bar.sync."""
+    _asm([], [], "fence.proxy.async.shared::cta;", "", True)
+
+
+# ---- exact division and square root without IEEE subroutines (see _RCP64 above) -------------------------
+def div_exact(a: Float32, b: Float32) -> Float32:
+    """fl32(a / b) for finite b != 0 and a normal (or zero) quotient; b = +-inf gives a * 0 (as a / inf for
+    finite a). Branch-free (div.rn.f32 is a subroutine with a range check)."""
+    q = _asm([Float32], [a, b],
+             "{ .reg .f64 r, bd, n, e, ad; cvt.f64.f32 bd, $2; " + _RCP64.format(r="r", b="bd", n="n", e="e")
+             + "cvt.f64.f32 ad, $1; mul.rn.f64 ad, ad, r; cvt.rn.f32.f64 $0, ad; }", "=f,f,f")
+    return sel_f32(is_inf(b), a * Float32(0.0), q)
+
+
+@cute.jit
+def is_inf(x: Float32) -> Int32:
+    return _asm([Int32], [x], "{ .reg .pred p; testp.infinite.f32 p, $1; selp.s32 $0, 1, 0, p; }", "=r,f")
+
+
+def rms_rstd(tot: Float32, h: int, eps: float) -> Float32:
+    """fl32(1 / fl32(sqrt(fl32(fl32(tot / h) + eps)))) -- the IEEE chain div.rn, sqrt.rn, div.rn -- bit for bit,
+    branch-free: the division by the constant h as a double multiply by fl64(1 / h); the square root in double
+    (rsqrt.approx + two Newton steps + one residual correction: within ~1 ulp of double, while sqrt of an fp32
+    is never within 2^-51 of an fp32 midpoint); the reciprocal as in div_exact. v = +inf gives 0 (1 / inf)."""
+    v = _asm([Float32], [tot],
+             "{ .reg .f64 t; cvt.f64.f32 t, $1; mul.rn.f64 t, t, " + _f64_hex(1.0 / h) + "; cvt.rn.f32.f64 $0, t; }",
+             "=f,f") + Float32(eps)
+    r = _asm([Float32], [v],
+             "{ .reg .f64 vd, y, h, e, s, n, r; .reg .f32 sf; cvt.f64.f32 vd, $1; "
+             # y ~ 1 / sqrt(v): y <- y + y / 2 (1 - v y^2), twice
+             "rsqrt.approx.ftz.f64 y, vd; "
+             "mul.rn.f64 s, vd, y; neg.f64 s, s; fma.rn.f64 e, s, y, 0d3FF0000000000000; "
+             "mul.rn.f64 h, y, 0d3FE0000000000000; fma.rn.f64 y, h, e, y; "
+             "mul.rn.f64 s, vd, y; neg.f64 s, s; fma.rn.f64 e, s, y, 0d3FF0000000000000; "
+             "mul.rn.f64 h, y, 0d3FE0000000000000; fma.rn.f64 y, h, e, y; "
+             # s = v y ~ sqrt(v); s <- s + (v - s^2) y / 2
+             "mul.rn.f64 s, vd, y; neg.f64 n, s; fma.rn.f64 e, n, s, vd; mul.rn.f64 h, y, 0d3FE0000000000000; "
+             "fma.rn.f64 s, e, h, s; cvt.rn.f32.f64 sf, s; "
+             # 1 / fl32(sqrt(v))
+             "cvt.f64.f32 s, sf; " + _RCP64.format(r="r", b="s", n="n", e="e") + "cvt.rn.f32.f64 $0, r; }",
+             "=f,f")
+    return sel_f32(is_inf(v), Float32(0.0), r)
+
+
+def _f64_hex(x: float) -> str:
+    import struct
+    return "0d" + struct.pack(">d", x).hex().upper()

@@ -20,6 +20,7 @@ stream order, and with PDL the griddepcontrol.wait before the first ticket.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from ..config import QUANT_GROUP, PreambleConfig
@@ -81,6 +82,10 @@ class KernelSpec:
     # SiLU-and-mul + quantization inside every down task (no act stage, one dependency hop less), where the
     # gate_up partials each down task then reads stay small: inter x M <= 2048 (TP8, every M)
     fuse_act: bool = False
+    # FP8 GEMM instruction: "qgmma" = warpgroup MMA m64n8k32 on e4m3 (QGMMA in SASS; weights from registers, the
+    # tokens from shared memory); "hmma" = mma.sync m16n8k16 on exact f16 codes of the e4m3 values (the
+    # conversions cost issue slots). MEGAPRE_FP8_MMA selects it for builds and launches alike.
+    fp8_mma: str = "qgmma"
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
     trace: bool = False
 
@@ -92,7 +97,8 @@ class KernelSpec:
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
-                   down_rows=128 if inter <= 256 else 64, fuse_act=inter * m <= 2048, trace=trace)
+                   down_rows=128 if inter <= 256 else 64, fuse_act=inter * m <= 2048, trace=trace,
+                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
@@ -110,6 +116,11 @@ class KernelSpec:
             return f"hidden_size {h} does not split into the GEMM K chunks"
         if (2 * self.inter) % self.gu_rows or h % self.down_rows or self.inter % QUANT_GROUP:
             return f"shared intermediate {self.inter} does not tile"
+        if self.fp8_mma not in ("qgmma", "hmma"):
+            return f"MEGAPRE_FP8_MMA={self.fp8_mma!r} (qgmma or hmma)"
+        if self.fp8_mma == "qgmma" and (self.gu_rows % 64 or self.down_rows % 64 or any(
+                self.chunks_per_warp(r, k) % 2 for r, k in ((self.gu_rows, self.gu_kc), (self.down_rows, self.inter)))):
+            return "FP8 GEMM tiles are not whole 64-row warpgroup tiles of whole 128-K blocks per K group (qgmma)"
         if self.m * self.top_k > 64:
             return "more than 64 (token, expert) pairs"
         if self.n_tasks >= 1 << TILE_BITS:  # (every stage's tile count, and so every wait target, is below it)
@@ -132,6 +143,11 @@ class KernelSpec:
     @property
     def gu_kc(self) -> int:
         return self.hidden // self.gu_splits
+
+    @staticmethod
+    def chunks_per_warp(rows: int, kc: int) -> int:
+        """64-K chunks per warp of a GEMM task: warps = (rows / 16 row blocks) x (K groups)."""
+        return (kc // 64) // (WARPS // (rows // 16))
 
     def stage_tiles(self) -> dict[int, int]:
         return {
