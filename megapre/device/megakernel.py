@@ -77,7 +77,7 @@ def build_kernel(spec: KernelSpec):
     # made each task's norm take ~2 us instead of ~1.4, and the call got slower: 9.75 / 11.28 us at M = 1 / 2.)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def norm_values(m: Int32, c: Int32, w0: Uint32, w1: Uint32, hidden: Int64, residual: Int64, si: Int32,
+    def norm_values(m: Int32, c: Int32, sf: Int32, hidden: Int64, residual: Int64, si: Int32,
                     tid: Int32, trace_tile: Int32, ws: Int64):
         """Token m, this thread's 4 columns of chunk c: (residual out v0..v3, x0..x3), all threads of the CTA.
         Every chunk reads the whole row for the sum of squares (L2 serves the repeats); the sum is taken in a
@@ -114,6 +114,7 @@ def build_kernel(spec: KernelSpec):
         for i in cutlass.range_constexpr(NCHUNK):
             for j in cutlass.range_constexpr(4):
                 v[j] = P.sel_f32(c == i, mine[i][j], v[j])
+        w0, w1 = P.lds_v2(sf + S_ACT + tid * 8)  # this thread's norm weights (stage_norm)
         wa, wb = P.bf16x2_to_f32(w0)
         wc, wd = P.bf16x2_to_f32(w1)
         wv = [wa, wb, wc, wd]
@@ -133,7 +134,7 @@ def build_kernel(spec: KernelSpec):
 
     @cute.jit
     def stage_norm(tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
-                   o_as: Int64, ws: Int64, si: Int32, tid: Int32):
+                   o_as: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32):
         """Task (token m, chunk c of 1024 columns): residual out, x (bf16, workspace), a_q / a_scale."""
         m = tile // NCHUNK
         c = tile % NCHUNK
@@ -143,7 +144,11 @@ def build_kernel(spec: KernelSpec):
         # the norm weights are the only load from HBM here (a new weight set every layer): issue them first
         col = (c * WARPS + warp) * 128 + lane * 4
         w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
-        v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(m, c, w0, w1, hidden, residual, si, tid, tile, ws)
+        # ... and park them in shared memory: ptxas sinks a read-only (.nc) load that is only used after a
+        # bar.sync to below it, where its latency under the weight stream (~1 us at M = 1, 9411fc1's timeline)
+        # adds to the task; a shared store cannot cross the barrier, so the load stays up here
+        P.sts_v2(sf + S_ACT + tid * 8, w0, w1)
+        v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(m, c, sf, hidden, residual, si, tid, tile, ws)
         off = Int64(m * H + col) * 2
         P.st_v2(o_res + off, P.f32x2_to_bf16x2(v0, v1), P.f32x2_to_bf16x2(v2, v3))
         P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x0, x1), P.f32x2_to_bf16x2(x2, x3))
@@ -781,7 +786,7 @@ def build_kernel(spec: KernelSpec):
                   tid: Int32, waits: Int32):
         """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0."""
         if stage == NORM:
-            stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, si, tid)
+            stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, sf, si, tid)
         if stage == ROUTER:
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
