@@ -2,7 +2,7 @@
 # One call on the lent GPU machine runs everything that needs the GPU and leaves logs + JSON under $OUT:
 #   tests (GPU tests included), the benchmark table, and (when asked) the Nsight Systems profile.
 # Usage (from the repository root, on the GPU machine):
-#   bash scripts/gpu-check.sh [tests] [bench] [bench-hmma] [demo] [trace] [sass] [profile] [reliability]
+#   bash scripts/gpu-check.sh [tests] [bench] [bench-hmma] [ab] [demo] [trace] [sass] [profile] [reliability]
 # The GPU machine cannot install packages: megapre runs from the source tree (PYTHONPATH) with its torch,
 # triton and cuda-bindings; fused-kernel cubins come prebuilt in .megapre-cache/ (carried, see README).
 set -uo pipefail
@@ -25,6 +25,10 @@ for step in $steps; do
     bench-hmma)  # A/B of the FP8 GEMM instruction in the same run (needs MEGAPRE_FP8_MMA=hmma cubins carried)
       MEGAPRE_FP8_MMA=hmma python3 -m megapre bench --json "$OUT/bench-hmma.json" 2>&1 | tee "$OUT/bench-hmma.txt"
       rc=$(( rc | ${PIPESTATUS[0]} )) ;;
+    ab)  # the same bench at an older commit unpacked into .ab/ (git archive <sha> | tar -x -C .ab; build its cubins
+         # into this cache with MEGAPRE_CACHE), for an A/B on the same machine; carry .ab too
+      (cd .ab && MEGAPRE_CACHE="$OLDPWD/.megapre-cache" PYTHONPATH="$PWD" python3 -m megapre bench --json "$OUT/bench-ab.json") \
+        2>&1 | tee "$OUT/bench-ab.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     demo)
       python3 -m megapre demo 2>&1 | tee "$OUT/demo.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     profile)

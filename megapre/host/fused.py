@@ -6,8 +6,8 @@ queue does not need co-resident CTAs (a task only waits on tasks with lower tick
 CTAs). MEGAPRE_PDL=0 launches cooperatively instead (no overlap with the previous kernel).
 MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default: all for TP8, 64 for TP1; 0: none).
 
-Per (device, stream, spec) it keeps a workspace (ever-growing ticket and counters, split-K partials,
-intermediates) and the task table on the device, both made on the first call, which therefore must not be
+Per (device, stream, spec) it keeps a workspace (ever-growing ticket counter, two blocks of split-K partials
+and intermediates, see plan.py) and the task table on the device, both made on the first call, which therefore must not be
 inside a CUDA-graph capture (like Triton's JIT). Later calls allocate nothing and never synchronize.
 """
 from __future__ import annotations
@@ -57,17 +57,17 @@ def _raise_pending(device: torch.device) -> None:
     if rec is None or rec[0][0] == 0:
         return
     arr = rec[0]
-    task, stage, tile, ctr, seen, target = (arr[i] for i in range(6))
+    task, stage, tile, producer = (arr[i] for i in range(4))
     for i in range(ERR_INTS):
         arr[i] = 0
     for ws in [w for k, w in _workspaces.items() if k[1] == device.index]:
         ws[WS_ERROR * 4: WS_ERROR * 4 + 4].zero_()  # re-arm the first-failure flag
     name = STAGE_NAMES[stage] if 0 <= stage < len(STAGE_NAMES) else f"stage {stage}"
-    on = STAGE_NAMES[ctr] if 0 <= ctr < len(STAGE_NAMES) else f"counter {ctr}"
+    on = STAGE_NAMES[producer] if 0 <= producer < len(STAGE_NAMES) else f"stage {producer}"
     raise MegapreKernelError(
-        f"fused megakernel: task {task - 1} ({name}, tile {tile}) gave up waiting for '{on}' "
-        f"({seen} of {target} signals) on {torch.cuda.get_device_name(device)}; the outputs of that call are "
-        f"wrong. This means a broken task table or a CTA that could not run; please report it.")
+        f"fused megakernel: task {task - 1} ({name}, tile {tile}) gave up waiting for the data of the '{on}' "
+        f"tasks on {torch.cuda.get_device_name(device)}; the outputs of that call are wrong. This means a broken "
+        f"task table or a CTA that could not run; please report it.")
 
 
 def check_errors(device=None, synchronize: bool = True) -> None:
@@ -148,8 +148,17 @@ def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
             with torch.cuda.stream(stream):
                 ws = torch.zeros(spec.ws_layout()["total"], dtype=torch.uint8, device=device)
                 ws[WS_ERRPTR * 4: WS_ERRPTR * 4 + 8].view(torch.int64).fill_(err_dev)
+                fill_sentinel(spec, ws)
             _workspaces[key] = ws
     return ws, table
+
+
+def fill_sentinel(spec: KernelSpec, ws: torch.Tensor) -> None:
+    """Both data blocks of the workspace to the "not written yet" word (plan.py, the data-flag protocol); on
+    the current stream. The kernel keeps it so from launch to launch; only a fresh workspace, or one the stage
+    kernels (run_stages) wrote into, needs it."""
+    lay = spec.ws_layout()
+    ws[lay["data"]: lay["data"] + 2 * lay["data_bytes"]].fill_(0xFF)
 
 
 def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
@@ -190,7 +199,7 @@ def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: Prea
 def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
               out: PreambleOutput, trace: bool = False, _table: torch.Tensor | None = None) -> PreambleOutput:
     """One launch. trace=True runs the timeline-recording build of the kernel (see read_trace).
-    _table replaces the packed task table (tests plant a never-signalled wait with it)."""
+    _table replaces the packed task table (tests plant a task whose data never comes with it)."""
     cfg = weights.config
     m = hidden.shape[0]
     spec = KernelSpec.from_config(cfg, m, trace=trace)
@@ -236,6 +245,7 @@ def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) 
             continue
         kernel.launch(_kernel_args(manifest, hidden, residual, weights, out, ws, table, stage, 0), grid=tiles[stage],
                       stream=stream)
+    fill_sentinel(spec, ws)  # the stage kernels wrote intermediates into data block 0
     return out
 
 
