@@ -1,21 +1,24 @@
-"""Launch-setting sweep of the fused kernel (GPU machine): per-call time (bench's definition) with PDL on/off
-and the L2 weight prefetch shared by N CTAs. Usage: python3 scripts/sweep_fused.py [--json PATH]"""
+"""Launch-setting sweep of the fused kernel (GPU machine): per-call time (bench's definition) with PDL on/off,
+the L2 weight prefetch shared by N CTAs, and a delay before CTAs 3.. issue theirs. Usage: python3 scripts/sweep_fused.py [--json PATH]"""
 import json, os, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megapre
 from megapre.host import bench
 
-SETTINGS = [("1", "132"), ("1", "64"), ("1", "32"), ("1", "16"), ("1", "0"), ("0", "64"), ("0", "0")]
+# (PDL, prefetch CTAs, delay in ns before CTAs 3.. prefetch their weight slices)
+SETTINGS = [("1", "132", "0"), ("1", "64", "0"), ("1", "32", "0"), ("1", "0", "0"), ("1", "132", "300"),
+            ("1", "132", "600"), ("1", "132", "1200"), ("0", "64", "0"), ("0", "0", "0")]
 rows = []
 for shape, m in (("ep8", 1), ("ep8", 8), ("tp1", 1)):
     case = bench.Case.make(megapre.config.SHAPE_PRESETS[shape](), m, "cuda")
-    for pdl, pf in SETTINGS:
+    for pdl, pf, delay in SETTINGS:
         os.environ["MEGAPRE_PDL"] = pdl
         os.environ["MEGAPRE_PREFETCH_CTAS"] = pf
+        os.environ["MEGAPRE_PREFETCH_DELAY_NS"] = delay
         us = bench.time_graph(case, "fused")
-        rows.append(dict(shape=shape, m=m, pdl=pdl, prefetch_ctas=pf, us=us))
-        print(f"{shape} M={m} PDL={pdl} prefetch CTAs={pf:>4}: {us:6.2f} us/call", flush=True)
+        rows.append(dict(shape=shape, m=m, pdl=pdl, prefetch_ctas=pf, prefetch_delay_ns=delay, us=us))
+        print(f"{shape} M={m} PDL={pdl} prefetch CTAs={pf:>4} delay {delay:>4} ns: {us:6.2f} us/call", flush=True)
     del case
 print(f"device: {torch.cuda.get_device_name()}  commit: {bench.git_commit()}")
 if len(sys.argv) > 2 and sys.argv[1] == "--json":

@@ -18,7 +18,7 @@ i.e. while the previous kernel drains under programmatic dependent launch; 0 tur
 
 Dependencies (plan.py, the data-flag protocol): intermediates live in two data blocks of the workspace (launch
 parity), filled with a sentinel word before the launch that writes them; a consumer polls one word per producer
-task, then repeats every load of produced data until no word is the sentinel (wait_data, ld_ready_*). No
+task, then repeats every load of produced data until no word is the sentinel (wait_data, ld_if_* / ready_*). No
 counters, no release fences; at its end every CTA refills its slice of the other block. The ticket counter only
 grows, and a CTA derives its launch number from its first ticket.
 
@@ -335,7 +335,7 @@ def build_kernel(spec: KernelSpec):
 
     # ------------------------------------------------------------------------------------------------
     # waiting for a task's inputs (the data-flag protocol, plan.py): a few threads poll one word per producer
-    # task until it is not the sentinel, the CTA syncs, and then every load of produced data (ld_ready_*) is
+    # task until it is not the sentinel, the CTA syncs, and then every load of produced data (ld_if_* / ready_*) is
     # repeated until none of its words is the sentinel -- the polled word only says "about now"
     # ------------------------------------------------------------------------------------------------
     @cute.jit
@@ -370,46 +370,75 @@ def build_kernel(spec: KernelSpec):
         if v == -1 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
             gave_up(si)
 
+    # Produced data is loaded in two passes: every load of a batch is issued first (ld_if_*: one round trip for
+    # the batch), then each is checked and, only if a word is still the sentinel, reloaded until it is not
+    # (ready_*). A load that waited on the previous one's check would cost a round trip each (measured at
+    # ed014de: 14 such loads per lane made the route's logits take 2.7 us).
     @cute.jit
-    def ld_ready_v4(addr: Int64, ws: Int64, si: Int32):
-        a, b, c, d = P.ld_relaxed_v4(addr)
-        spins = Int32(0)
-        while P.any_sentinel4(a, b, c, d) != 0 and spins < SPIN_LIMIT:
-            P.nanosleep(20)
+    def ld_if_v4(cond: Int32, addr: Int64):
+        a, b, c, d = Uint32(0), Uint32(0), Uint32(0), Uint32(0)
+        if cond != 0:
             a, b, c, d = P.ld_relaxed_v4(addr)
-            spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
-        if P.any_sentinel4(a, b, c, d) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
-            gave_up(si)
         return a, b, c, d
 
     @cute.jit
-    def ld_ready_v4f(addr: Int64, ws: Int64, si: Int32):
-        a, b, c, d = ld_ready_v4(addr, ws, si)
-        return P.bits_f32(a), P.bits_f32(b), P.bits_f32(c), P.bits_f32(d)
+    def ready_v4(cond: Int32, addr: Int64, a: Uint32, b: Uint32, c: Uint32, d: Uint32, si: Int32):
+        if cond != 0:
+            spins = Int32(0)
+            while P.any_sentinel4(a, b, c, d) != 0 and spins < SPIN_LIMIT:
+                P.nanosleep(20)
+                a, b, c, d = P.ld_relaxed_v4(addr)
+                spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
+            if P.any_sentinel4(a, b, c, d) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
+                gave_up(si)
+        return a, b, c, d
 
     @cute.jit
-    def ld_ready_v2(addr: Int64, ws: Int64, si: Int32):
-        a, b = P.ld_relaxed_v2(addr)
-        spins = Int32(0)
-        while P.any_sentinel4(a, b, b, b) != 0 and spins < SPIN_LIMIT:
-            P.nanosleep(20)
+    def ld_if_v2(cond: Int32, addr: Int64):
+        a, b = Uint32(0), Uint32(0)
+        if cond != 0:
             a, b = P.ld_relaxed_v2(addr)
-            spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
-        if P.any_sentinel4(a, b, b, b) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
-            gave_up(si)
         return a, b
 
     @cute.jit
-    def ld_ready_f32(addr: Int64, ws: Int64, si: Int32) -> Float32:
-        v = P.ld_relaxed_b32(addr)
-        spins = Int32(0)
-        while v == -1 and spins < SPIN_LIMIT:
-            P.nanosleep(20)
-            v = P.ld_relaxed_b32(addr)
-            spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
-        if v == -1 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
-            gave_up(si)
-        return P.bits_f32(Uint32(v))
+    def ready_v2(cond: Int32, addr: Int64, a: Uint32, b: Uint32, si: Int32):
+        if cond != 0:
+            spins = Int32(0)
+            while P.any_sentinel4(a, b, b, b) != 0 and spins < SPIN_LIMIT:
+                P.nanosleep(20)
+                a, b = P.ld_relaxed_v2(addr)
+                spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
+            if P.any_sentinel4(a, b, b, b) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
+                gave_up(si)
+        return a, b
+
+    @cute.jit
+    def ld_if_b32(cond: Int32, addr: Int64) -> Uint32:
+        a = Uint32(0)
+        if cond != 0:
+            a = Uint32(P.ld_relaxed_b32(addr))
+        return a
+
+    @cute.jit
+    def ready_b32(cond: Int32, addr: Int64, a: Uint32, si: Int32) -> Uint32:
+        if cond != 0:
+            spins = Int32(0)
+            while P.any_sentinel4(a, a, a, a) != 0 and spins < SPIN_LIMIT:
+                P.nanosleep(20)
+                a = Uint32(P.ld_relaxed_b32(addr))
+                spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
+            if P.any_sentinel4(a, a, a, a) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
+                gave_up(si)
+        return a
+
+    def ld_batch_v4f(addrs, si):
+        """fp32 x 4 from each address: all loads issued, then checked (unconditional: every address valid)."""
+        raw = [P.ld_relaxed_v4(a) for a in addrs]
+        out = []
+        for a, (x0, x1, x2, x3) in zip(addrs, raw):
+            x0, x1, x2, x3 = ready_v4(Int32(1), a, x0, x1, x2, x3, si)
+            out.append((P.bits_f32(x0), P.bits_f32(x1), P.bits_f32(x2), P.bits_f32(x3)))
+        return out
 
     # what a task polls: one word per producer task (the last one it writes, for token 0 where per token)
     W_X, W_AS, W_RP, W_GU_ALL, W_GU_GROUP, W_HS = range(6)
@@ -483,16 +512,22 @@ def build_kernel(spec: KernelSpec):
         stamp(ROUTER, 0, tile, ws, tid)
         # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
         nvec = 8 * kc // 8
-        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+        NI = (nvec + THREADS - 1) // THREADS
+        vals = []
+        for i in cutlass.range_constexpr(NI):  # issue every load, then check each (ld_if_* / ready_*)
             v = tid + i * THREADS
+            m = v // (kc // 8)
+            ok = P.sel_i32(v < nvec, 1, 0) & P.sel_i32(m < M, 1, 0)
+            vals.append(ld_if_v4(ok, wd + OFF_X + Int64(m * H + k0 + (v % (kc // 8)) * 8) * 2))
+        for i in cutlass.range_constexpr(NI):
+            v = tid + i * THREADS
+            m = v // (kc // 8)
+            kk = (v % (kc // 8)) * 8
+            ok = P.sel_i32(v < nvec, 1, 0) & P.sel_i32(m < M, 1, 0)
+            u0, u1, u2, u3 = vals[i]
+            u0, u1, u2, u3 = ready_v4(ok, wd + OFF_X + Int64(m * H + k0 + kk) * 2, u0, u1, u2, u3, si)
             if v < nvec:
-                m = v // (kc // 8)
-                kk = (v % (kc // 8)) * 8
-                if m < M:
-                    u0, u1, u2, u3 = ld_ready_v4(wd + OFF_X + Int64(m * H + k0 + kk) * 2, ws, si)
-                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
-                else:
-                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+                P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
         cute.arch.sync_threads()
         stamp(ROUTER, 1, tile, ws, tid)
         outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
@@ -512,39 +547,47 @@ def build_kernel(spec: KernelSpec):
         layout (qgmma) or f16 codes (hmma, exact) -- and their per-128 scales, applied per chunk after the
         tensor-core products."""
         nvec = 8 * kc // 8
-        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+        NI = (nvec + THREADS - 1) // THREADS
+        nsc = 8 * (kc // 128)
+        NS = (nsc + THREADS - 1) // THREADS
+        # issue every load (codes, then scales), then check each (ld_if_* / ready_*)
+        vals = []
+        for i in cutlass.range_constexpr(NI):
             v = tid + i * THREADS
+            m = v // (kc // 8)
+            ok = P.sel_i32(v < nvec, 1, 0) & P.sel_i32(m < M, 1, 0)
+            vals.append(ld_if_v2(ok, src + Int64(m * ld_src + k0 + (v % (kc // 8)) * 8)))
+        scs = []
+        for i in cutlass.range_constexpr(NS):
+            v = tid + i * THREADS
+            m = v // (kc // 128)
+            ok = P.sel_i32(v < nsc, 1, 0) & P.sel_i32(m < M, 1, 0)
+            scs.append(ld_if_b32(ok, src_scale + Int64(m * ld_scale + k0 // 128 + v % (kc // 128)) * 4))
+        for i in cutlass.range_constexpr(NI):
+            v = tid + i * THREADS
+            m = v // (kc // 8)
+            kk = (v % (kc // 8)) * 8
+            ok = P.sel_i32(v < nvec, 1, 0) & P.sel_i32(m < M, 1, 0)
+            q0, q1 = vals[i]
+            q0, q1 = ready_v2(ok, src + Int64(m * ld_src + k0 + kk), q0, q1, si)
             if v < nvec:
-                m = v // (kc // 8)
-                kk = (v % (kc // 8)) * 8
                 if cutlass.const_expr(QGMMA):
                     # e4m3 bytes in the wgmma B layout (qgmma_consume): physical K kk .. kk + 7 of a 64-K chunk
                     # is K slots 4 tq .. of step t (bytes 0-3) and 16 + 4 tq .. (bytes 4-7, the next core matrix)
-                    q0 = Uint32(0)
-                    q1 = Uint32(0)
-                    if m < M:
-                        q0, q1 = ld_ready_v2(src + Int64(m * ld_src + k0 + kk), ws, si)
                     p = kk % 64
                     dst = sf + S_ACT + ((kk // 64) * 2 + (p % 16) // 8) * P.WGMMA_B_STEP + m * 16 + 4 * (p // 16)
                     P.sts_b32(dst, Int32(q0))
                     P.sts_b32(dst + 128, Int32(q1))
                 else:
-                    if m < M:
-                        q0, q1 = ld_ready_v2(src + Int64(m * ld_src + k0 + kk), ws, si)
-                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0),
-                                 P.e4m3x2_hi_to_f16x2(q0), P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
-                    else:
-                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
-        nsc = 8 * (kc // 128)
-        for i in cutlass.range_constexpr((nsc + THREADS - 1) // THREADS):
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0), P.e4m3x2_hi_to_f16x2(q0),
+                             P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
+        for i in cutlass.range_constexpr(NS):
             v = tid + i * THREADS
+            m = v // (kc // 128)
+            ok = P.sel_i32(v < nsc, 1, 0) & P.sel_i32(m < M, 1, 0)
+            a = ready_b32(ok, src_scale + Int64(m * ld_scale + k0 // 128 + v % (kc // 128)) * 4, scs[i], si)
             if v < nsc:
-                m = v // (kc // 128)
-                kb = v % (kc // 128)
-                sc = Float32(0.0)
-                if m < M:
-                    sc = ld_ready_f32(src_scale + Int64(m * ld_scale + k0 // 128 + kb) * 4, ws, si)
-                P.sts_f32(sf + S_AS + v * 4, sc)
+                P.sts_f32(sf + S_AS + v * 4, P.bits_f32(a))  # 0 (from ld_if) for rows past M
 
     @cute.jit
     def stage_gate_up(tile: Int32, w13: Int64, w13_s: Int64, ws: Int64, wd: Int64, sf: Int32, si: Int32, tid: Int32,
@@ -578,10 +621,11 @@ def build_kernel(spec: KernelSpec):
         c = g * 128 + lane * 4
         gt = [Float32(0.0)] * 4
         up = [Float32(0.0)] * 4
+        parts = ld_batch_v4f([wd + OFF_GU + Int64((s * M + m) * 2 * I + c + half * I) * 4
+                              for s in range(S.gu_splits) for half in range(2)], si)
         for s in cutlass.range_constexpr(S.gu_splits):
-            base = wd + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
-            a0, a1, a2, a3 = ld_ready_v4f(base, ws, si)
-            b0, b1, b2, b3 = ld_ready_v4f(base + I * 4, ws, si)
+            a0, a1, a2, a3 = parts[2 * s]
+            b0, b1, b2, b3 = parts[2 * s + 1]
             gt = [gt[0] + a0, gt[1] + a1, gt[2] + a2, gt[3] + a3]
             up = [up[0] + b0, up[1] + b1, up[2] + b2, up[3] + b3]
         stamp(ACT, 1, trace_tile, ws, tid)
@@ -705,9 +749,11 @@ def build_kernel(spec: KernelSpec):
         stamp(ROUTE, 0, Int32(0), ws, tid)
         if warp < M:
             lg = [Float32(0.0)] * EPL
+            parts = ld_batch_v4f([wd + OFF_RP + Int64((s * M + m) * E + e0 + 4 * v) * 4
+                                  for s in range(S.router_splits) for v in range(EPL // 4)], si)
             for s in cutlass.range_constexpr(S.router_splits):
                 for v in cutlass.range_constexpr(EPL // 4):
-                    a0, a1, a2, a3 = ld_ready_v4f(wd + OFF_RP + Int64((s * M + m) * E + e0 + 4 * v) * 4, ws, si)
+                    a0, a1, a2, a3 = parts[s * (EPL // 4) + v]
                     lg[4 * v] = lg[4 * v] + a0
                     lg[4 * v + 1] = lg[4 * v + 1] + a1
                     lg[4 * v + 2] = lg[4 * v + 2] + a2
@@ -898,7 +944,7 @@ def build_kernel(spec: KernelSpec):
                        w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64,
                        o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64,
                        o_ntpp: Int64, ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32,
-                       mode: Int32, prefetch_ctas: Int32):
+                       mode: Int32, prefetch_ctas: Int32, prefetch_delay: Int32):
         tid = cute.arch.thread_idx()[0]
         alloc = SmemAllocator()
         s_f = alloc.allocate_tensor(Float32, cute.make_layout(SF), byte_alignment=16)
@@ -931,6 +977,12 @@ def build_kernel(spec: KernelSpec):
                     P.prefetch_l2_bulk(hidden, Int32(M * H * 2))
                 if bid == 2 % prefetch_ctas:
                     P.prefetch_l2_bulk(residual, Int32(M * H * 2))
+                if bid >= 3:
+                    # (optionally) let the norm's inputs get ahead of the weight stream in the memory queues:
+                    # the norm weight comes from HBM and is on the critical path (scripts/sweep_fused.py)
+                    t_go = P.globaltimer() + Int64(prefetch_delay)
+                    while P.globaltimer() < t_go:
+                        pass
                 prefetch_slice(gate_w, E * H * 2, bid, prefetch_ctas)
                 prefetch_slice(w13, 2 * I * H, bid, prefetch_ctas)
                 prefetch_slice(w2, H * I, bid, prefetch_ctas)
@@ -1012,15 +1064,15 @@ def build_kernel(spec: KernelSpec):
                w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64,
                o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64,
                ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32, mode: Int32, prefetch_ctas: Int32,
-               grid: Int32):
+               prefetch_delay: Int32, grid: Int32):
         megapre_kernel(hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res, o_logits, o_w, o_ids,
                        o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws, tasks, n_tasks, first_local,
-                       mode, prefetch_ctas).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
+                       mode, prefetch_ctas, prefetch_delay).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
 
     return megapre_kernel, launch
 
 
 PARAMS = ("hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
           "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
-          "first_local", "mode", "prefetch_ctas")
-PARAM_TYPES = ("u64",) * 21 + ("s32",) * 4
+          "first_local", "mode", "prefetch_ctas", "prefetch_delay")
+PARAM_TYPES = ("u64",) * 21 + ("s32",) * 5

@@ -173,8 +173,14 @@ def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
     return num_sms if spec.inter <= 256 else min(64, num_sms)
 
 
+def _prefetch_delay_ns() -> int:
+    """MEGAPRE_PREFETCH_DELAY_NS: how long CTAs 3.. wait before their weight prefetch (CTAs 0-2 prefetch the
+    norm's inputs first). Default 0; scripts/sweep_fused.py measures other values."""
+    return max(0, int(os.environ.get("MEGAPRE_PREFETCH_DELAY_NS", "0")))
+
+
 def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: PreambleOutput, ws, table, mode: int,
-                 prefetch_ctas: int) -> tuple:
+                 prefetch_ctas: int, prefetch_delay: int = 0) -> tuple:
     """The kernel's arguments in the order its manifest lists them (megakernel.PARAMS at build time)."""
     tensors = {"hidden": hidden, "residual": residual, "norm_w": w.norm_weight, "gate_w": w.gate_weight,
                "bias": w.e_score_correction_bias, "w13": w.w13, "w13_s": w.w13_scale, "w2": w.w2,
@@ -188,7 +194,7 @@ def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: Prea
                    o_eids=out.expert_ids, o_ntpp=out.num_tokens_post_padded, ws=ws, tasks=table)
     values = {k: t.data_ptr() for k, t in tensors.items()}
     values.update(n_tasks=table.numel(), first_local=w.config.first_local_expert, mode=mode,
-                  prefetch_ctas=prefetch_ctas)
+                  prefetch_ctas=prefetch_ctas, prefetch_delay=prefetch_delay)
     try:
         return tuple(values[p] for p in manifest["params"])
     except KeyError as e:
@@ -216,7 +222,8 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
         if _table.numel() != spec.n_tasks:
             raise ValueError(f"_table has {_table.numel()} tasks, the kernel was built for {spec.n_tasks}")
         table = _table
-    args = _kernel_args(manifest, hidden, residual, weights, out, ws, table, -1, _prefetch_ctas(spec, kernel.num_sms))
+    args = _kernel_args(manifest, hidden, residual, weights, out, ws, table, -1, _prefetch_ctas(spec, kernel.num_sms),
+                        _prefetch_delay_ns())
     # The kernel reads the task table before griddepcontrol.wait: a table's first launch goes without PDL, so
     # the copy that uploaded it is surely complete (later launches find it long done).
     # (A planted _table is always launched without PDL.)
