@@ -42,6 +42,7 @@ from ..host.plan import (ACT, DOWN, GATE_UP, NORM, PHASE_SLOTS, ROUTE, ROUTER, T
 from . import primitives as P
 
 SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
+HOT_SPINS = 256  # polls without a sleep before backing off (backoff)
 NEG_INF = float("-inf")
 INT_MIN = -2147483648
 
@@ -360,11 +361,18 @@ def build_kernel(spec: KernelSpec):
                 P.st_sys_b32(rec, task + 1)
 
     @cute.jit
+    def backoff(spins: Int32):
+        """Between polls: spin hot for the first HOT_SPINS rounds (a word usually lands within a few hundred ns,
+        and nanosleep's granularity is coarser than that), then sleep, to keep long waits off the memory system."""
+        if spins >= HOT_SPINS:
+            P.nanosleep(100)
+
+    @cute.jit
     def poll_word(addr: Int64, ws: Int64, si: Int32):
         v = P.ld_relaxed_b32(addr)
         spins = Int32(0)
         while v == -1 and spins < SPIN_LIMIT:
-            P.nanosleep(20)
+            backoff(spins)
             v = P.ld_relaxed_b32(addr)
             spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
         if v == -1 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
@@ -386,7 +394,7 @@ def build_kernel(spec: KernelSpec):
         if cond != 0:
             spins = Int32(0)
             while P.any_sentinel4(a, b, c, d) != 0 and spins < SPIN_LIMIT:
-                P.nanosleep(20)
+                backoff(spins)
                 a, b, c, d = P.ld_relaxed_v4(addr)
                 spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
             if P.any_sentinel4(a, b, c, d) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
@@ -405,7 +413,7 @@ def build_kernel(spec: KernelSpec):
         if cond != 0:
             spins = Int32(0)
             while P.any_sentinel4(a, b, b, b) != 0 and spins < SPIN_LIMIT:
-                P.nanosleep(20)
+                backoff(spins)
                 a, b = P.ld_relaxed_v2(addr)
                 spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
             if P.any_sentinel4(a, b, b, b) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
@@ -424,7 +432,7 @@ def build_kernel(spec: KernelSpec):
         if cond != 0:
             spins = Int32(0)
             while P.any_sentinel4(a, a, a, a) != 0 and spins < SPIN_LIMIT:
-                P.nanosleep(20)
+                backoff(spins)
                 a = Uint32(P.ld_relaxed_b32(addr))
                 spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
             if P.any_sentinel4(a, a, a, a) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
