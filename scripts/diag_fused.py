@@ -52,7 +52,7 @@ for shape, cfgf in [("ep8r3", lambda: megapre.PreambleConfig.deepseek_v3_ep8(ep_
             except Exception:
                 print(shape, m, mode, "EXCEPTION", traceback.format_exc()[-1500:], flush=True)
                 torch.cuda.synchronize()
-# repeated launches: do the alternating data blocks stay consistent?
+# repeated launches: do the launch-relative counters stay consistent?
 cfg = megapre.PreambleConfig.deepseek_v3_ep8()
 w = megapre.PreambleWeights.random(cfg, 5, "cuda")
 h = torch.randn(4, 7168, device="cuda").bfloat16(); r = torch.randn(4, 7168, device="cuda").bfloat16()

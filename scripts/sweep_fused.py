@@ -7,22 +7,19 @@ import megapre
 from megapre.host import bench
 
 # (PDL, prefetch CTAs, delay in ns before CTAs 3.. prefetch their weight slices)
-# (PDL, prefetch CTAs, delay in ns before CTAs 3.. prefetch their weight slices, one CTA per SM)
-SETTINGS = [("1", "132", "0", "0"), ("1", "132", "0", "1"), ("1", "64", "0", "0"), ("1", "64", "0", "1"),
-            ("1", "0", "0", "0"), ("1", "132", "600", "0"), ("1", "132", "600", "1"), ("0", "64", "0", "0")]
+# (PDL, prefetch CTAs, delay in ns before CTAs 3.. prefetch their weight slices)
+SETTINGS = [("1", "132", "0"), ("1", "64", "0"), ("1", "0", "0"), ("1", "132", "300"), ("1", "132", "600"),
+            ("1", "132", "1200"), ("0", "64", "0")]
 rows = []
 for shape, m in (("ep8", 1), ("ep8", 2), ("ep8", 8), ("tp1", 1)):
     case = bench.Case.make(megapre.config.SHAPE_PRESETS[shape](), m, "cuda")
-    for pdl, pf, delay, one in SETTINGS:
+    for pdl, pf, delay in SETTINGS:
         os.environ["MEGAPRE_PDL"] = pdl
         os.environ["MEGAPRE_PREFETCH_CTAS"] = pf
         os.environ["MEGAPRE_PREFETCH_DELAY_NS"] = delay
-        os.environ["MEGAPRE_ONE_CTA_PER_SM"] = one
         us = bench.time_graph(case, "fused")
-        rows.append(dict(shape=shape, m=m, pdl=pdl, prefetch_ctas=pf, prefetch_delay_ns=delay, one_cta_per_sm=one,
-                         us=us))
-        print(f"{shape} M={m} PDL={pdl} prefetch CTAs={pf:>4} delay {delay:>4} ns one CTA/SM {one}: {us:6.2f} us/call",
-              flush=True)
+        rows.append(dict(shape=shape, m=m, pdl=pdl, prefetch_ctas=pf, prefetch_delay_ns=delay, us=us))
+        print(f"{shape} M={m} PDL={pdl} prefetch CTAs={pf:>4} delay {delay:>4} ns: {us:6.2f} us/call", flush=True)
     del case
 print(f"device: {torch.cuda.get_device_name()}  commit: {bench.git_commit()}")
 if len(sys.argv) > 2 and sys.argv[1] == "--json":

@@ -11,7 +11,7 @@ import torch
 
 import megapre
 from megapre.host import fused
-from megapre.host.plan import NORM, ROUTER, WS_HEAD, KernelSpec, pack_table, task_table
+from megapre.host.plan import N_COUNTERS, ROUTE, ROUTER, WS_COUNTERS, WS_HEAD, KernelSpec, pack_table, task_table
 from megapre.host.reference import reference
 
 from .compare import check_output
@@ -38,26 +38,29 @@ def _same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(_bits(a), _bits(b)))
 
 
-def test_planted_never_written_data_gives_up_and_the_next_call_raises():
-    """A task table without router tasks (norm tasks in their places, same length): the route task's data never
-    comes. The kernel must finish (bounded spin), record the failure, and the next megapre.run must raise naming
-    both stages. Then calls work again."""
+def test_planted_never_signalled_wait_gives_up_and_the_next_call_raises():
+    """A task table whose route task waits for signals that never come: the kernel must finish (bounded
+    spin), record the failure, and the next megapre.run must raise naming the stage. Then calls work again."""
     cfg = megapre.PreambleConfig.deepseek_v3_ep8()
     m = 2
     w, h, r = _setup(cfg, m)
     out = megapre.PreambleOutput.empty(cfg, m, "cuda")
     megapre.run(h, r, w, backend="fused", out=out)  # warm-up: workspace, table, error record
     spec = KernelSpec.from_config(cfg, m)
-    rows = [[NORM, 0, -1, 0, NORM] if r[0] == ROUTER else r for r in task_table(spec)]
+    rows = task_table(spec)
+    n_router = spec.stage_tiles()[ROUTER]
+    for row in rows:
+        if row[0] == ROUTE:
+            row[3] = n_router + 1000  # never reached
     bad = torch.tensor(pack_table(rows), dtype=torch.int32, device="cuda")
     torch.cuda.synchronize()
     t0 = time.time()
     fused.run_fused(h, r, w, out, _table=bad)
     torch.cuda.synchronize()
     took = time.time() - t0
-    print(f"launch with never-written data finished in {took:.2f} s")
+    print(f"launch with a never-signalled wait finished in {took:.2f} s")
     assert took < 60, "the bounded wait did not bound"
-    with pytest.raises(megapre.MegapreKernelError, match=r"route.*data of the 'router'"):
+    with pytest.raises(megapre.MegapreKernelError, match=r"route.*router.*of \d+ signals"):
         megapre.run(h, r, w, backend="fused", out=out)
     megapre.check_fused()  # the error was reported once and cleared
     out.poison()
@@ -66,10 +69,10 @@ def test_planted_never_written_data_gives_up_and_the_next_call_raises():
 
 
 @pytest.mark.parametrize("m", [1, 8])
-def test_launch_numbers_across_the_32_bit_wrap(m):
-    """The workspace is never reset: launch L derives L from its first ticket and uses data block L % 2, with
-    L kept mod 2^32 on the device. Start the ticket counter two launches before L wraps and check that every
-    call is still right, alternates data blocks, and takes exactly n_tasks + grid tickets."""
+def test_launch_counters_across_the_32_bit_wrap(m):
+    """The workspace is never reset: launch L waits for counters >= L * tiles + target in 32-bit wrapping
+    arithmetic. Start the workspace at a launch number where L * tiles crosses 2^32 and check that every call
+    is still right and takes exactly n_tasks + grid tickets."""
     cfg = megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=1)
     w, h, r = _setup(cfg, m, 5)
     out = megapre.PreambleOutput.empty(cfg, m, "cuda")
@@ -80,20 +83,20 @@ def test_launch_numbers_across_the_32_bit_wrap(m):
               and k[2] == torch.cuda.current_stream().cuda_stream)
     grid = torch.cuda.get_device_properties(0).multi_processor_count
     per_launch = spec.n_tasks + grid
-    launch_no = (1 << 32) - 2
+    tiles = spec.stage_tiles()
+    most = max(tiles.values())
+    launch_no = (1 << 32) // most - 1  # the busiest counter wraps during the next two launches
     ws[WS_HEAD * 4: WS_HEAD * 4 + 8].view(torch.int64).fill_(launch_no * per_launch)
-    fused.fill_sentinel(spec, ws)  # as a fresh workspace: the jump skipped the launches that keep the blocks
-    lay = spec.ws_layout()
+    ctr = ws[WS_COUNTERS * 4: (WS_COUNTERS + N_COUNTERS) * 4].view(torch.int32)
+    for c in range(N_COUNTERS):
+        v = (launch_no * tiles[c]) % (1 << 32)
+        ctr[c] = v - (1 << 32) if v >= 1 << 31 else v
     want = reference(h, r, w)
-    for i in range(4):
+    for _ in range(4):
         out.poison()
         megapre.run(h, r, w, backend="fused", out=out)
         torch.cuda.synchronize()
         check_output(out, want, w)
-        # this launch wrote block (L + i) % 2 and refilled the other one for the next launch
-        blocks = [ws[lay["data"] + b * lay["data_bytes"]: lay["data"] + (b + 1) * lay["data_bytes"]] for b in (0, 1)]
-        used = (launch_no + i) % 2
-        assert bool((blocks[1 - used] == 0xFF).all()) and not bool((blocks[used] == 0xFF).all())
     assert int(ws[WS_HEAD * 4: WS_HEAD * 4 + 8].view(torch.int64).item()) == (launch_no + 4) * per_launch
     megapre.check_fused()
 

@@ -1,4 +1,4 @@
-"""The persistent pre-amble kernel (CuTe DSL): one CTA per SM, a device-side task queue, data that flags itself.
+"""The persistent pre-amble kernel (CuTe DSL): one CTA per SM, a device-side task queue, dataflow counters.
 
 What it computes: every output of megapre.run for M <= 8 tokens (see megapre/host/plan.py for the task
 protocol and megapre/host/reference.py for the semantics). Stages, each a device function that the queue
@@ -6,27 +6,22 @@ loop dispatches to, and that ``mode >= 0`` runs alone (tile = blockIdx.x) for pe
 (mode -1: the full queue; the first ``prefetch_ctas`` CTAs ask L2 for the weights before griddepcontrol.wait,
 i.e. while the previous kernel drains under programmatic dependent launch; 0 turns that off):
 
-    norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale (out
-                                   and a workspace copy)
+    norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale
     router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
-    gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace; QGMMA)
+    gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace)
     route    (one task)            warp m: logits = sum of partials, sigmoid, grouped top-k, weights of token m;
                                    then the CTA: moe_align_block_size over the local experts
     act      (one task per 128 h)  TP1 only: gate_up = bf16(sum of partials); h = silu(gate) * up; FP8 of h
     down     (row tile)            (TP8: the act step first, into shared memory -- spec.fuse_act) then
                                    block-scaled FP8 h_q @ w2.T -> shared_out (bf16)
 
-Dependencies (plan.py, the data-flag protocol): intermediates live in two data blocks of the workspace (launch
-parity), filled with a sentinel word before the launch that writes them; a consumer polls one word per producer
-task, then repeats every load of produced data until no word is the sentinel (wait_data, ld_if_* / ready_*). No
-counters, no release fences; at its end every CTA refills its slice of the other block. The ticket counter only
-grows, and a CTA derives its launch number from its first ticket.
+Nothing is reset between launches: the ticket counter and the counters only grow, and a CTA derives its launch
+number from its first ticket (plan.py). Stages nobody waits on (route, down) signal nothing.
 
-GEMMs (M <= 8 makes them weight streams), "swap AB": the weights are the A operand straight from global memory
-into registers, the <= 8 tokens are B in shared memory. FP8: wgmma m64n8k32 e4m3 (QGMMA, qgmma_consume; 128-K
-blocks accumulate in the tensor core, scales fold in fp32); bf16 (router): mma.sync m16n8k16 (mma_consume).
-Split-K partials are added by the consumer in split order and K groups inside a task in warp order: no float
-atomics, bitwise-repeatable results.
+GEMMs (M <= 8 makes them weight streams): tensor-core mma.sync m16n8k16 with the weights as the 16-row A
+operand and the <= 8 tokens as B ("swap AB"), see mma_issue / mma_consume. Split-K partials are added by
+the consumer in split order and K groups inside a task in warp order: no float atomics, bitwise-repeatable
+results.
 
 Limits: M <= 8, 256 experts, hidden a multiple of 1024 (KernelSpec.unsupported says which shapes).
 """
@@ -37,12 +32,13 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
-from ..host.plan import (ACT, DOWN, GATE_UP, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS, TARGET_BITS,
-                         TILE_BITS, WARPS, WS_ERROR, WS_ERRPTR, WS_HEAD, KernelSpec)
+from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
+                         TARGET_BITS, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR, WS_HEAD,
+                         KernelSpec)
 from . import primitives as P
 
 SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
-HOT_SPINS = 256  # polls without a sleep before backing off (backoff)
+HOT_SPINS = 256  # polls without a sleep before backing off (nanosleep's granularity is coarser than a hop)
 NEG_INF = float("-inf")
 INT_MIN = -2147483648
 
@@ -53,10 +49,8 @@ def build_kernel(spec: KernelSpec):
     M, H, E, NG = S.m, S.hidden, S.experts, S.hidden_groups
     I = S.inter  # noqa: E741
     LAY = S.ws_layout()
-    # intermediates: offsets inside a data block (wd = its start for this launch's parity); trace: in ws
-    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS, OFF_AQ, OFF_AS = (
-        LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale", "a_q", "a_scale"))
-    DATA, DATA_BYTES, OFF_TR, OFF_PH = LAY["data"], LAY["data_bytes"], LAY["trace"], LAY["phases"]
+    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS, OFF_TR, OFF_PH = (
+        LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale", "trace", "phases"))
     QGMMA = S.fp8_mma == "qgmma"
     EPL = E // 32  # experts per lane in the top-k warp
     LPG = S.experts_per_group // EPL  # lanes per group
@@ -65,13 +59,11 @@ def build_kernel(spec: KernelSpec):
     NCHUNK = NG // WARPS  # norm tasks per token: one 128-group per warp
     SL = S.smem_layout()
     NT = S.n_tasks
-    TILES = S.stage_tiles()
-    QG = 128  # FP8 quantization group
+    WAITED = S.waited_counters()  # counters some task waits on; the other stages signal nothing
+    TILES = [S.stage_tiles()[c] for c in range(N_COUNTERS)]  # signals per launch on each counter
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
-    SI_GAVEUP = SI_TASK + 7  # set when a wait of this CTA gave up: its later waits in this launch do not spin
-    SI_FAILED = SI_TASK + 5  # a wait of the current task gave up: reported (give_up) at the task's end
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
     assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
     # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
@@ -143,9 +135,8 @@ def build_kernel(spec: KernelSpec):
 
     @cute.jit
     def stage_norm(tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
-                   o_as: Int64, ws: Int64, wd: Int64, sf: Int32, si: Int32, tid: Int32):
-        """Task (token m, chunk c of 1024 columns): residual out, x (bf16, workspace), a_q / a_scale (outputs, and
-        the gate_up GEMM's copy in the workspace)."""
+                   o_as: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32):
+        """Task (token m, chunk c of 1024 columns): residual out, x (bf16, workspace), a_q / a_scale."""
         m = tile // NCHUNK
         c = tile % NCHUNK
         warp = tid >> 5
@@ -161,12 +152,10 @@ def build_kernel(spec: KernelSpec):
         v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(m, c, sf, hidden, residual, si, tid, tile, ws)
         off = Int64(m * H + col) * 2
         P.st_v2(o_res + off, P.f32x2_to_bf16x2(v0, v1), P.f32x2_to_bf16x2(v2, v3))
-        P.st_relaxed_v2(wd + OFF_X + off, P.f32x2_to_bf16x2(x0, x1), P.f32x2_to_bf16x2(x2, x3))
+        P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x0, x1), P.f32x2_to_bf16x2(x2, x3))
         q, scale = quant_group(x0, x1, x2, x3)
-        P.st_relaxed_b32(wd + OFF_AQ + Int64(m * H + col), q)
         P.st_b32(o_aq + Int64(m * H + col), q)
         if lane == 0:
-            P.st_relaxed_f32(wd + OFF_AS + Int64(m * NG + c * WARPS + warp) * 4, scale)
             P.st_f32(o_as + Int64(m * NG + c * WARPS + warp) * 4, scale)
         stamp(NORM, 2, tile, ws, tid)
 
@@ -335,157 +324,44 @@ def build_kernel(spec: KernelSpec):
     B_DOWN = mma_batch(S.down_rows, S.inter, True)
 
     # ------------------------------------------------------------------------------------------------
-    # waiting for a task's inputs (the data-flag protocol, plan.py): a few threads poll one word per producer
-    # task until it is not the sentinel, the CTA syncs, and then every load of produced data (ld_if_* / ready_*) is
-    # repeated until none of its words is the sentinel -- the polled word only says "about now"
+    # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def gave_up(si: Int32):
-        """A producer's data never arrived (a bounded wait): this CTA stops spinning for the rest of the launch
-        (never hang the GPU); the task's end reports it (give_up)."""
-        P.sts_b32(si + SI_GAVEUP * 4, Int32(1))
-        P.sts_b32(si + SI_FAILED * 4, Int32(1))
-
-    @cute.jit
-    def give_up(ws: Int64, si: Int32):
-        """Record the launch's first failure in the workspace and in the host-mapped record that megapre.run
-        checks before its next launch."""
-        task = P.lds_b32(si + SI_TASK * 4)
-        if P.atom_cas(ws + WS_ERROR * 4, Int32(0), task + 1) == 0:
-            rec = P.ld_b64(ws + WS_ERRPTR * 4)
-            if rec != 0:
-                P.st_sys_b32(rec + 4, P.lds_b32(si + (SI_TASK + 1) * 4))
-                P.st_sys_b32(rec + 8, P.lds_b32(si + (SI_TASK + 2) * 4))
-                P.st_sys_b32(rec + 12, P.lds_b32(si + (SI_TASK + 3) * 4))
-                P.fence_sys()
-                P.st_sys_b32(rec, task + 1)
-
-    @cute.jit
-    def backoff(spins: Int32):
-        """Between polls: spin hot for the first HOT_SPINS rounds (a word usually lands within a few hundred ns,
-        and nanosleep's granularity is coarser than that), then sleep, to keep long waits off the memory system."""
-        if spins >= HOT_SPINS:
-            P.nanosleep(100)
-
-    @cute.jit
-    def poll_word(addr: Int64, ws: Int64, si: Int32):
-        v = P.ld_relaxed_b32(addr)
-        spins = Int32(0)
-        while v == -1 and spins < SPIN_LIMIT:
-            backoff(spins)
-            v = P.ld_relaxed_b32(addr)
-            spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
-        if v == -1 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
-            gave_up(si)
-
-    # Produced data is loaded in two passes: every load of a batch is issued first (ld_if_*: one round trip for
-    # the batch), then each is checked and, only if a word is still the sentinel, reloaded until it is not
-    # (ready_*). A load that waited on the previous one's check would cost a round trip each (measured at
-    # ed014de: 14 such loads per lane made the route's logits take 2.7 us).
-    @cute.jit
-    def ld_if_v4(cond: Int32, addr: Int64):
-        a, b, c, d = Uint32(0), Uint32(0), Uint32(0), Uint32(0)
-        if cond != 0:
-            a, b, c, d = P.ld_relaxed_v4(addr)
-        return a, b, c, d
-
-    @cute.jit
-    def ready_v4(cond: Int32, addr: Int64, a: Uint32, b: Uint32, c: Uint32, d: Uint32, si: Int32):
-        if cond != 0:
-            spins = Int32(0)
-            while P.any_sentinel4(a, b, c, d) != 0 and spins < SPIN_LIMIT:
-                backoff(spins)
-                a, b, c, d = P.ld_relaxed_v4(addr)
-                spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
-            if P.any_sentinel4(a, b, c, d) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
-                gave_up(si)
-        return a, b, c, d
-
-    @cute.jit
-    def ld_if_v2(cond: Int32, addr: Int64):
-        a, b = Uint32(0), Uint32(0)
-        if cond != 0:
-            a, b = P.ld_relaxed_v2(addr)
-        return a, b
-
-    @cute.jit
-    def ready_v2(cond: Int32, addr: Int64, a: Uint32, b: Uint32, si: Int32):
-        if cond != 0:
-            spins = Int32(0)
-            while P.any_sentinel4(a, b, b, b) != 0 and spins < SPIN_LIMIT:
-                backoff(spins)
-                a, b = P.ld_relaxed_v2(addr)
-                spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
-            if P.any_sentinel4(a, b, b, b) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
-                gave_up(si)
-        return a, b
-
-    @cute.jit
-    def ld_if_b32(cond: Int32, addr: Int64) -> Uint32:
-        a = Uint32(0)
-        if cond != 0:
-            a = Uint32(P.ld_relaxed_b32(addr))
-        return a
-
-    @cute.jit
-    def ready_b32(cond: Int32, addr: Int64, a: Uint32, si: Int32) -> Uint32:
-        if cond != 0:
-            spins = Int32(0)
-            while P.any_sentinel4(a, a, a, a) != 0 and spins < SPIN_LIMIT:
-                backoff(spins)
-                a = Uint32(P.ld_relaxed_b32(addr))
-                spins = spins + P.sel_i32(P.lds_b32(si + SI_GAVEUP * 4) != 0, SPIN_LIMIT, 1)
-            if P.any_sentinel4(a, a, a, a) != 0 and P.lds_b32(si + SI_GAVEUP * 4) == 0:
-                gave_up(si)
-        return a
-
-    def ld_batch_v4f(addrs, si):
-        """fp32 x 4 from each address: all loads issued, then checked (unconditional: every address valid)."""
-        raw = [P.ld_relaxed_v4(a) for a in addrs]
-        out = []
-        for a, (x0, x1, x2, x3) in zip(addrs, raw):
-            x0, x1, x2, x3 = ready_v4(Int32(1), a, x0, x1, x2, x3, si)
-            out.append((P.bits_f32(x0), P.bits_f32(x1), P.bits_f32(x2), P.bits_f32(x3)))
-        return out
-
-    # what a task polls: one word per producer task (the last one it writes, for token 0 where per token)
-    W_X, W_AS, W_RP, W_GU_ALL, W_GU_GROUP, W_HS = range(6)
-    GU_TILES_PER_GROUP = QG // S.gu_rows  # gate_up row tiles per 128 columns of gate (or of up)
-
-    @cute.jit
-    def producer_word(kind: cutlass.Constexpr, idx: Int32, wd: Int64, arg: Int32) -> Int64:
-        addr = wd
-        if cutlass.const_expr(kind == W_X):  # idx = token, arg = k0: norm task (token, chunk k0 / 1024)
-            addr = wd + OFF_X + Int64(idx * H + arg + S.router_kc - 2) * 2
-        if cutlass.const_expr(kind == W_AS):  # idx = token, arg = k0: its last 128-group's scale
-            addr = wd + OFF_AS + Int64(idx * NG + (arg + S.gu_kc) // QG - 1) * 4
-        if cutlass.const_expr(kind == W_RP):  # idx = router task
-            addr = wd + OFF_RP + Int64((idx % S.router_splits) * M * E + (idx // S.router_splits) * S.router_rows
-                                       + S.router_rows - 1) * 4
-        if cutlass.const_expr(kind == W_GU_ALL):  # idx = gate_up task
-            addr = wd + OFF_GU + Int64((idx % S.gu_splits) * M * 2 * I + (idx // S.gu_splits) * S.gu_rows
-                                       + S.gu_rows - 1) * 4
-        if cutlass.const_expr(kind == W_GU_GROUP):  # idx = (gate or up, row tile in the group, split), arg = group
-            q = idx // S.gu_splits
-            rowtile = ((q // GU_TILES_PER_GROUP) * I + arg * QG) // S.gu_rows + q % GU_TILES_PER_GROUP
-            addr = wd + OFF_GU + Int64((idx % S.gu_splits) * M * 2 * I + rowtile * S.gu_rows + S.gu_rows - 1) * 4
-        if cutlass.const_expr(kind == W_HS):  # idx = act task (h group): token 0's scale
-            addr = wd + OFF_HS + Int64(idx) * 4
-        return addr
-
-    @cute.jit
-    def wait_data(waits: Int32, n_words: cutlass.Constexpr, kind: cutlass.Constexpr, wd: Int64, arg: Int32,
-                  ws: Int64, si: Int32, tid: Int32):
-        """Threads 0 .. n_words - 1 each poll one producer word, then the CTA syncs. waits == 0 (a stage run as
-        its own kernel, after the kernel of its producers): the data is there already."""
-        if waits != 0:
-            for j in cutlass.range_constexpr((n_words + THREADS - 1) // THREADS):
-                if tid + j * THREADS < n_words:
-                    poll_word(producer_word(kind, tid + j * THREADS, wd, arg), ws, si)
-        cute.arch.sync_threads()
-        if cutlass.const_expr(S.trace):
-            if waits != 0 and tid == 0:
+    def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
+        if waits != 0 and tid == 0:
+            wc = P.lds_b32(si + (SI_TASK + 3) * 4)
+            target = P.lds_b32(si + (SI_TASK + 4) * 4)
+            if wc >= 0:
+                addr = ws + WS_COUNTERS * 4 + Int64(wc) * 4
+                # the counter holds (earlier launches) x (its stage's tiles) + this launch's signals
+                per_launch = Int32(0)
+                for c in cutlass.range_constexpr(N_COUNTERS):
+                    per_launch = per_launch + P.sel_i32(wc == c, Int32(TILES[c]), 0)
+                base = P.lds_b32(si + (SI_TASK + 6) * 4) * per_launch
+                seen = P.ld_acquire(addr) - base
+                spins = Int32(0)
+                while seen < target and spins < SPIN_LIMIT:
+                    if spins >= HOT_SPINS:
+                        P.nanosleep(100)
+                    seen = P.ld_acquire(addr) - base
+                    spins = spins + 1
+                if seen < target:
+                    # A dependency never arrived: give up (never hang the GPU), record the first failure in the
+                    # workspace and in the host-mapped record that megapre.run checks before its next launch.
+                    task = P.lds_b32(si + SI_TASK * 4)
+                    if P.atom_cas(ws + WS_ERROR * 4, Int32(0), task + 1) == 0:
+                        rec = P.ld_b64(ws + WS_ERRPTR * 4)
+                        if rec != 0:
+                            P.st_sys_b32(rec + 4, P.lds_b32(si + (SI_TASK + 1) * 4))
+                            P.st_sys_b32(rec + 8, P.lds_b32(si + (SI_TASK + 2) * 4))
+                            P.st_sys_b32(rec + 12, wc)
+                            P.st_sys_b32(rec + 16, seen)
+                            P.st_sys_b32(rec + 20, target)
+                            P.fence_sys()
+                            P.st_sys_b32(rec, task + 1)
+            if cutlass.const_expr(S.trace):
                 P.st_u64(ws + OFF_TR + Int64(P.lds_b32(si + SI_TASK * 4)) * (TRACE_INTS * 8) + 16, P.globaltimer())
+        cute.arch.sync_threads()
 
     @cute.jit
     def stamp(stage: cutlass.Constexpr, slot: cutlass.Constexpr, tile: Int32, ws: Int64, tid: Int32):
@@ -510,32 +386,25 @@ def build_kernel(spec: KernelSpec):
     # stage: router GEMM partials (bf16 x bf16 -> fp32)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_router(tile: Int32, gate_w: Int64, ws: Int64, wd: Int64, sf: Int32, si: Int32, tid: Int32,
-                     waits: Int32):
+    def stage_router(tile: Int32, gate_w: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
         warp, lane = tid >> 5, tid & 31
         kc = S.router_kc
         split, k0, row_base = split_k_tile(tile, S.router_splits, kc, S.router_rows)
         raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
-        wait_data(waits, M, W_X, wd, k0, ws, si, tid)  # norm tasks (m, this K split)
+        wait_ready(waits, ws, si, tid)
         stamp(ROUTER, 0, tile, ws, tid)
         # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
         nvec = 8 * kc // 8
-        NI = (nvec + THREADS - 1) // THREADS
-        vals = []
-        for i in cutlass.range_constexpr(NI):  # issue every load, then check each (ld_if_* / ready_*)
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
             v = tid + i * THREADS
-            m = v // (kc // 8)
-            ok = P.sel_i32(v < nvec, 1, 0) & P.sel_i32(m < M, 1, 0)
-            vals.append(ld_if_v4(ok, wd + OFF_X + Int64(m * H + k0 + (v % (kc // 8)) * 8) * 2))
-        for i in cutlass.range_constexpr(NI):
-            v = tid + i * THREADS
-            m = v // (kc // 8)
-            kk = (v % (kc // 8)) * 8
-            ok = P.sel_i32(v < nvec, 1, 0) & P.sel_i32(m < M, 1, 0)
-            u0, u1, u2, u3 = vals[i]
-            u0, u1, u2, u3 = ready_v4(ok, wd + OFF_X + Int64(m * H + k0 + kk) * 2, u0, u1, u2, u3, si)
             if v < nvec:
-                P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
+                m = v // (kc // 8)
+                kk = (v % (kc // 8)) * 8
+                if m < M:
+                    u0, u1, u2, u3 = P.ld_cg_v4(ws + OFF_X + Int64(m * H + k0 + kk) * 2)
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
+                else:
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
         cute.arch.sync_threads()
         stamp(ROUTER, 1, tile, ws, tid)
         outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
@@ -543,70 +412,62 @@ def build_kernel(spec: KernelSpec):
         stamp(ROUTER, 2, tile, ws, tid)
         for r, n, val in outs:
             if n < M:
-                P.st_relaxed_f32(wd + OFF_RP + Int64((split * M + n) * E + row_base + r) * 4, val)
+                P.st_f32(ws + OFF_RP + Int64((split * M + n) * E + row_base + r) * 4, val)
 
     # ------------------------------------------------------------------------------------------------
     # stage: shared expert gate_up GEMM partials (block-scaled FP8)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
     def stage_fp8_acts(src: Int64, src_scale: Int64, ld_src: cutlass.Constexpr, ld_scale: cutlass.Constexpr,
-                       k0: Int32, kc: cutlass.Constexpr, ws: Int64, sf: Int32, si: Int32, tid: Int32):
+                       k0: Int32, kc: cutlass.Constexpr, sf: Int32, tid: Int32):
         """Stage FP8 activations src[m, k0:k0+kc] for 8 token rows (zeros past M) -- e4m3 bytes in the wgmma B
         layout (qgmma) or f16 codes (hmma, exact) -- and their per-128 scales, applied per chunk after the
         tensor-core products."""
         nvec = 8 * kc // 8
-        NI = (nvec + THREADS - 1) // THREADS
-        nsc = 8 * (kc // 128)
-        NS = (nsc + THREADS - 1) // THREADS
-        # issue every load (codes, then scales), then check each (ld_if_* / ready_*)
-        vals = []
-        for i in cutlass.range_constexpr(NI):
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
             v = tid + i * THREADS
-            m = v // (kc // 8)
-            ok = P.sel_i32(v < nvec, 1, 0) & P.sel_i32(m < M, 1, 0)
-            vals.append(ld_if_v2(ok, src + Int64(m * ld_src + k0 + (v % (kc // 8)) * 8)))
-        scs = []
-        for i in cutlass.range_constexpr(NS):
-            v = tid + i * THREADS
-            m = v // (kc // 128)
-            ok = P.sel_i32(v < nsc, 1, 0) & P.sel_i32(m < M, 1, 0)
-            scs.append(ld_if_b32(ok, src_scale + Int64(m * ld_scale + k0 // 128 + v % (kc // 128)) * 4))
-        for i in cutlass.range_constexpr(NI):
-            v = tid + i * THREADS
-            m = v // (kc // 8)
-            kk = (v % (kc // 8)) * 8
-            ok = P.sel_i32(v < nvec, 1, 0) & P.sel_i32(m < M, 1, 0)
-            q0, q1 = vals[i]
-            q0, q1 = ready_v2(ok, src + Int64(m * ld_src + k0 + kk), q0, q1, si)
             if v < nvec:
+                m = v // (kc // 8)
+                kk = (v % (kc // 8)) * 8
                 if cutlass.const_expr(QGMMA):
                     # e4m3 bytes in the wgmma B layout (qgmma_consume): physical K kk .. kk + 7 of a 64-K chunk
                     # is K slots 4 tq .. of step t (bytes 0-3) and 16 + 4 tq .. (bytes 4-7, the next core matrix)
+                    q0 = Uint32(0)
+                    q1 = Uint32(0)
+                    if m < M:
+                        q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
                     p = kk % 64
                     dst = sf + S_ACT + ((kk // 64) * 2 + (p % 16) // 8) * P.WGMMA_B_STEP + m * 16 + 4 * (p // 16)
                     P.sts_b32(dst, Int32(q0))
                     P.sts_b32(dst + 128, Int32(q1))
                 else:
-                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0), P.e4m3x2_hi_to_f16x2(q0),
-                             P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
-        for i in cutlass.range_constexpr(NS):
+                    if m < M:
+                        q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
+                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0),
+                                 P.e4m3x2_hi_to_f16x2(q0), P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
+                    else:
+                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        nsc = 8 * (kc // 128)
+        for i in cutlass.range_constexpr((nsc + THREADS - 1) // THREADS):
             v = tid + i * THREADS
-            m = v // (kc // 128)
-            ok = P.sel_i32(v < nsc, 1, 0) & P.sel_i32(m < M, 1, 0)
-            a = ready_b32(ok, src_scale + Int64(m * ld_scale + k0 // 128 + v % (kc // 128)) * 4, scs[i], si)
             if v < nsc:
-                P.sts_f32(sf + S_AS + v * 4, P.bits_f32(a))  # 0 (from ld_if) for rows past M
+                m = v // (kc // 128)
+                kb = v % (kc // 128)
+                sc = Float32(0.0)
+                if m < M:
+                    sc = P.ld_cg_f32(src_scale + Int64(m * ld_scale + k0 // 128 + kb) * 4)
+                P.sts_f32(sf + S_AS + v * 4, sc)
 
     @cute.jit
-    def stage_gate_up(tile: Int32, w13: Int64, w13_s: Int64, ws: Int64, wd: Int64, sf: Int32, si: Int32, tid: Int32,
-                      waits: Int32):
+    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
+                      si: Int32, tid: Int32, waits: Int32):
         warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
         raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
-        wait_data(waits, M, W_AS, wd, k0, ws, si, tid)  # norm tasks (m, this K split)
+        wait_ready(waits, ws, si, tid)
         stamp(GATE_UP, 0, tile, ws, tid)
-        stage_fp8_acts(wd + OFF_AQ, wd + OFF_AS, H, NG, k0, kc, ws, sf, si, tid)
+        stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
         cute.arch.sync_threads()
@@ -616,24 +477,23 @@ def build_kernel(spec: KernelSpec):
         stamp(GATE_UP, 2, tile, ws, tid)
         for r, n, val in outs:
             if n < M:
-                P.st_relaxed_f32(wd + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
+                P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
 
     # ------------------------------------------------------------------------------------------------
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def act_group(m: Int32, g: Int32, lane: Int32, ws: Int64, wd: Int64, si: Int32, trace_tile: Int32, tid: Int32):
+    def act_group(m: Int32, g: Int32, lane: Int32, ws: Int64, trace_tile: Int32, tid: Int32):
         """One warp: token m, h columns g*128 .. g*128+127 (4 per lane) = bf16(sum of the gate_up partials in
         split order), SiLU-and-mul with vLLM's bf16 roundings, FP8 quantization with the group's scale.
         Returns (4 e4m3 codes packed, scale)."""
         c = g * 128 + lane * 4
         gt = [Float32(0.0)] * 4
         up = [Float32(0.0)] * 4
-        parts = ld_batch_v4f([wd + OFF_GU + Int64((s * M + m) * 2 * I + c + half * I) * 4
-                              for s in range(S.gu_splits) for half in range(2)], si)
         for s in cutlass.range_constexpr(S.gu_splits):
-            a0, a1, a2, a3 = parts[2 * s]
-            b0, b1, b2, b3 = parts[2 * s + 1]
+            base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
+            a0, a1, a2, a3 = P.ld_cg_v4f(base)
+            b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
             gt = [gt[0] + a0, gt[1] + a1, gt[2] + a2, gt[3] + a3]
             up = [up[0] + b0, up[1] + b1, up[2] + b2, up[3] + b3]
         stamp(ACT, 1, trace_tile, ws, tid)
@@ -646,21 +506,20 @@ def build_kernel(spec: KernelSpec):
         return quant_group(h[0], h[1], h[2], h[3])
 
     @cute.jit
-    def stage_act(g: Int32, ws: Int64, wd: Int64, si: Int32, tid: Int32, waits: Int32):
+    def stage_act(g: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
         m = tid >> 5
         lane = tid & 31
-        # the gate_up tasks of this group's gate and up columns, every K split
-        wait_data(waits, 2 * GU_TILES_PER_GROUP * S.gu_splits, W_GU_GROUP, wd, g, ws, si, tid)
+        wait_ready(waits, ws, si, tid)
         stamp(ACT, 0, g, ws, tid)
         if m < M:
-            q, scale = act_group(m, g, lane, ws, wd, si, g, tid)
-            P.st_relaxed_b32(wd + OFF_HQ + Int64(m * I + g * 128 + lane * 4), q)
+            q, scale = act_group(m, g, lane, ws, g, tid)
+            P.st_b32(ws + OFF_HQ + Int64(m * I + g * 128 + lane * 4), q)
             if lane == 0:
-                P.st_relaxed_f32(wd + OFF_HS + Int64(m * (I // 128) + g) * 4, scale)
+                P.st_f32(ws + OFF_HS + Int64(m * (I // 128) + g) * 4, scale)
         stamp(ACT, 2, g, ws, tid)
 
     @cute.jit
-    def stage_act_to_smem(ws: Int64, wd: Int64, sf: Int32, si: Int32, tid: Int32, trace_tile: Int32):
+    def stage_act_to_smem(ws: Int64, sf: Int32, tid: Int32, trace_tile: Int32):
         """Fused act (S.fuse_act): the down task computes h itself, warp u = (token u // G, group u % G), and
         stages it for the down GEMM as stage_fp8_acts would have from h_q / h_scale (rows past M zero)."""
         G = I // 128
@@ -671,7 +530,7 @@ def build_kernel(spec: KernelSpec):
             if u < M * G:
                 m = u // G
                 g = u % G
-                q, scale = act_group(m, g, lane, ws, wd, si, trace_tile + r, tid)
+                q, scale = act_group(m, g, lane, ws, trace_tile + r, tid)
                 kk = g * 128 + lane * 4
                 if cutlass.const_expr(QGMMA):
                     # the wgmma B layout (see stage_fp8_acts): word w = lane % 4 of the 16-byte run of tq
@@ -702,21 +561,18 @@ def build_kernel(spec: KernelSpec):
     # stage: shared expert down GEMM (block-scaled FP8) -> shared_out bf16
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_down(rt: Int32, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, wd: Int64, sf: Int32, si: Int32,
-                   tid: Int32, waits: Int32):
+    def stage_down(rt: Int32, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32,
+                   waits: Int32):
         warp = tid >> 5
         lane = tid & 31
         row_base = rt * S.down_rows
         raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
-        if cutlass.const_expr(S.fuse_act):
-            wait_data(waits, TILES[GATE_UP], W_GU_ALL, wd, Int32(0), ws, si, tid)  # every gate_up task
-        else:
-            wait_data(waits, I // QG, W_HS, wd, Int32(0), ws, si, tid)  # every act task
+        wait_ready(waits, ws, si, tid)
         stamp(DOWN, 0, rt, ws, tid)
         if cutlass.const_expr(S.fuse_act):
-            stage_act_to_smem(ws, wd, sf, si, tid, rt)
+            stage_act_to_smem(ws, sf, tid, rt)
         else:
-            stage_fp8_acts(wd + OFF_HQ, wd + OFF_HS, I, I // 128, Int32(0), I, ws, sf, si, tid)
+            stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()
         cute.arch.sync_threads()
@@ -733,7 +589,7 @@ def build_kernel(spec: KernelSpec):
     # ------------------------------------------------------------------------------------------------
     @cute.jit
     def stage_route(bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, o_sorted: Int64, o_eids: Int64,
-                    o_ntpp: Int64, first_local: Int32, ws: Int64, wd: Int64, si: Int32, tid: Int32, waits: Int32):
+                    o_ntpp: Int64, first_local: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
         """Routing in one task: warp m scores token m (sigmoid, grouped top-k, weights), then the whole CTA
         sorts the (token, expert) pairs for the fused MoE (moe_align_block_size). One hop instead of two."""
         warp = tid >> 5
@@ -753,15 +609,13 @@ def build_kernel(spec: KernelSpec):
         for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):  # -1: blocks past the end
             if tid + i * THREADS < S.max_blocks:
                 P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
-        wait_data(waits, TILES[ROUTER], W_RP, wd, Int32(0), ws, si, tid)  # every router task
+        wait_ready(waits, ws, si, tid)
         stamp(ROUTE, 0, Int32(0), ws, tid)
         if warp < M:
             lg = [Float32(0.0)] * EPL
-            parts = ld_batch_v4f([wd + OFF_RP + Int64((s * M + m) * E + e0 + 4 * v) * 4
-                                  for s in range(S.router_splits) for v in range(EPL // 4)], si)
             for s in cutlass.range_constexpr(S.router_splits):
                 for v in cutlass.range_constexpr(EPL // 4):
-                    a0, a1, a2, a3 = parts[s * (EPL // 4) + v]
+                    a0, a1, a2, a3 = P.ld_cg_v4f(ws + OFF_RP + Int64((s * M + m) * E + e0 + 4 * v) * 4)
                     lg[4 * v] = lg[4 * v] + a0
                     lg[4 * v + 1] = lg[4 * v + 1] + a1
                     lg[4 * v + 2] = lg[4 * v + 2] + a2
@@ -930,22 +784,21 @@ def build_kernel(spec: KernelSpec):
     def run_stage(stage: Int32, tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64,
                   bias: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64,
                   o_w: Int64, o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64,
-                  o_eids: Int64, o_ntpp: Int64, ws: Int64, wd: Int64, first_local: Int32, sf: Int32, si: Int32,
+                  o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32,
                   tid: Int32, waits: Int32):
-        """Each stage issues its dependency-free loads, then waits for its inputs (wait_data) when waits != 0.
-        wd: the data block of this launch's parity."""
+        """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0."""
         if stage == NORM:
-            stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, wd, sf, si, tid)
+            stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, sf, si, tid)
         if stage == ROUTER:
-            stage_router(tile, gate_w, ws, wd, sf, si, tid, waits)
+            stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, w13, w13_s, ws, wd, sf, si, tid, waits)
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
-            stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, wd, si, tid, waits)
+            stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:
-            stage_act(tile, ws, wd, si, tid, waits)
+            stage_act(tile, ws, si, tid, waits)
         if stage == DOWN:
-            stage_down(tile, w2, w2_s, o_shared, ws, wd, sf, si, tid, waits)
+            stage_down(tile, w2, w2_s, o_shared, ws, sf, si, tid, waits)
 
     @cute.kernel
     def megapre_kernel(hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64, bias: Int64, w13: Int64,
@@ -961,12 +814,12 @@ def build_kernel(spec: KernelSpec):
         sf = Int32(s_f.iterator.toint())
         si = Int32(s_i.iterator.toint())
         st = Int32(s_t.iterator.toint())
+        ctr = ws + WS_COUNTERS * 4
         if mode >= 0:
-            # one stage as its own small kernel: tile = blockIdx.x, no queue, no waits, data block 0 (the host
-            # refills the blocks with the sentinel afterwards)
+            # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
             run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                      ws + DATA, first_local, sf, si, tid, Int32(0))
+                      first_local, sf, si, tid, Int32(0))
         else:
             # PDL: the next kernel in the stream may be scheduled now; its CTAs take the SMs ours leave (one CTA
             # per SM fits) and start their weight prefetch while our last tasks run.
@@ -986,8 +839,8 @@ def build_kernel(spec: KernelSpec):
                 if bid == 2 % prefetch_ctas:
                     P.prefetch_l2_bulk(residual, Int32(M * H * 2))
                 if bid >= 3:
-                    # (optionally) let the norm's inputs get ahead of the weight stream in the memory queues:
-                    # the norm weight comes from HBM and is on the critical path (scripts/sweep_fused.py)
+                    # (optionally) let the norm's inputs get ahead of the weight stream in the memory queues: the
+                    # norm weight comes from HBM and is on the critical path (MEGAPRE_PREFETCH_DELAY_NS, sweep)
                     t_go = P.globaltimer() + Int64(prefetch_delay)
                     while P.globaltimer() < t_go:
                         pass
@@ -999,39 +852,39 @@ def build_kernel(spec: KernelSpec):
             for i in cutlass.range_constexpr((NT + THREADS - 1) // THREADS):
                 if tid + i * THREADS < n_tasks:
                     P.sts_b32(st + (tid + i * THREADS) * 4, Int32(P.ld_nc_b32(tasks + Int64(tid + i * THREADS) * 4)))
-            if tid == 0:
-                P.sts_b32(si + SI_GAVEUP * 4, Int32(0))
-                P.sts_b32(si + SI_FAILED * 4, Int32(0))
-            # Everything below may read what the previous kernel wrote (inputs, the workspace).
+            # Everything below may read what the previous kernel wrote (inputs, the workspace counters).
             P.griddep_wait()
             cute.arch.sync_threads()  # the table copy above is complete before thread 0 decodes any ticket
-            # No reset round between launches: the 64-bit ticket counter only grows, and every launch takes
-            # exactly n_tasks + grid tickets (each CTA ends on one ticket past the table), so launch L owns
-            # tickets [L * (n_tasks + grid), (L + 1) * (n_tasks + grid)) and uses data block L % 2.
+            # No reset between launches: the 64-bit ticket counter only grows, and every launch takes exactly
+            # n_tasks + grid tickets (each CTA ends on one ticket past the table), so launch L owns tickets
+            # [L * (n_tasks + grid), (L + 1) * (n_tasks + grid)); the counters only grow too, and a wait in
+            # launch L compares against L * tiles + target (32-bit wrapping arithmetic on both sides).
             running = Int32(1)
             window = Int64(-1)  # first ticket of this launch (thread 0)
             while running != 0:
                 if tid == 0:
                     t_ticket = P.globaltimer()
-                    # relaxed: the ticket only orders who runs what; data carries its own arrival (sentinels)
+                    # relaxed: the ticket only orders who runs what; data is ordered by the counters
                     t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
                     if window < 0:
                         per_launch = Int64(n_tasks) + Int64(cute.arch.grid_dim()[0])
                         launch_no = t64 // per_launch
                         window = launch_no * per_launch
-                        P.sts_b32(si + (SI_TASK + 6) * 4, Int32(launch_no))  # mod 2^32 (its parity is all we use)
+                        P.sts_b32(si + (SI_TASK + 6) * 4, Int32(launch_no))  # mod 2^32, like the counters
                     ticket = Int32(t64 - window)
                     P.sts_b32(si + SI_TASK * 4, ticket)
                     if ticket < n_tasks:
                         word = P.lds_b32(st + ticket * 4)
                         P.sts_b32(si + (SI_TASK + 1) * 4, word & 7)  # stage
                         P.sts_b32(si + (SI_TASK + 2) * 4, (word >> 6) & ((1 << TILE_BITS) - 1))  # tile
-                        P.sts_b32(si + (SI_TASK + 3) * 4, ((word >> 3) & 7) - 1)  # producer stage (-1: none)
+                        P.sts_b32(si + (SI_TASK + 3) * 4, ((word >> 3) & 7) - 1)  # wait counter (-1: none)
+                        P.sts_b32(si + (SI_TASK + 4) * 4, (word >> 18) & ((1 << TARGET_BITS) - 1))  # wait target
+                        P.sts_b32(si + (SI_TASK + 5) * 4, word & 7)  # signal counter: the stage's own
                         if cutlass.const_expr(S.trace):
                             rec = ws + OFF_TR + Int64(ticket) * (TRACE_INTS * 8)
                             P.st_u64(rec, Int64(cute.arch.block_idx()[0]))
                             P.st_u64(rec + 8, t_ticket)
-                            P.st_u64(rec + 16, P.globaltimer())  # overwritten by wait_data if the task waits
+                            P.st_u64(rec + 16, P.globaltimer())  # overwritten by wait_ready if the task waits
                 cute.arch.sync_threads()
                 task = P.lds_b32(si + SI_TASK * 4)
                 if task >= n_tasks:
@@ -1039,31 +892,21 @@ def build_kernel(spec: KernelSpec):
                 else:
                     stage = P.lds_b32(si + (SI_TASK + 1) * 4)
                     tile = P.lds_b32(si + (SI_TASK + 2) * 4)
-                    wd = ws + DATA + Int64(P.lds_b32(si + (SI_TASK + 6) * 4) & 1) * DATA_BYTES
                     run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
-                              o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws, wd,
+                              o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
                               first_local, sf, si, tid, Int32(1))
-                    # (no signal: the consumers see the data itself; this sync only frees shared memory and the
-                    # task slot for the next ticket)
                     cute.arch.sync_threads()
                     if tid == 0:
-                        if P.lds_b32(si + SI_FAILED * 4) != 0:
-                            give_up(ws, si)
-                            P.sts_b32(si + SI_FAILED * 4, Int32(0))
-                    if cutlass.const_expr(S.trace):
-                        if tid == 0:
+                        # bar.sync above + release: every thread's writes of this task are published. Stages no
+                        # task waits on (route, down) skip it: the kernel's end publishes their outputs.
+                        sig = P.lds_b32(si + (SI_TASK + 5) * 4)
+                        waited = Int32(0)
+                        for c in cutlass.range_constexpr(len(WAITED)):
+                            waited = waited | P.sel_i32(sig == WAITED[c], 1, 0)
+                        if waited != 0:
+                            P.red_release_add(ctr + Int64(sig) * 4, Int32(1))
+                        if cutlass.const_expr(S.trace):
                             P.st_u64(ws + OFF_TR + Int64(task) * (TRACE_INTS * 8) + 24, P.globaltimer())
-            # Refill this CTA's slice of the other data block (written by launch L - 1, read by now) with the
-            # sentinel for launch L + 1.
-            nxt = ws + DATA + Int64((P.lds_b32(si + (SI_TASK + 6) * 4) + 1) & 1) * DATA_BYTES
-            grid = cute.arch.grid_dim()[0]
-            per_cta = (Int32(DATA_BYTES // 16) + grid - 1) // grid * 16
-            off = bid * per_cta + tid * 16
-            end = P.sel_i32(bid * per_cta + per_cta < DATA_BYTES, bid * per_cta + per_cta, Int32(DATA_BYTES))
-            while off < end:
-                P.st_v4(nxt + Int64(off), Uint32(0xFFFFFFFF), Uint32(0xFFFFFFFF), Uint32(0xFFFFFFFF),
-                        Uint32(0xFFFFFFFF))
-                off = off + THREADS * 16
 
     megapre_kernel.set_name_prefix("megapre_preamble", remove_cutlass_symbol=True, keep_mangled_name=False)
 

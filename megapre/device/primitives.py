@@ -1,6 +1,5 @@
 """PTX-level primitives for the megakernel: memory access with explicit cache behaviour, numeric conversions
-with vLLM's rounding, warp reductions on integer keys, relaxed accesses for the data-flag protocol, exact
-division / square root without IEEE subroutines, and the FP8 warpgroup MMA.
+with vLLM's rounding, warp reductions on integer keys, and the acquire/release counter protocol.
 
 Why inline PTX and not CuTe's tensor algebra: every access here has a deliberate form (16-byte non-coherent
 streaming loads for weights, coherent loads for data other CTAs produced in this launch, 32-bit shared
@@ -59,57 +58,25 @@ def ld_nc_v4(addr: Int64):
                 "=r,=r,=r,=r,l", True)
 
 
-# Intermediates handed between CTAs (the data-flag protocol, plan.py): relaxed gpu-scope stores by the producer,
-# relaxed gpu-scope loads by the consumer, which repeats a load until no word is the sentinel. Relaxed accesses
-# are single-copy atomic per 32-bit word and never merged or hoisted out of a polling loop.
+# Data written by other CTAs earlier in this launch: coherent at L2 (.cg), ordered by the counter protocol.
 @cute.jit
-def ld_relaxed_b32(addr: Int64) -> Int32:
-    return _asm([Int32], [addr], "ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l", True)
+def ld_cg_b32(addr: Int64) -> Uint32:
+    return _asm([Uint32], [addr], "ld.global.cg.b32 $0, [$1];", "=r,l", True)
 
 
 @cute.jit
-def ld_relaxed_v2(addr: Int64):
-    return _asm([Uint32, Uint32], [addr], "ld.relaxed.gpu.global.v2.b32 {$0, $1}, [$2];", "=r,=r,l", True)
+def ld_cg_f32(addr: Int64) -> Float32:
+    return _asm([Float32], [addr], "ld.global.cg.f32 $0, [$1];", "=f,l", True)
 
 
 @cute.jit
-def ld_relaxed_v4(addr: Int64):
-    return _asm([Uint32] * 4, [addr], "ld.relaxed.gpu.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
-                True)
+def ld_cg_v2(addr: Int64):
+    return _asm([Uint32, Uint32], [addr], "ld.global.cg.v2.b32 {$0, $1}, [$2];", "=r,=r,l", True)
 
 
 @cute.jit
-def any_sentinel4(a: Uint32, b: Uint32, c: Uint32, d: Uint32) -> Int32:
-    """1 if any of the four words is 0xFFFFFFFF (the "not written yet" sentinel), else 0."""
-    return _asm([Int32], [a, b, c, d],
-                "{ .reg .pred p; setp.eq.u32 p, $1, 0xFFFFFFFF; setp.eq.or.u32 p, $2, 0xFFFFFFFF, p; "
-                "setp.eq.or.u32 p, $3, 0xFFFFFFFF, p; setp.eq.or.u32 p, $4, 0xFFFFFFFF, p; selp.s32 $0, 1, 0, p; }",
-                "=r,r,r,r,r")
-
-
-@cute.jit
-def st_relaxed_b32(addr: Int64, v: Uint32):
-    _asm([], [addr, v], "st.relaxed.gpu.global.b32 [$0], $1;", "l,r", True)
-
-
-@cute.jit
-def st_relaxed_f32(addr: Int64, v: Float32):
-    _asm([], [addr, v], "st.relaxed.gpu.global.f32 [$0], $1;", "l,f", True)
-
-
-@cute.jit
-def st_relaxed_v2(addr: Int64, a: Uint32, b: Uint32):
-    _asm([], [addr, a, b], "st.relaxed.gpu.global.v2.b32 [$0], {$1, $2};", "l,r,r", True)
-
-
-@cute.jit
-def st_v4(addr: Int64, a: Uint32, b: Uint32, c: Uint32, d: Uint32):
-    _asm([], [addr, a, b, c, d], "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r", True)
-
-
-@cute.jit
-def bits_f32(x: Uint32) -> Float32:
-    return _asm([Float32], [x], "mov.b32 $0, $1;", "=f,r")
+def ld_cg_v4f(addr: Int64):
+    return _asm([Float32] * 4, [addr], "ld.global.cg.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,l", True)
 
 
 @cute.jit
@@ -138,6 +105,14 @@ def st_v4f(addr: Int64, a: Float32, b: Float32, c: Float32, d: Float32):
 
 
 # ---- shared memory (32-bit shared-window addresses) ---------------------------------------------------
+@cute.jit
+def lds_v4f(saddr: Int32):
+    return _asm([Float32] * 4, [saddr], "ld.shared.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,r", True)
+
+
+@cute.jit
+def sts_v4f(saddr: Int32, a: Float32, b: Float32, c: Float32, d: Float32):
+    _asm([], [saddr, a, b, c, d], "st.shared.v4.f32 [$0], {$1, $2, $3, $4};", "r,f,f,f,f", True)
 
 
 @cute.jit
@@ -161,6 +136,15 @@ def sts_f32(saddr: Int32, v: Float32):
 
 
 # ---- conversions ----------------------------------------------------------------------------------------
+@cute.jit
+def e4m3x4_to_f32(v: Uint32):
+    """Four packed e4m3 (byte 0 first) -> four f32 (exact)."""
+    return _asm([Float32] * 4, [v],
+                "{ .reg .b16 lo, hi, a, b, c, d; .reg .b32 p, q;"
+                " mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 p, lo; cvt.rn.f16x2.e4m3x2 q, hi;"
+                " mov.b32 {a, b}, p; mov.b32 {c, d}, q;"
+                " cvt.f32.f16 $0, a; cvt.f32.f16 $1, b; cvt.f32.f16 $2, c; cvt.f32.f16 $3, d; }",
+                "=f,=f,=f,=f,r")
 
 
 @cute.jit
@@ -224,6 +208,11 @@ def div_rn(a: Float32, b: Float32) -> Float32:
 
 
 @cute.jit
+def sqrt_rn(a: Float32) -> Float32:
+    return _asm([Float32], [a], "sqrt.rn.f32 $0, $1;", "=f,f")
+
+
+@cute.jit
 def exp_f32(x: Float32) -> Float32:
     """e^x via ex2.approx (2 ulp), as CUDA's __expf."""
     return _asm([Float32], [x], "{ .reg .f32 t; mul.f32 t, $1, 0f3FB8AA3B; ex2.approx.ftz.f32 $0, t; }", "=f,f")
@@ -253,6 +242,11 @@ def warp_max_i32(v: Int32) -> Int32:
 
 
 @cute.jit
+def warp_min_i32(v: Int32) -> Int32:
+    return _asm([Int32], [v], "redux.sync.min.s32 $0, $1, 0xffffffff;", "=r,r", True)
+
+
+@cute.jit
 def warp_sum_f32(v: Float32) -> Float32:
     """Butterfly sum: every lane gets the same bits (fixed order), so results are deterministic."""
     for off in cutlass.range_constexpr(5):
@@ -267,7 +261,32 @@ def warp_max_f32(v: Float32) -> Float32:
     return v
 
 
-# ---- polling -----------------------------------------------------------------------------------------------
+# ---- inter-CTA synchronization -------------------------------------------------------------------------
+@cute.jit
+def ld_acquire(addr: Int64) -> Int32:
+    return _asm([Int32], [addr], "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", True)
+
+
+@cute.jit
+def atom_add_acq_rel(addr: Int64, v: Int32) -> Int32:
+    return _asm([Int32], [addr, v], "atom.acq_rel.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r", True)
+
+
+@cute.jit
+def red_release_add(addr: Int64, v: Int32):
+    _asm([], [addr, v], "red.release.gpu.global.add.u32 [$0], $1;", "l,r", True)
+
+
+@cute.jit
+def st_relaxed(addr: Int64, v: Int32):
+    _asm([], [addr, v], "st.relaxed.gpu.global.b32 [$0], $1;", "l,r", True)
+
+
+@cute.jit
+def fence_gpu():
+    _asm([], [], "fence.acq_rel.gpu;", "", True)
+
+
 @cute.jit
 def nanosleep(ns: int):
     _asm([], [], f"nanosleep.u32 {ns};", "", True)
@@ -370,6 +389,11 @@ def sts_v4(saddr: Int32, a: Uint32, b: Uint32, c: Uint32, d: Uint32):
 
 
 @cute.jit
+def ld_cg_v4(addr: Int64):
+    return _asm([Uint32] * 4, [addr], "ld.global.cg.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", True)
+
+
+@cute.jit
 def atom_cas(addr: Int64, cmp: Int32, val: Int32) -> Int32:
     return _asm([Int32], [addr, cmp, val], "atom.relaxed.gpu.global.cas.b32 $0, [$1], $2, $3;", "=r,l,r,r", True)
 
@@ -432,6 +456,11 @@ def lowest_bit_index(v: Int32) -> Int32:
 @cute.jit
 def lanemask_lt() -> Int32:
     return _asm([Int32], [], "mov.u32 $0, %lanemask_lt;", "=r", True)
+
+
+@cute.jit
+def atom_add_relaxed(addr: Int64, v: Int32) -> Int32:
+    return _asm([Int32], [addr, v], "atom.relaxed.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r", True)
 
 
 @cute.jit

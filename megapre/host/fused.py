@@ -6,8 +6,8 @@ queue does not need co-resident CTAs (a task only waits on tasks with lower tick
 CTAs). MEGAPRE_PDL=0 launches cooperatively instead (no overlap with the previous kernel).
 MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default: all for TP8, 64 for TP1; 0: none).
 
-Per (device, stream, spec) it keeps a workspace (ever-growing ticket counter, two blocks of split-K partials
-and intermediates, see plan.py) and the task table on the device, both made on the first call, which therefore must not be
+Per (device, stream, spec) it keeps a workspace (ever-growing ticket and counters, split-K partials,
+intermediates) and the task table on the device, both made on the first call, which therefore must not be
 inside a CUDA-graph capture (like Triton's JIT). Later calls allocate nothing and never synchronize.
 """
 from __future__ import annotations
@@ -57,17 +57,17 @@ def _raise_pending(device: torch.device) -> None:
     if rec is None or rec[0][0] == 0:
         return
     arr = rec[0]
-    task, stage, tile, producer = (arr[i] for i in range(4))
+    task, stage, tile, ctr, seen, target = (arr[i] for i in range(6))
     for i in range(ERR_INTS):
         arr[i] = 0
     for ws in [w for k, w in _workspaces.items() if k[1] == device.index]:
         ws[WS_ERROR * 4: WS_ERROR * 4 + 4].zero_()  # re-arm the first-failure flag
     name = STAGE_NAMES[stage] if 0 <= stage < len(STAGE_NAMES) else f"stage {stage}"
-    on = STAGE_NAMES[producer] if 0 <= producer < len(STAGE_NAMES) else f"stage {producer}"
+    on = STAGE_NAMES[ctr] if 0 <= ctr < len(STAGE_NAMES) else f"counter {ctr}"
     raise MegapreKernelError(
-        f"fused megakernel: task {task - 1} ({name}, tile {tile}) gave up waiting for the data of the '{on}' "
-        f"tasks on {torch.cuda.get_device_name(device)}; the outputs of that call are wrong. This means a broken "
-        f"task table or a CTA that could not run; please report it.")
+        f"fused megakernel: task {task - 1} ({name}, tile {tile}) gave up waiting for '{on}' "
+        f"({seen} of {target} signals) on {torch.cuda.get_device_name(device)}; the outputs of that call are "
+        f"wrong. This means a broken task table or a CTA that could not run; please report it.")
 
 
 def check_errors(device=None, synchronize: bool = True) -> None:
@@ -148,17 +148,8 @@ def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
             with torch.cuda.stream(stream):
                 ws = torch.zeros(spec.ws_layout()["total"], dtype=torch.uint8, device=device)
                 ws[WS_ERRPTR * 4: WS_ERRPTR * 4 + 8].view(torch.int64).fill_(err_dev)
-                fill_sentinel(spec, ws)
             _workspaces[key] = ws
     return ws, table
-
-
-def fill_sentinel(spec: KernelSpec, ws: torch.Tensor) -> None:
-    """Both data blocks of the workspace to the "not written yet" word (plan.py, the data-flag protocol); on
-    the current stream. The kernel keeps it so from launch to launch; only a fresh workspace, or one the stage
-    kernels (run_stages) wrote into, needs it."""
-    lay = spec.ws_layout()
-    ws[lay["data"]: lay["data"] + 2 * lay["data_bytes"]].fill_(0xFF)
 
 
 def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
@@ -173,15 +164,11 @@ def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
     return num_sms if spec.inter <= 256 else min(64, num_sms)
 
 
-def _prefetch_delay_ns(spec: KernelSpec) -> int:
+def _prefetch_delay_ns() -> int:
     """MEGAPRE_PREFETCH_DELAY_NS: how long CTAs 3.. wait before their weight prefetch, so that the norm's inputs
     (CTAs 0-2 prefetch them first; the norm weight comes from HBM and is on the critical path) get ahead of the
-    weight stream. Measured with scripts/sweep_fused.py on the H200 (9128d5d, 3c5aef4): 600 ns makes TP8 0.25-0.4
-    us faster at M = 1, 2, 8; TP1, bound by the weight stream itself, 0.2-1 us slower -- so 600 for TP8, 0 for TP1."""
-    v = os.environ.get("MEGAPRE_PREFETCH_DELAY_NS")
-    if v is not None:
-        return max(0, int(v))
-    return 600 if spec.inter <= 256 else 0
+    weight stream. Default 0; scripts/sweep_fused.py measures others (docs/performance-log.md)."""
+    return max(0, int(os.environ.get("MEGAPRE_PREFETCH_DELAY_NS", "0")))
 
 
 def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: PreambleOutput, ws, table, mode: int,
@@ -210,7 +197,7 @@ def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: Prea
 def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWeights,
               out: PreambleOutput, trace: bool = False, _table: torch.Tensor | None = None) -> PreambleOutput:
     """One launch. trace=True runs the timeline-recording build of the kernel (see read_trace).
-    _table replaces the packed task table (tests plant a task whose data never comes with it)."""
+    _table replaces the packed task table (tests plant a never-signalled wait with it)."""
     cfg = weights.config
     m = hidden.shape[0]
     spec = KernelSpec.from_config(cfg, m, trace=trace)
@@ -228,7 +215,7 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
             raise ValueError(f"_table has {_table.numel()} tasks, the kernel was built for {spec.n_tasks}")
         table = _table
     args = _kernel_args(manifest, hidden, residual, weights, out, ws, table, -1, _prefetch_ctas(spec, kernel.num_sms),
-                        _prefetch_delay_ns(spec))
+                        _prefetch_delay_ns())
     # The kernel reads the task table before griddepcontrol.wait: a table's first launch goes without PDL, so
     # the copy that uploaded it is surely complete (later launches find it long done).
     # (A planted _table is always launched without PDL.)
@@ -257,7 +244,6 @@ def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) 
             continue
         kernel.launch(_kernel_args(manifest, hidden, residual, weights, out, ws, table, stage, 0), grid=tiles[stage],
                       stream=stream)
-    fill_sentinel(spec, ws)  # the stage kernels wrote intermediates into data block 0
     return out
 
 

@@ -7,8 +7,6 @@ and no host synchronization, so it can be captured in a CUDA graph. Every driver
 """
 from __future__ import annotations
 
-import os
-
 import ctypes
 import threading
 
@@ -48,10 +46,6 @@ class LoadedKernel:
             self.function = check(drv.cuModuleGetFunction(self.module, manifest["symbol"].encode()),
                                   "cuModuleGetFunction")
             smem = int(manifest["dyn_smem_bytes"])
-            if os.environ.get("MEGAPRE_ONE_CTA_PER_SM") == "1":
-                # ask for more shared memory than half an SM has, so that no second CTA -- in particular none of
-                # the next call's, under PDL -- can share the SM (scripts/sweep_fused.py measures both)
-                smem = max(smem, 116 * 1024)
             check(drv.cuFuncSetAttribute(self.function,
                                          drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                          smem), "cuFuncSetAttribute(max dynamic smem)")
@@ -94,7 +88,7 @@ _loaded: dict = {}
 
 
 def get_kernel(cubin: bytes, manifest: dict, key: str, device: torch.device) -> LoadedKernel:
-    k = (key, device.index, os.environ.get("MEGAPRE_ONE_CTA_PER_SM"))
+    k = (key, device.index)
     with _lock:
         if k not in _loaded:
             _loaded[k] = LoadedKernel(cubin, manifest, device)

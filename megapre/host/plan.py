@@ -4,23 +4,18 @@ Pure Python (no torch, no cutlass), shared by the build step (which bakes these 
 compile-time constants) and the launcher (which allocates the workspace and uploads the task table). One
 source of truth for both sides is what keeps them in agreement.
 
-Task protocol: every task is one row [stage, tile, producer_stage, producer_tasks, stage] of the table, uploaded
-packed into one int32 per task (pack_table) that every CTA copies into shared memory before it waits on the
-previous kernel. CTAs take tasks in order with an atomic ticket. A task reads the data its producer stage wrote
-earlier in the same launch; it knows the data has arrived from the data itself: every intermediate buffer is
-filled with a sentinel word (0xFFFFFFFF, never a computed value: NaNs come out of the hardware's arithmetic and
-conversions as 0x7FFFFFFF / 0x7FFF / 0x7F) before the launch that writes it, a few threads poll one word per
-producer task, and every load of produced data is repeated until none of its words is the sentinel. No counter,
-no release fence at a task's end, no acquire: a word's arrival is all a consumer needs, and it can start as soon
-as the data of its own inputs is there (a router task needs only the norm chunk of its K split). A task only
-waits on tasks earlier in the queue, and only running CTAs take tickets, so the lowest unfinished task can
-always run: no wait can deadlock, whether or not all CTAs are resident at once.
-Double buffering by launch parity: launch L writes (and reads) the intermediates of data block L % 2, and at its
-end every CTA refills its slice of block (L + 1) % 2 -- the buffers launch L - 1 wrote, all read by now -- with
-the sentinel for launch L + 1 (kernel boundaries order it; the host fills both blocks when it makes the
-workspace). The 64-bit ticket counter only grows: every launch takes exactly n_tasks + grid tickets (each CTA
-stops at its first ticket past the table), so a CTA knows its launch number L from its first ticket. Launches on
-one workspace never overlap: stream order, and with PDL the griddepcontrol.wait before the first ticket.
+Task protocol: every task is one row [stage, tile, wait_counter, wait_target, signal_counter] of the table,
+uploaded packed into one int32 per task (pack_table) that every CTA copies into shared memory before it
+waits on the previous kernel. CTAs take tasks in order with an atomic ticket. A task first waits until
+counters[wait_counter] >= wait_target (acquire), runs its stage on its tile, then adds 1 to
+counters[signal_counter] (release; always the stage's own counter). A task only waits on tasks earlier in
+the queue, and only running CTAs take tickets, so the lowest unfinished task can always run: no wait can
+deadlock, whether or not all CTAs are resident at once.
+Nothing is reset between launches (no host-side reset, no end-of-kernel round): the 64-bit ticket counter and
+the counters only grow. Every launch takes exactly n_tasks + grid tickets (each CTA stops at its first ticket
+past the table), so a CTA knows its launch number L from its first ticket, and a wait in launch L is for
+counters[c] >= L * tiles[c] + target (32-bit wrapping arithmetic). Launches on one workspace never overlap:
+stream order, and with PDL the griddepcontrol.wait before the first ticket.
 """
 from __future__ import annotations
 
@@ -35,21 +30,20 @@ WARPS = THREADS // 32
 TRACE_INTS = 4  # int64 per task in trace mode: cta, ticket taken, dependencies met, done (globaltimer ns)
 PHASE_SLOTS = 8  # trace mode: int64 timestamps of points inside tile 0 of each stage (see the stages' stamp calls)
 
-# Stage ids, numbered in a valid dependency order.
+# Stage ids (also the index of the counter their tasks signal), numbered in a valid dependency order.
 NORM, ROUTER, GATE_UP, ROUTE, ACT, DOWN = range(6)
 # Queue order: the routing chain (norm -> router -> route) is the longest serial path, so its tasks are
 # taken first and never wait behind the shared expert's tasks for a free CTA.
 QUEUE_ORDER = (NORM, ROUTER, ROUTE, GATE_UP, ACT, DOWN)
 STAGE_NAMES = ("norm", "router", "gate_up", "route", "act", "down")
-N_STAGES = len(STAGE_NAMES)
+N_COUNTERS = len(STAGE_NAMES)
 
 # Workspace control words (int32 index): the 64-bit ticket counter (indices 0-1), the error word (first failed
-# task + 1), the int64 address of the host-mapped error record (set by the host).
+# task + 1), the int64 address of the host-mapped error record (set by the host), then the counters.
 WS_HEAD, WS_ERROR = 0, 2
 WS_ERRPTR = 4  # int32 index of an 8-byte field
-WS_CONTROL_INTS = 16
-SENTINEL = 0xFFFFFFFF  # "not written yet" in every intermediate word (see the task protocol)
-# Host-mapped error record (int32): [failed task + 1, stage, tile, producer stage, 0, 0, 0, 0]
+WS_COUNTERS = 16
+# Host-mapped error record (int32): [failed task + 1, stage, tile, counter, seen, target, 0, 0]
 ERR_INTS = 8
 
 
@@ -167,28 +161,16 @@ class KernelSpec:
 
     # ---- workspace layout (bytes) -----------------------------------------------------------------------
     def ws_layout(self) -> dict[str, int]:
-        """Byte offsets: control words; two data blocks (launch parity) of the intermediates, whose offsets
-        (x .. a_scale) are relative to a block's start; the trace records."""
-        blk = {}
-        pos = 0
+        off = {}
+        pos = _align((WS_COUNTERS + N_COUNTERS) * 4)
         for name, nbytes in (
             ("x", self.m * self.hidden * 2),  # bf16 normalized input of the router GEMM
             ("router_part", self.router_splits * self.m * self.experts * 4),  # fp32 split-K partials
             ("gu_part", self.gu_splits * self.m * 2 * self.inter * 4),
-            ("h_q", self.m * self.inter),  # fp8 SiLU-and-mul output (TP1: the act stage's)
+            ("h_q", self.m * self.inter),  # fp8 SiLU-and-mul output
             ("h_scale", self.m * (self.inter // QUANT_GROUP) * 4),
-            ("a_q", self.m * self.hidden),  # the gate_up GEMM's copy of the FP8 input (the output may be read)
-            ("a_scale", self.m * self.hidden_groups * 4),
-        ):
-            blk[name] = pos
-            pos = _align(pos + nbytes)
-        off = dict(blk)
-        off["data"] = _align(WS_CONTROL_INTS * 4)
-        off["data_bytes"] = pos
-        pos = off["data"] + 2 * pos
-        for name, nbytes in (
             ("trace", (sum(self.stage_tiles().values()) * TRACE_INTS * 8) if self.trace else 0),
-            ("phases", N_STAGES * PHASE_SLOTS * 8 if self.trace else 0),
+            ("phases", N_COUNTERS * PHASE_SLOTS * 8 if self.trace else 0),
         ):
             off[name] = pos
             pos = _align(pos + nbytes)
@@ -220,14 +202,18 @@ class KernelSpec:
         # GEMM staging, int scratch, the packed task table (+ alignment slack)
         return self.smem_floats() * 4 + self.SMEM_INTS * 4 + _align(self.n_tasks * 4, 16) + 256
 
+    def waited_counters(self) -> tuple[int, ...]:
+        """The counters some task of this spec's table waits on (their stages must signal)."""
+        return tuple(sorted({r[2] for r in task_table(self) if r[2] >= 0}))
+
     def key_fields(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def task_table(spec: KernelSpec) -> list[list[int]]:
-    """The queue: stages in dependency order, each task naming the stage whose data it reads."""
+    """The queue: stages in dependency order, each task waiting on the counter of the stage it reads."""
     tiles = spec.stage_tiles()
-    waits = {  # stage -> (the stage whose data it reads, how many tasks of that stage write it)
+    waits = {  # stage -> (counter it waits on, how many signals make it ready)
         NORM: (-1, 0),
         ROUTER: (NORM, tiles[NORM]),
         GATE_UP: (NORM, tiles[NORM]),
@@ -243,7 +229,7 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
     return rows
 
 
-# Packed task word: stage | (producer stage + 1) << 3 | tile << 6 | producer tasks << 18
+# Packed task word: stage | (wait_counter + 1) << 3 | tile << 6 | wait_target << 18 (signal = the stage's counter)
 TILE_BITS = 12
 TARGET_BITS = 13
 
@@ -258,15 +244,15 @@ def pack_table(rows: list[list[int]]) -> list[int]:
 
 
 def unpack_word(w: int) -> tuple[int, int, int, int]:
-    """(stage, tile, producer stage, producer tasks): what the kernel decodes."""
+    """(stage, tile, wait_counter, wait_target): what the kernel decodes."""
     return w & 7, (w >> 6) & ((1 << TILE_BITS) - 1), ((w >> 3) & 7) - 1, (w >> 18) & ((1 << TARGET_BITS) - 1)
 
 
 def check_table(rows: list[list[int]]) -> None:
-    """The deadlock-freedom invariant: every task's producers (all tasks of its producer stage) come earlier."""
-    done = [0] * N_STAGES
+    """The deadlock-freedom invariant: every wait is on a counter whose signals all come earlier."""
+    signalled = [0] * N_COUNTERS
     for i, (stage, _tile, ctr, target, sig, *_rest) in enumerate(rows):
-        if ctr >= 0 and done[ctr] < target:
-            raise AssertionError(f"task {i} ({STAGE_NAMES[stage]}) reads the data of {target} "
-                                 f"{STAGE_NAMES[ctr]} tasks but only {done[ctr]} come before it")
-        done[sig] += 1
+        if ctr >= 0 and signalled[ctr] < target:
+            raise AssertionError(f"task {i} ({STAGE_NAMES[stage]}) waits for {target} signals of "
+                                 f"{STAGE_NAMES[ctr]} but only {signalled[ctr]} come before it")
+        signalled[sig] += 1
