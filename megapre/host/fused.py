@@ -164,11 +164,16 @@ def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
     return num_sms if spec.inter <= 256 else min(64, num_sms)
 
 
-def _prefetch_delay_ns() -> int:
+def _prefetch_delay_ns(spec: KernelSpec) -> int:
     """MEGAPRE_PREFETCH_DELAY_NS: how long CTAs 3.. wait before their weight prefetch, so that the norm's inputs
     (CTAs 0-2 prefetch them first; the norm weight comes from HBM and is on the critical path) get ahead of the
-    weight stream. Default 0; scripts/sweep_fused.py measures others (docs/performance-log.md)."""
-    return max(0, int(os.environ.get("MEGAPRE_PREFETCH_DELAY_NS", "0")))
+    weight stream. Measured with scripts/sweep_fused.py on the H200 (three runs, 9128d5d / 3c5aef4 / 78b63de):
+    600 ns is 0.25-0.4 us faster for TP8 at M = 1 and 2, 0.2 at M = 8; TP1, bound by the weight stream itself,
+    gets slower -- so 600 for TP8, 0 for TP1."""
+    v = os.environ.get("MEGAPRE_PREFETCH_DELAY_NS")
+    if v is not None:
+        return max(0, int(v))
+    return 600 if spec.inter <= 256 else 0
 
 
 def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: PreambleOutput, ws, table, mode: int,
@@ -215,7 +220,7 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
             raise ValueError(f"_table has {_table.numel()} tasks, the kernel was built for {spec.n_tasks}")
         table = _table
     args = _kernel_args(manifest, hidden, residual, weights, out, ws, table, -1, _prefetch_ctas(spec, kernel.num_sms),
-                        _prefetch_delay_ns())
+                        _prefetch_delay_ns(spec))
     # The kernel reads the task table before griddepcontrol.wait: a table's first launch goes without PDL, so
     # the copy that uploaded it is surely complete (later launches find it long done).
     # (A planted _table is always launched without PDL.)
