@@ -7,7 +7,6 @@ import megapre
 from megapre.host import bench
 
 # (PDL, prefetch CTAs, delay in ns before CTAs 3.. prefetch their weight slices)
-# (PDL, prefetch CTAs, delay in ns before CTAs 3.. prefetch their weight slices)
 SETTINGS = [("1", "132", "0"), ("1", "64", "0"), ("1", "0", "0"), ("1", "132", "300"), ("1", "132", "600"),
             ("1", "132", "1200"), ("0", "64", "0")]
 rows = []

@@ -30,7 +30,8 @@ for name, m in runs:
     recs = fused.read_trace(cfg, m)
     phases = fused.read_phases(cfg, m)
     print(f"== {name} M={m}: last task done at {max(x['done'] for x in recs) / 1000:.2f} us "
-          f"(PDL {os.environ.get('MEGAPRE_PDL', '1')}, prefetch CTAs {os.environ.get('MEGAPRE_PREFETCH_CTAS', 'default')})")
+          f"(PDL {os.environ.get('MEGAPRE_PDL', '1')}, prefetch CTAs {os.environ.get('MEGAPRE_PREFETCH_CTAS', 'default')}, "
+          f"prefetch delay {os.environ.get('MEGAPRE_PREFETCH_DELAY_NS', 'default')})")
     for st in ("norm", "router", "route", "gate_up", "act", "down"):
         xs = [x for x in recs if x["stage"] == st]
         us = lambda v: v / 1000

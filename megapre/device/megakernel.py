@@ -127,7 +127,7 @@ def build_kernel(spec: KernelSpec):
         """FP8 of a warp's 128-group (4 values per lane): (4 e4m3 codes packed, the group's scale)."""
         amax = P.fmax(P.fmax(P.fabs(x0), P.fabs(x1)), P.fmax(P.fabs(x2), P.fabs(x3)))
         amax = P.warp_max_f32(amax)
-        # = div_rn(max(amax, 1e-10), 448) and div_rn(x_i, scale), bit for bit, without div.rn's branches
+        # = IEEE fl32(max(amax, 1e-10) / 448) and fl32(x_i / scale), bit for bit, without div.rn's branches
         scale = P.div448(P.fmax(amax, Float32(1e-10)))
         q0, q1, q2, q3 = P.div4_by(scale, x0, x1, x2, x3)
         q = P.f32x4_to_e4m3x4(q0, q1, q2, q3)
@@ -171,10 +171,9 @@ def build_kernel(spec: KernelSpec):
     # over K is unchanged. A task's warps are (row blocks) x (K groups); K groups meet in shared memory.
     # ------------------------------------------------------------------------------------------------
     def mma_plan(rows: int, kc: int):
+        """(row blocks, K groups, 64-K chunks per warp) of a GEMM task."""
         wr = rows // 16
-        wk = WARPS // wr
-        n_chunks = kc // 64
-        return wr, wk, n_chunks // wk
+        return wr, WARPS // wr, KernelSpec.chunks_per_warp(rows, kc)
 
     def chunk_of(warp, i: int, rows: int, kc: int, fp8: bool):
         """The 64-K chunk that a warp takes i-th. FP8: K groups take whole 128-K blocks (chunk pairs), so that
@@ -195,12 +194,13 @@ def build_kernel(spec: KernelSpec):
         raw = []
         scales = []
         for i in range(first, first + count):
-            col = k0 + chunk_of(warp, i, rows, kc, fp8) * 64 + 16 * tq
+            k_chunk = k0 + chunk_of(warp, i, rows, kc, fp8) * 64
+            col = k_chunk + 16 * tq
             if fp8:
                 lo = P.ld_nc_v4(w_ptr + Int64(row) * ldw + Int64(col))
                 hi = P.ld_nc_v4(w_ptr + Int64(row + 8) * ldw + Int64(col))
                 raw.append((lo, hi))
-                kb = (k0 + chunk_of(warp, i, rows, kc, fp8) * 64) // 128
+                kb = k_chunk // 128
                 scales.append(P.ld_nc_f32(w_scale + Int64((row_base + (warp % wr) * 16) // 128 * lds_scale + kb) * 4))
             else:
                 base = w_ptr + (Int64(row) * ldw + Int64(col)) * 2
@@ -212,8 +212,10 @@ def build_kernel(spec: KernelSpec):
     def mma_consume(acc, raw, scales, fp8: bool, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
         """acc (4 fp32: C[g][2tq], C[g][2tq+1], C[g+8][2tq], C[g+8][2tq+1]) += this warp's chunks.
         (Issuing the k16 steps step-major over the chunks, so that independent mma chains interleave, was
-        measured at 0c3c4d6: no change in any GEMM task's time, and TP1 spilled -- the chains are not the limit.)"""
-        wr, wk, _ = mma_plan(rows, kc)
+        measured at 0c3c4d6: no change in any GEMM task's time, and TP1 spilled -- the chains are not the limit.)
+        FP8 on a QGMMA build goes to qgmma_consume."""
+        if fp8 and QGMMA:
+            return qgmma_consume(acc, raw, scales, rows, kc, first, s_act, s_as, warp, lane)
         g = lane >> 2
         tq = lane & 3
         for j in range(len(raw)):
@@ -298,15 +300,12 @@ def build_kernel(spec: KernelSpec):
                  s_act, s_as, s_red, warp, lane, tid, raw0, sc0, batch: int):
         """Finish a GEMM task whose first ``batch`` chunks of weight loads were issued before the wait."""
         _, _, per_warp = mma_plan(rows, kc)
-        consume = qgmma_consume if fp8 and QGMMA else (
-            lambda acc, raw, sc, rows, kc, first, s_act, s_as, warp, lane:
-            mma_consume(acc, raw, sc, fp8, rows, kc, first, s_act, s_as, warp, lane))
         acc = [Float32(0.0)] * 4
-        acc = consume(acc, raw0, sc0, rows, kc, 0, s_act, s_as, warp, lane)
+        acc = mma_consume(acc, raw0, sc0, fp8, rows, kc, 0, s_act, s_as, warp, lane)
         for first in range(batch, per_warp, batch):
             raw, sc = mma_issue(w_ptr, ldw, fp8, row_base, k0, rows, kc, w_scale, lds_scale, warp, lane, first,
                                 min(batch, per_warp - first))
-            acc = consume(acc, raw, sc, rows, kc, first, s_act, s_as, warp, lane)
+            acc = mma_consume(acc, raw, sc, fp8, rows, kc, first, s_act, s_as, warp, lane)
         return mma_reduce(acc, rows, kc, s_red, warp, lane, tid)
 
     def mma_batch(rows: int, kc: int, fp8: bool) -> int:

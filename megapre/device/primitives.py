@@ -8,6 +8,8 @@ Int64 generic global addresses or Int32 shared-window addresses.
 """
 from __future__ import annotations
 
+import struct
+
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32
@@ -200,16 +202,6 @@ def f32x4_to_e4m3x4(a: Float32, b: Float32, c: Float32, d: Float32) -> Uint32:
 @cute.jit
 def f32_as_i32(x: Float32) -> Int32:
     return _asm([Int32], [x], "mov.b32 $0, $1;", "=r,f")
-
-
-@cute.jit
-def div_rn(a: Float32, b: Float32) -> Float32:
-    return _asm([Float32], [a, b], "div.rn.f32 $0, $1, $2;", "=f,f,f")
-
-
-@cute.jit
-def sqrt_rn(a: Float32) -> Float32:
-    return _asm([Float32], [a], "sqrt.rn.f32 $0, $1;", "=f,f")
 
 
 @cute.jit
@@ -475,7 +467,12 @@ def atom_add_relaxed_u64(addr: Int64, v: Int64) -> Int64:
 # and fl64(a) * fl64(1 / b) is within 2^-52 of a / b, so rounding it to fp32 gives exactly fl32(a / b).
 # (tests/test_numerics.py checks the identity on a few million quantization-like pairs in CI; 10^8 such pairs
 # and 5 * 10^6 random float pairs across exponents matched when this was written.)
-R448_HEX = "0d3F62492492492492"  # fl64(1 / 448)
+def _f64_hex(x: float) -> str:
+    """A double constant as PTX writes it (0d + 16 hex digits)."""
+    return "0d" + struct.pack(">d", x).hex().upper()
+
+
+R448_HEX = _f64_hex(1.0 / 448)  # 0d3F62492492492492
 
 # A double-precision reciprocal from rcp.approx.ftz.f64 (relative error ~2^-20) and two Newton steps (error
 # squares each step: ~2^-40, then rounding-limited, < 2^-51) is branch-free; rounding fl64(a) * r to fp32 then
@@ -596,8 +593,3 @@ def rms_rstd(tot: Float32, h: int, eps: float) -> Float32:
              "cvt.f64.f32 s, sf; " + _RCP64.format(r="r", b="s", n="n", e="e") + "cvt.rn.f32.f64 $0, r; }",
              "=f,f")
     return sel_f32(is_inf(v), Float32(0.0), r)
-
-
-def _f64_hex(x: float) -> str:
-    import struct
-    return "0d" + struct.pack(">d", x).hex().upper()
