@@ -1,12 +1,12 @@
 """Launch-setting sweep of the fused kernel (GPU machine): per-call time (bench's definition) with PDL on/off,
-the L2 weight prefetch shared by N CTAs, and a delay before CTAs 3.. issue theirs. Usage: python3 scripts/sweep_fused.py [--json PATH]"""
+the L2 weight prefetch shared by N CTAs, and a delay before the CTAs that do not start on a norm task issue theirs (and their first weight loads). Usage: python3 scripts/sweep_fused.py [--json PATH]"""
 import json, os, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megapre
 from megapre.host import bench
 
-# (PDL, prefetch CTAs, delay in ns before CTAs 3.. prefetch their weight slices)
+# (PDL, prefetch CTAs, delay in ns before the non-norm CTAs load and prefetch weights)
 SETTINGS = [("1", "132", "0"), ("1", "64", "0"), ("1", "0", "0"), ("1", "132", "300"), ("1", "132", "600"),
             ("1", "132", "1200"), ("0", "64", "0")]
 rows = []

@@ -1,7 +1,10 @@
 """Timeline of one fused launch from in-kernel timestamps: per stage, when its tasks were taken, when their
 dependencies were met, when they finished (us from the first ticket), and the stamped points inside tile 0
 of each stage (megakernel.py's stamp calls). GPU machine; needs traced cubins (python -m megapre build --trace).
-Usage: python3 scripts/trace_fused.py [shape:M ...]   (default ep8:1 ep8:4 ep8:8 tp1:8)"""
+Usage: python3 scripts/trace_fused.py [--graph] [shape:M ...]   (default ep8:1 ep8:4 ep8:8 tp1:8)
+--graph: trace the last call of a replayed CUDA graph of 16 calls (the bench's steady state: under PDL each
+call's CTAs start while the previous call's last tasks run, so the first "taken" can precede its end);
+without it, the last of 20 eager calls, each of which finds the GPU idle."""
 import os, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,7 +20,8 @@ POINTS = {  # what each stamp slot means (megakernel.py)
     "act": ("ready", "partials loaded", "done"),
     "down": ("ready", "h staged", "mma done"),
 }
-runs = [a.split(":") for a in sys.argv[1:]] or [["ep8", "1"], ["ep8", "4"], ["ep8", "8"], ["tp1", "8"]]
+GRAPH = "--graph" in sys.argv
+runs = [a.split(":") for a in sys.argv[1:] if a != "--graph"] or [["ep8", "1"], ["ep8", "4"], ["ep8", "8"], ["tp1", "8"]]
 for name, m in runs:
     m = int(m)
     cfg = megapre.config.SHAPE_PRESETS[name]()
@@ -25,11 +29,25 @@ for name, m in runs:
     h = torch.randn(m, cfg.hidden_size, device="cuda").bfloat16()
     r = torch.randn(m, cfg.hidden_size, device="cuda").bfloat16()
     out = megapre.PreambleOutput.empty(cfg, m, "cuda")
-    for i in range(20):  # cycle weight sets so the traced launch reads them from HBM
-        fused.run_fused(h, r, ws[i % 8], out, trace=True)
+    if GRAPH:
+        stream = torch.cuda.Stream()  # the only stream this spec runs on here (read_trace takes its workspace)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i in range(16):
+                fused.run_fused(h, r, ws[i % 8], out, trace=True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            for i in range(16):
+                fused.run_fused(h, r, ws[i % 8], out, trace=True)
+        for _ in range(5):
+            graph.replay()
+    else:
+        for i in range(20):  # cycle weight sets so the traced launch reads them from HBM
+            fused.run_fused(h, r, ws[i % 8], out, trace=True)
     recs = fused.read_trace(cfg, m)
     phases = fused.read_phases(cfg, m)
-    print(f"== {name} M={m}: last task done at {max(x['done'] for x in recs) / 1000:.2f} us "
+    print(f"== {name} M={m}{' (graph)' if GRAPH else ''}: last task done at {max(x['done'] for x in recs) / 1000:.2f} us "
           f"(PDL {os.environ.get('MEGAPRE_PDL', '1')}, prefetch CTAs {os.environ.get('MEGAPRE_PREFETCH_CTAS', 'default')}, "
           f"prefetch delay {os.environ.get('MEGAPRE_PREFETCH_DELAY_NS', 'default')})")
     for st in ("norm", "router", "route", "gate_up", "act", "down"):

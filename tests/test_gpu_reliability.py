@@ -11,7 +11,8 @@ import torch
 
 import megapre
 from megapre.host import fused
-from megapre.host.plan import N_COUNTERS, ROUTE, ROUTER, WS_COUNTERS, WS_HEAD, KernelSpec, pack_table, task_table
+from megapre.host.plan import (N_COUNTERS, ROUTE, ROUTER, WS_COUNTERS, WS_HEAD, KernelSpec, pack_table, task_table,
+                               tickets_per_launch)
 from megapre.host.reference import reference
 
 from .compare import check_output
@@ -72,7 +73,7 @@ def test_planted_never_signalled_wait_gives_up_and_the_next_call_raises():
 def test_launch_counters_across_the_32_bit_wrap(m):
     """The workspace is never reset: launch L waits for counters >= L * tiles + target in 32-bit wrapping
     arithmetic. Start the workspace at a launch number where L * tiles crosses 2^32 and check that every call
-    is still right and takes exactly n_tasks + grid tickets."""
+    is still right and moves the ticket counter by exactly tickets_per_launch."""
     cfg = megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=1)
     w, h, r = _setup(cfg, m, 5)
     out = megapre.PreambleOutput.empty(cfg, m, "cuda")
@@ -82,7 +83,7 @@ def test_launch_counters_across_the_32_bit_wrap(m):
     ws = next(v for k, v in fused._workspaces.items() if k[0] == spec and k[1] == torch.cuda.current_device()
               and k[2] == torch.cuda.current_stream().cuda_stream)
     grid = torch.cuda.get_device_properties(0).multi_processor_count
-    per_launch = spec.n_tasks + grid
+    per_launch = tickets_per_launch(spec.n_tasks, grid)
     tiles = spec.stage_tiles()
     most = max(tiles.values())
     launch_no = (1 << 32) // most - 1  # the busiest counter wraps during the next two launches

@@ -64,6 +64,11 @@ def build_kernel(spec: KernelSpec):
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
+    # the task slot SI_TASK + : 0 ticket (task index), 1 stage, 2 tile, 3 wait counter, 4 wait target, 5 signal
+    # counter, 6 launch number (mod 2^32), 7 a ticket taken for later (-1: none), 8-9 the launch's first ticket
+    # (u64), 10 whether 6 and 8 are known, 12-13 / 14-15 trace: when the task was taken / its inputs were ready
+    T_LAUNCH, T_KEPT, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 7, 8, 10, 12, 14
+    NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
     assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
     # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
@@ -141,14 +146,16 @@ def build_kernel(spec: KernelSpec):
         c = tile % NCHUNK
         warp = tid >> 5
         lane = tid & 31
-        stamp(NORM, 0, tile, ws, tid)
-        # the norm weights are the only load from HBM here (a new weight set every layer): issue them first
+        # the norm weights are the only load from HBM here (a new weight set every layer): issue them first,
+        # before the previous kernel has finished (PDL) when this is the CTA's first task
         col = (c * WARPS + warp) * 128 + lane * 4
         w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
         # ... and park them in shared memory: ptxas sinks a read-only (.nc) load that is only used after a
         # bar.sync to below it, where its latency under the weight stream (~1 us at M = 1, 9411fc1's timeline)
         # adds to the task; a shared store cannot cross the barrier, so the load stays up here
         P.sts_v2(sf + S_ACT + tid * 8, w0, w1)
+        P.griddep_wait()  # hidden and residual come from the previous kernel
+        stamp(NORM, 0, tile, ws, tid)
         v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(m, c, sf, hidden, residual, si, tid, tile, ws)
         off = Int64(m * H + col) * 2
         P.st_v2(o_res + off, P.f32x2_to_bf16x2(v0, v1), P.f32x2_to_bf16x2(v2, v3))
@@ -326,8 +333,31 @@ def build_kernel(spec: KernelSpec):
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
     # ------------------------------------------------------------------------------------------------
     @cute.jit
+    def take_ticket(ws: Int64, si: Int32) -> Int32:
+        """Thread 0: the next queue ticket of this launch, counted from the first task after the static ones.
+        A launch takes exactly per_launch tickets (each CTA stops at its first one past the table), so the first
+        ticket a CTA takes tells it the launch number (the counters' base, wait_ready) and the launch's window."""
+        P.griddep_wait()  # the ticket counter was last written by the previous launch
+        t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))  # relaxed: data is ordered by the counters
+        if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+            grid = cute.arch.grid_dim()[0]
+            per_launch = Int64(NT) - Int64(P.sel_i32(grid < NT, grid, Int32(NT))) + Int64(grid)
+            launch_no = t64 // per_launch
+            P.sts_u64(si + (SI_TASK + T_WINDOW) * 4, launch_no * per_launch)
+            P.sts_b32(si + (SI_TASK + T_LAUNCH) * 4, Int32(launch_no))  # mod 2^32, like the counters
+            P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(1))
+        return Int32(t64 - P.lds_u64(si + (SI_TASK + T_WINDOW) * 4))
+
+    @cute.jit
     def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
+        # A CTA's first (static) task may have started before the previous kernel finished (PDL): everything
+        # after this point may read what that kernel wrote, or write what it reads.
+        P.griddep_wait()
         if waits != 0 and tid == 0:
+            if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+                # a static first task: the CTA's first ticket (the launch number) is taken now and kept for the
+                # CTA's next task; its latency overlaps this task's wait
+                P.sts_b32(si + (SI_TASK + T_KEPT) * 4, take_ticket(ws, si))
             wc = P.lds_b32(si + (SI_TASK + 3) * 4)
             target = P.lds_b32(si + (SI_TASK + 4) * 4)
             if wc >= 0:
@@ -336,7 +366,7 @@ def build_kernel(spec: KernelSpec):
                 per_launch = Int32(0)
                 for c in cutlass.range_constexpr(N_COUNTERS):
                     per_launch = per_launch + P.sel_i32(wc == c, Int32(TILES[c]), 0)
-                base = P.lds_b32(si + (SI_TASK + 6) * 4) * per_launch
+                base = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) * per_launch
                 seen = P.ld_acquire(addr) - base
                 spins = Int32(0)
                 while seen < target and spins < SPIN_LIMIT:
@@ -359,7 +389,7 @@ def build_kernel(spec: KernelSpec):
                             P.fence_sys()
                             P.st_sys_b32(rec, task + 1)
             if cutlass.const_expr(S.trace):
-                P.st_u64(ws + OFF_TR + Int64(P.lds_b32(si + SI_TASK * 4)) * (TRACE_INTS * 8) + 16, P.globaltimer())
+                P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())
         cute.arch.sync_threads()
 
     @cute.jit
@@ -602,6 +632,7 @@ def build_kernel(spec: KernelSpec):
         for w in cutlass.range_constexpr(PAIR_WARPS):  # per-warp pair counts of the token sort
             if tid < S.n_local:
                 P.sts_b32(si + (SI_CNT + w * THREADS + tid) * 4, Int32(0))
+        P.griddep_wait()  # the previous kernel may still read the outputs written below (PDL, first task)
         for i in cutlass.range_constexpr((S.max_padded + THREADS - 1) // THREADS):  # sentinel: padding slots
             if tid + i * THREADS < S.max_padded:
                 P.st_b32(o_sorted + Int64(tid + i * THREADS) * 4, Uint32(P_PAIRS))
@@ -821,56 +852,71 @@ def build_kernel(spec: KernelSpec):
                       first_local, sf, si, tid, Int32(0))
         else:
             # PDL: the next kernel in the stream may be scheduled now; its CTAs take the SMs ours leave (one CTA
-            # per SM fits) and start their weight prefetch while our last tasks run.
+            # per SM fits) and start their weight prefetch and first weight loads while our last tasks run.
             P.griddep_launch_dependents()
             bid = cute.arch.block_idx()[0]
-            if tid == 0 and bid < prefetch_ctas:
-                # Weights do not depend on the previous kernel: ask L2 for them before waiting on it. With PDL the
-                # early CTAs are the low ones: CTAs 0-2 take what the norm needs first, whole (a prefetch is only
-                # a hint -- L2 is where every SM's writes land, so hidden / residual prefetched before the previous
-                # kernel wrote them are still read fresh after griddepcontrol.wait); then the first prefetch_ctas
-                # CTAs split every weight matrix between them.
-                if bid == 0:
-                    P.prefetch_l2_bulk(norm_w, Int32(H * 2))
-                    P.prefetch_l2_bulk(bias, Int32(E * 4))
-                if bid == 1 % prefetch_ctas:
-                    P.prefetch_l2_bulk(hidden, Int32(M * H * 2))
-                if bid == 2 % prefetch_ctas:
-                    P.prefetch_l2_bulk(residual, Int32(M * H * 2))
-                if bid >= 3:
-                    # (optionally) let the norm's inputs get ahead of the weight stream in the memory queues: the
-                    # norm weight comes from HBM and is on the critical path (MEGAPRE_PREFETCH_DELAY_NS, sweep)
+            grid = cute.arch.grid_dim()[0]
+            n_static = P.sel_i32(grid < n_tasks, grid, n_tasks)  # CTA b < n_static starts on task b (no ticket)
+            n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
+            if tid == 0:
+                P.sts_b32(si + (SI_TASK + T_KEPT) * 4, Int32(-1))
+                P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
+                # Weights and the norm's inputs do not depend on the previous kernel: ask L2 for them before it
+                # has finished. (A prefetch is only a hint -- L2 is where every SM's writes land, so hidden /
+                # residual prefetched before the previous kernel wrote them are still read fresh after
+                # griddepcontrol.wait.) The norm's inputs first, whole; the weight matrices are split between
+                # the prefetch_ctas CTAs after the norm CTAs, which issue nothing else, so that the norm weight
+                # (the only HBM read on the routing chain's first task) is not queued behind the weight stream.
+                if prefetch_ctas > 0:
+                    if bid == 0:
+                        P.prefetch_l2_bulk(norm_w, Int32(H * 2))
+                        P.prefetch_l2_bulk(bias, Int32(E * 4))
+                    if bid == 1 % grid:
+                        P.prefetch_l2_bulk(hidden, Int32(M * H * 2))
+                    if bid == 2 % grid:
+                        P.prefetch_l2_bulk(residual, Int32(M * H * 2))
+                if bid >= n_norm:
+                    # CTAs that do not start on a norm task hold back their weight loads (and prefetch) for
+                    # prefetch_delay ns, so that the norm weight gets ahead of the weight stream in the memory
+                    # queues; their tasks wait for the norm anyway (MEGAPRE_PREFETCH_DELAY_NS, sweep)
                     t_go = P.globaltimer() + Int64(prefetch_delay)
                     while P.globaltimer() < t_go:
                         pass
-                prefetch_slice(gate_w, E * H * 2, bid, prefetch_ctas)
-                prefetch_slice(w13, 2 * I * H, bid, prefetch_ctas)
-                prefetch_slice(w2, H * I, bid, prefetch_ctas)
+                    k = bid - n_norm
+                    n_pf = P.sel_i32(prefetch_ctas < grid - n_norm, prefetch_ctas, grid - n_norm)
+                    if k < n_pf:
+                        prefetch_slice(gate_w, E * H * 2, k, n_pf)
+                        prefetch_slice(w13, 2 * I * H, k, n_pf)
+                        prefetch_slice(w2, H * I, k, n_pf)
             # The task table (one packed word per task, uploaded before any launch that uses it) into shared
             # memory, while the previous kernel may still run.
             for i in cutlass.range_constexpr((NT + THREADS - 1) // THREADS):
                 if tid + i * THREADS < n_tasks:
                     P.sts_b32(st + (tid + i * THREADS) * 4, Int32(P.ld_nc_b32(tasks + Int64(tid + i * THREADS) * 4)))
-            # Everything below may read what the previous kernel wrote (inputs, the workspace counters).
-            P.griddep_wait()
-            cute.arch.sync_threads()  # the table copy above is complete before thread 0 decodes any ticket
-            # No reset between launches: the 64-bit ticket counter only grows, and every launch takes exactly
-            # n_tasks + grid tickets (each CTA ends on one ticket past the table), so launch L owns tickets
-            # [L * (n_tasks + grid), (L + 1) * (n_tasks + grid)); the counters only grow too, and a wait in
+            cute.arch.sync_threads()  # the table copy above is complete before thread 0 decodes any task
+            # CTA b runs task b first (no ticket: a contended atomic on one word costs ~0.5 us at the start of
+            # the routing chain), and it starts before the previous kernel has finished: its weight loads go out
+            # under PDL, and each stage calls griddepcontrol.wait before it reads or writes anything the previous
+            # kernel may touch (stage_norm, stage_route, wait_ready). Later tasks come from the ticket queue
+            # (take_ticket): no reset between launches, the 64-bit ticket counter only grows, and every launch
+            # takes exactly n_tasks - n_static + grid tickets (each CTA ends on one past the table), so launch L
+            # owns tickets [L * per_launch, (L + 1) * per_launch); the counters only grow too, and a wait in
             # launch L compares against L * tiles + target (32-bit wrapping arithmetic on both sides).
+            # Deadlock freedom: a task waits only on tasks earlier in the table; static ones run on lower CTAs,
+            # which the hardware dispatches first, and dynamic ones were taken by running CTAs.
+            static = P.sel_i32(bid < n_static, 1, 0)
             running = Int32(1)
-            window = Int64(-1)  # first ticket of this launch (thread 0)
             while running != 0:
                 if tid == 0:
                     t_ticket = P.globaltimer()
-                    # relaxed: the ticket only orders who runs what; data is ordered by the counters
-                    t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
-                    if window < 0:
-                        per_launch = Int64(n_tasks) + Int64(cute.arch.grid_dim()[0])
-                        launch_no = t64 // per_launch
-                        window = launch_no * per_launch
-                        P.sts_b32(si + (SI_TASK + 6) * 4, Int32(launch_no))  # mod 2^32, like the counters
-                    ticket = Int32(t64 - window)
+                    ticket = bid
+                    if static == 0:
+                        kept = P.lds_b32(si + (SI_TASK + T_KEPT) * 4)
+                        if kept >= 0:
+                            ticket = n_static + kept
+                            P.sts_b32(si + (SI_TASK + T_KEPT) * 4, Int32(-1))
+                        else:
+                            ticket = n_static + take_ticket(ws, si)
                     P.sts_b32(si + SI_TASK * 4, ticket)
                     if ticket < n_tasks:
                         word = P.lds_b32(st + ticket * 4)
@@ -880,10 +926,9 @@ def build_kernel(spec: KernelSpec):
                         P.sts_b32(si + (SI_TASK + 4) * 4, (word >> 18) & ((1 << TARGET_BITS) - 1))  # wait target
                         P.sts_b32(si + (SI_TASK + 5) * 4, word & 7)  # signal counter: the stage's own
                         if cutlass.const_expr(S.trace):
-                            rec = ws + OFF_TR + Int64(ticket) * (TRACE_INTS * 8)
-                            P.st_u64(rec, Int64(cute.arch.block_idx()[0]))
-                            P.st_u64(rec + 8, t_ticket)
-                            P.st_u64(rec + 16, P.globaltimer())  # overwritten by wait_ready if the task waits
+                            P.sts_u64(si + (SI_TASK + T_TAKEN) * 4, t_ticket)
+                            P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())  # wait_ready overwrites
+                static = Int32(0)
                 cute.arch.sync_threads()
                 task = P.lds_b32(si + SI_TASK * 4)
                 if task >= n_tasks:
@@ -905,7 +950,13 @@ def build_kernel(spec: KernelSpec):
                         if waited != 0:
                             P.red_release_add(ctr + Int64(sig) * 4, Int32(1))
                         if cutlass.const_expr(S.trace):
-                            P.st_u64(ws + OFF_TR + Int64(task) * (TRACE_INTS * 8) + 24, P.globaltimer())
+                            # (written here, after the stage's griddepcontrol.wait: the previous launch on this
+                            # workspace may have been tracing into the same records)
+                            rec = ws + OFF_TR + Int64(task) * (TRACE_INTS * 8)
+                            P.st_u64(rec, Int64(bid))
+                            P.st_u64(rec + 8, P.lds_u64(si + (SI_TASK + T_TAKEN) * 4))
+                            P.st_u64(rec + 16, P.lds_u64(si + (SI_TASK + T_READY) * 4))
+                            P.st_u64(rec + 24, P.globaltimer())
 
     megapre_kernel.set_name_prefix("megapre_preamble", remove_cutlass_symbol=True, keep_mangled_name=False)
 

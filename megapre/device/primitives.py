@@ -128,6 +128,16 @@ def sts_b32(saddr: Int32, v: Int32):
 
 
 @cute.jit
+def lds_u64(saddr: Int32) -> Int64:
+    return _asm([Int64], [saddr], "ld.shared.u64 $0, [$1];", "=l,r", True)
+
+
+@cute.jit
+def sts_u64(saddr: Int32, v: Int64):
+    _asm([], [saddr, v], "st.shared.u64 [$0], $1;", "r,l", True)
+
+
+@cute.jit
 def lds_f32(saddr: Int32) -> Float32:
     return _asm([Float32], [saddr], "ld.shared.f32 $0, [$1];", "=f,r", True)
 

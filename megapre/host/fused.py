@@ -165,9 +165,10 @@ def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
 
 
 def _prefetch_delay_ns(spec: KernelSpec) -> int:
-    """MEGAPRE_PREFETCH_DELAY_NS: how long CTAs 3.. wait before their weight prefetch, so that the norm's inputs
-    (CTAs 0-2 prefetch them first; the norm weight comes from HBM and is on the critical path) get ahead of the
-    weight stream. Measured with scripts/sweep_fused.py on the H200 (three runs, 9128d5d / 3c5aef4 / 78b63de):
+    """MEGAPRE_PREFETCH_DELAY_NS: how long the CTAs that do not start on a norm task hold back their weight
+    loads and prefetch, so that the norm's inputs (the norm weight comes from HBM and is on the critical path)
+    get ahead of the weight stream. (Until session 10 the delay also held up those CTAs' first ticket, so that
+    norm tasks taken by them started late; now every norm task is some CTA's static first task.) Measured with scripts/sweep_fused.py on the H200 (three runs, 9128d5d / 3c5aef4 / 78b63de):
     600 ns is 0.25-0.4 us faster for TP8 at M = 1 and 2, 0.2 at M = 8; TP1, bound by the weight stream itself,
     gets slower -- so 600 for TP8, 0 for TP1."""
     v = os.environ.get("MEGAPRE_PREFETCH_DELAY_NS")

@@ -6,16 +6,19 @@ source of truth for both sides is what keeps them in agreement.
 
 Task protocol: every task is one row [stage, tile, wait_counter, wait_target, signal_counter] of the table,
 uploaded packed into one int32 per task (pack_table) that every CTA copies into shared memory before it
-waits on the previous kernel. CTAs take tasks in order with an atomic ticket. A task first waits until
-counters[wait_counter] >= wait_target (acquire), runs its stage on its tile, then adds 1 to
-counters[signal_counter] (release; always the stage's own counter). A task only waits on tasks earlier in
-the queue, and only running CTAs take tickets, so the lowest unfinished task can always run: no wait can
-deadlock, whether or not all CTAs are resident at once.
+waits on the previous kernel. CTA b runs task b first (static: the first `n_static = min(grid, n_tasks)`
+tasks, so the norm tasks start without an atomic and under PDL before the previous kernel ends); later tasks
+are taken in order with an atomic ticket. A task first waits until counters[wait_counter] >= wait_target
+(acquire), runs its stage on its tile, then adds 1 to counters[signal_counter] (release; always the stage's
+own counter). A task only waits on tasks earlier in the queue; the static ones run on lower-numbered CTAs
+(dispatched first) and the dynamic ones were taken by running CTAs, so the lowest unfinished task can always
+run once its CTA is resident.
 Nothing is reset between launches (no host-side reset, no end-of-kernel round): the 64-bit ticket counter and
-the counters only grow. Every launch takes exactly n_tasks + grid tickets (each CTA stops at its first ticket
-past the table), so a CTA knows its launch number L from its first ticket, and a wait in launch L is for
-counters[c] >= L * tiles[c] + target (32-bit wrapping arithmetic). Launches on one workspace never overlap:
-stream order, and with PDL the griddepcontrol.wait before the first ticket.
+the counters only grow. Every launch takes exactly per_launch = n_tasks - n_static + grid tickets (each CTA
+stops at its first ticket past the table), so a CTA knows its launch number L from its first ticket, and a
+wait in launch L is for counters[c] >= L * tiles[c] + target (32-bit wrapping arithmetic). Launches on one
+workspace never overlap: stream order, and with PDL the griddepcontrol.wait before the first ticket and
+before any task reads a counter or an input.
 """
 from __future__ import annotations
 
@@ -241,6 +244,12 @@ def pack_table(rows: list[list[int]]) -> list[int]:
         assert 0 <= tile < 1 << TILE_BITS and 0 <= target < 1 << TARGET_BITS, (tile, target)
         words.append(stage | (ctr + 1) << 3 | tile << 6 | target << 18)
     return words
+
+
+def tickets_per_launch(n_tasks: int, grid: int) -> int:
+    """How far one launch moves the ticket counter: the tasks after the static ones, plus one past the table
+    per CTA."""
+    return n_tasks - min(grid, n_tasks) + grid
 
 
 def unpack_word(w: int) -> tuple[int, int, int, int]:
