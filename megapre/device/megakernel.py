@@ -65,9 +65,9 @@ def build_kernel(spec: KernelSpec):
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
     # the task slot SI_TASK + : 0 ticket (task index), 1 stage, 2 tile, 3 wait counter, 4 wait target, 5 signal
-    # counter, 6 launch number (mod 2^32), 7 a ticket taken for later (-1: none), 8-9 the launch's first ticket
-    # (u64), 10 whether 6 and 8 are known, 12-13 / 14-15 trace: when the task was taken / its inputs were ready
-    T_LAUNCH, T_KEPT, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 7, 8, 10, 12, 14
+    # counter, 6 launch number (mod 2^32), 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known,
+    # 12-13 / 14-15 trace: when the task was taken / its inputs were ready
+    T_LAUNCH, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 8, 10, 12, 14
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
     assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
@@ -218,17 +218,20 @@ def build_kernel(spec: KernelSpec):
 
     def mma_consume(acc, raw, scales, fp8: bool, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
         """acc (4 fp32: C[g][2tq], C[g][2tq+1], C[g+8][2tq], C[g+8][2tq+1]) += this warp's chunks.
-        (Issuing the k16 steps step-major over the chunks, so that independent mma chains interleave, was
-        measured at 0c3c4d6: no change in any GEMM task's time, and TP1 spilled -- the chains are not the limit.)
+        bf16 (the router): each chunk's four k16 steps form their own chain, added in chunk order afterwards --
+        one chain through all chunks (16 mma.sync deep, ~0.27 us) was the router's mma phase once its weights
+        were in registers (graph-mode trace, 81da92b: 0.45 us). (Issuing the k16 steps step-major over the
+        chunks was measured at 0c3c4d6, when the weights still arrived late: no change, and TP1 spilled.)
         FP8 on a QGMMA build goes to qgmma_consume."""
         if fp8 and QGMMA:
             return qgmma_consume(acc, raw, scales, rows, kc, first, s_act, s_as, warp, lane)
         g = lane >> 2
         tq = lane & 3
+        part = []  # bf16: one accumulator chain per chunk, added to acc in chunk order at the end
         for j in range(len(raw)):
             chunk = chunk_of(warp, first + j, rows, kc, fp8)
             lo, hi = raw[j]
-            d = [Float32(0.0)] * 4 if fp8 else acc
+            d = [Float32(0.0)] * 4
             for s_ in range(4):
                 b0, b1 = P.lds_v2(s_act + (g * kc + chunk * 64 + 16 * tq + 4 * s_) * 2)
                 if fp8:
@@ -245,7 +248,9 @@ def build_kernel(spec: KernelSpec):
                 sa1 = P.lds_f32(s_as + ((2 * tq + 1) * (kc // 128) + kbl) * 4) * scales[j]
                 acc = [acc[0] + d[0] * sa0, acc[1] + d[1] * sa1, acc[2] + d[2] * sa0, acc[3] + d[3] * sa1]
             else:
-                acc = d
+                part.append(d)
+        for d in part:
+            acc = [acc[i] + d[i] for i in range(4)]
         return acc
 
     def qgmma_consume(acc, raw, scales, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
@@ -333,19 +338,25 @@ def build_kernel(spec: KernelSpec):
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
     # ------------------------------------------------------------------------------------------------
     @cute.jit
+    def learn_launch(t64: Int64, si: Int32):
+        """Thread 0: this launch's number and first ticket from any ticket-counter value seen during it. A launch
+        moves the counter by exactly per_launch (each CTA stops at its first ticket past the table) and a launch
+        starts after the previous one is complete, so every value a CTA of launch L sees before taking its own
+        last ticket lies in [L * per_launch, (L + 1) * per_launch)."""
+        grid = cute.arch.grid_dim()[0]
+        per_launch = Int64(NT) - Int64(P.sel_i32(grid < NT, grid, Int32(NT))) + Int64(grid)
+        launch_no = t64 // per_launch
+        P.sts_u64(si + (SI_TASK + T_WINDOW) * 4, launch_no * per_launch)
+        P.sts_b32(si + (SI_TASK + T_LAUNCH) * 4, Int32(launch_no))  # mod 2^32, like the counters
+        P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(1))
+
+    @cute.jit
     def take_ticket(ws: Int64, si: Int32) -> Int32:
-        """Thread 0: the next queue ticket of this launch, counted from the first task after the static ones.
-        A launch takes exactly per_launch tickets (each CTA stops at its first one past the table), so the first
-        ticket a CTA takes tells it the launch number (the counters' base, wait_ready) and the launch's window."""
+        """Thread 0: the next queue ticket of this launch, counted from the first task after the static ones."""
         P.griddep_wait()  # the ticket counter was last written by the previous launch
         t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))  # relaxed: data is ordered by the counters
         if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
-            grid = cute.arch.grid_dim()[0]
-            per_launch = Int64(NT) - Int64(P.sel_i32(grid < NT, grid, Int32(NT))) + Int64(grid)
-            launch_no = t64 // per_launch
-            P.sts_u64(si + (SI_TASK + T_WINDOW) * 4, launch_no * per_launch)
-            P.sts_b32(si + (SI_TASK + T_LAUNCH) * 4, Int32(launch_no))  # mod 2^32, like the counters
-            P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(1))
+            learn_launch(t64, si)
         return Int32(t64 - P.lds_u64(si + (SI_TASK + T_WINDOW) * 4))
 
     @cute.jit
@@ -355,9 +366,10 @@ def build_kernel(spec: KernelSpec):
         P.griddep_wait()
         if waits != 0 and tid == 0:
             if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
-                # a static first task: the CTA's first ticket (the launch number) is taken now and kept for the
-                # CTA's next task; its latency overlaps this task's wait
-                P.sts_b32(si + (SI_TASK + T_KEPT) * 4, take_ticket(ws, si))
+                # a static first task: the launch number from a plain read of the ticket counter (taking a
+                # ticket here would tie this CTA's next task to it before it is free: measured at 81da92b, the
+                # route CTA then held a gate_up task until 9 us at M = 8)
+                learn_launch(P.ld_relaxed_u64(ws + WS_HEAD * 4), si)
             wc = P.lds_b32(si + (SI_TASK + 3) * 4)
             target = P.lds_b32(si + (SI_TASK + 4) * 4)
             if wc >= 0:
@@ -859,7 +871,6 @@ def build_kernel(spec: KernelSpec):
             n_static = P.sel_i32(grid < n_tasks, grid, n_tasks)  # CTA b < n_static starts on task b (no ticket)
             n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
             if tid == 0:
-                P.sts_b32(si + (SI_TASK + T_KEPT) * 4, Int32(-1))
                 P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
                 # Weights and the norm's inputs do not depend on the previous kernel: ask L2 for them before it
                 # has finished. (A prefetch is only a hint -- L2 is where every SM's writes land, so hidden /
@@ -902,6 +913,8 @@ def build_kernel(spec: KernelSpec):
             # takes exactly n_tasks - n_static + grid tickets (each CTA ends on one past the table), so launch L
             # owns tickets [L * per_launch, (L + 1) * per_launch); the counters only grow too, and a wait in
             # launch L compares against L * tiles + target (32-bit wrapping arithmetic on both sides).
+            # A static task that waits learns the launch number from a plain read of the ticket counter
+            # (learn_launch); the others from their first ticket.
             # Deadlock freedom: a task waits only on tasks earlier in the table; static ones run on lower CTAs,
             # which the hardware dispatches first, and dynamic ones were taken by running CTAs.
             static = P.sel_i32(bid < n_static, 1, 0)
@@ -911,12 +924,7 @@ def build_kernel(spec: KernelSpec):
                     t_ticket = P.globaltimer()
                     ticket = bid
                     if static == 0:
-                        kept = P.lds_b32(si + (SI_TASK + T_KEPT) * 4)
-                        if kept >= 0:
-                            ticket = n_static + kept
-                            P.sts_b32(si + (SI_TASK + T_KEPT) * 4, Int32(-1))
-                        else:
-                            ticket = n_static + take_ticket(ws, si)
+                        ticket = n_static + take_ticket(ws, si)
                     P.sts_b32(si + SI_TASK * 4, ticket)
                     if ticket < n_tasks:
                         word = P.lds_b32(st + ticket * 4)

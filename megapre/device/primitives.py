@@ -265,6 +265,11 @@ def warp_max_f32(v: Float32) -> Float32:
 
 # ---- inter-CTA synchronization -------------------------------------------------------------------------
 @cute.jit
+def ld_relaxed_u64(addr: Int64) -> Int64:
+    return _asm([Int64], [addr], "ld.relaxed.gpu.global.u64 $0, [$1];", "=l,l", True)
+
+
+@cute.jit
 def ld_acquire(addr: Int64) -> Int32:
     return _asm([Int32], [addr], "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", True)
 
