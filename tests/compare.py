@@ -6,7 +6,9 @@ Tolerances (why each is what it is):
                           (a kernel's fp32 rstd is not the reference's float64 one; seen: 3e-3 on an H200).
   topk                    tie-aware: recomputed from the backend's own logits, a different expert is accepted
                           only where its biased score is within 1e-5 of the one it replaced (fp32 sigmoid +
-                          bias vs float64), and the weights must be the renormalized sigmoid of the chosen ids.
+                          bias vs float64), and the weights must be the renormalized sigmoid of the chosen ids;
+                          a different set of kept groups only where the group scores at the boundary are
+                          within 2e-5 (then the experts are checked against that set).
   a_q / a_scale           scale within 1e-2 relative; dequantized values within one e4m3 step (2^-3 relative)
                           of the reference's, and at most 1% of them not bit-identical.
   shared_out              ||d|| / ||ref|| <= 2e-2 and |d| <= 5e-2 max|ref|: two FP8 re-quantizations, where a
@@ -21,6 +23,30 @@ from megapre.host import reference as ref
 from megapre.output import PreambleOutput
 
 ROUTE_TOL = 1e-5
+GROUP_TOL = 2 * ROUTE_TOL  # group scores: sums of two biased scores
+
+
+def _group_tie_alternative(b_row: torch.Tensor, got: list, cfg):
+    """Where the backend kept a different set of groups than the float64 reference, the experts it may pick
+    from that set -- if the set is a legitimate reading of a group-score near-tie (every kept group within
+    GROUP_TOL of every dropped one), else None. A group score is the sum of two fp32 sigmoid + bias values, so
+    two groups within a few ulps of each other at the topk_group boundary may rank either way; the experts
+    then differ by far more than ROUTE_TOL (measured: ~1 token in 200k of random routing, one failure at
+    ec53080 on an H200)."""
+    epg = cfg.experts_per_group
+    bg = b_row.reshape(cfg.n_group, epg)
+    gscore = torch.sort(bg, dim=-1, descending=True).values[:, :2].sum(-1)
+    groups_got = sorted({e // epg for e in got})
+    if len(groups_got) > cfg.topk_group or not torch.isfinite(gscore).all():
+        return None
+    rest = sorted((g for g in range(cfg.n_group) if g not in groups_got), key=lambda g: (-gscore[g].item(), g))
+    kept = groups_got + rest[: cfg.topk_group - len(groups_got)]
+    dropped = [g for g in range(cfg.n_group) if g not in kept]
+    if min(gscore[g].item() for g in kept) < max(gscore[g].item() for g in dropped) - GROUP_TOL:
+        return None
+    cand = [e for g in kept for e in range(g * epg, (g + 1) * epg)]
+    cand.sort(key=lambda e: (-b_row[e].item(), e))
+    return cand[: cfg.top_k]
 
 
 def check_routing(out: PreambleOutput, bias: torch.Tensor, cfg, rows=None) -> None:
@@ -31,6 +57,11 @@ def check_routing(out: PreambleOutput, bias: torch.Tensor, cfg, rows=None) -> No
     assert ((ids >= 0) & (ids < cfg.n_routed_experts)).all(), f"ids out of range: {ids}"
     for t in range(m) if rows is None else rows:
         got, want = ids[t].tolist(), ids_ref[t].long().tolist()
+        epg = cfg.experts_per_group
+        if got != want and {e // epg for e in got} != {e // epg for e in want}:
+            alt = _group_tie_alternative(b[t], got, cfg)
+            if alt is not None:
+                want = alt
         if got != want:
             bg = sorted((b[t, i].item() for i in got), reverse=True)
             bw = sorted((b[t, i].item() for i in want), reverse=True)

@@ -69,6 +69,7 @@ def build_kernel(spec: KernelSpec):
     # 12-13 / 14-15 trace: when the task was taken / its inputs were ready
     T_LAUNCH, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 8, 10, 12, 14
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
+    FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
     assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
     # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
@@ -95,8 +96,10 @@ def build_kernel(spec: KernelSpec):
         for i in cutlass.range_constexpr(NCHUNK):
             g = warp + WARPS * i
             off = Int64(m * H + g * 128 + lane * 4) * 2
-            h0, h1 = P.ld_nc_v2(hidden + off)
-            r0, r1 = P.ld_nc_v2(residual + off)
+            # coherent loads (not .nc): the previous kernel writes these, and ptxas moves .nc loads above
+            # griddepcontrol.wait (seen in the SASS at ec53080)
+            h0, h1 = P.ld_cg_v2(hidden + off)
+            r0, r1 = P.ld_cg_v2(residual + off)
             ha, hb = P.bf16x2_to_f32(h0)
             hc, hd = P.bf16x2_to_f32(h1)
             ra, rb = P.bf16x2_to_f32(r0)
@@ -140,7 +143,7 @@ def build_kernel(spec: KernelSpec):
 
     @cute.jit
     def stage_norm(tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
-                   o_as: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32):
+                   o_as: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
         """Task (token m, chunk c of 1024 columns): residual out, x (bf16, workspace), a_q / a_scale."""
         m = tile // NCHUNK
         c = tile % NCHUNK
@@ -154,7 +157,7 @@ def build_kernel(spec: KernelSpec):
         # bar.sync to below it, where its latency under the weight stream (~1 us at M = 1, 9411fc1's timeline)
         # adds to the task; a shared store cannot cross the barrier, so the load stays up here
         P.sts_v2(sf + S_ACT + tid * 8, w0, w1)
-        P.griddep_wait()  # hidden and residual come from the previous kernel
+        griddep_if_first(waits)  # hidden and residual come from the previous kernel
         stamp(NORM, 0, tile, ws, tid)
         v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(m, c, sf, hidden, residual, si, tid, tile, ws)
         off = Int64(m * H + col) * 2
@@ -360,10 +363,17 @@ def build_kernel(spec: KernelSpec):
         return Int32(t64 - P.lds_u64(si + (SI_TASK + T_WINDOW) * 4))
 
     @cute.jit
+    def griddep_if_first(waits: Int32):
+        """A CTA's first task (waits == FIRST_TASK) starts before the previous kernel has finished (PDL): it calls
+        griddepcontrol.wait before it reads anything that kernel writes or writes anything it reads. Later tasks
+        come after it. (Inside a branch on purpose: in straight-line code ptxas hoisted the wait above the
+        task's weight loads, so that they only went out after the previous kernel had finished -- ec53080.)"""
+        if waits == FIRST_TASK:
+            P.griddep_wait()
+
+    @cute.jit
     def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
-        # A CTA's first (static) task may have started before the previous kernel finished (PDL): everything
-        # after this point may read what that kernel wrote, or write what it reads.
-        P.griddep_wait()
+        griddep_if_first(waits)
         if waits != 0 and tid == 0:
             if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
                 # a static first task: the launch number from a plain read of the ticket counter (taking a
@@ -644,7 +654,7 @@ def build_kernel(spec: KernelSpec):
         for w in cutlass.range_constexpr(PAIR_WARPS):  # per-warp pair counts of the token sort
             if tid < S.n_local:
                 P.sts_b32(si + (SI_CNT + w * THREADS + tid) * 4, Int32(0))
-        P.griddep_wait()  # the previous kernel may still read the outputs written below (PDL, first task)
+        griddep_if_first(waits)  # the previous kernel may still read the outputs written below (PDL)
         for i in cutlass.range_constexpr((S.max_padded + THREADS - 1) // THREADS):  # sentinel: padding slots
             if tid + i * THREADS < S.max_padded:
                 P.st_b32(o_sorted + Int64(tid + i * THREADS) * 4, Uint32(P_PAIRS))
@@ -830,7 +840,7 @@ def build_kernel(spec: KernelSpec):
                   tid: Int32, waits: Int32):
         """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0."""
         if stage == NORM:
-            stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, sf, si, tid)
+            stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, sf, si, tid, waits)
         if stage == ROUTER:
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
@@ -918,6 +928,7 @@ def build_kernel(spec: KernelSpec):
             # Deadlock freedom: a task waits only on tasks earlier in the table; static ones run on lower CTAs,
             # which the hardware dispatches first, and dynamic ones were taken by running CTAs.
             static = P.sel_i32(bid < n_static, 1, 0)
+            waits = Int32(FIRST_TASK)
             running = Int32(1)
             while running != 0:
                 if tid == 0:
@@ -946,7 +957,8 @@ def build_kernel(spec: KernelSpec):
                     tile = P.lds_b32(si + (SI_TASK + 2) * 4)
                     run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
                               o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                              first_local, sf, si, tid, Int32(1))
+                              first_local, sf, si, tid, waits)
+                    waits = Int32(1)
                     cute.arch.sync_threads()
                     if tid == 0:
                         # bar.sync above + release: every thread's writes of this task are published. Stages no
