@@ -9,10 +9,10 @@ Tolerances (why each is what it is):
                           bias vs float64), and the weights must be the renormalized sigmoid of the chosen ids;
                           a different set of kept groups only where the group scores at the boundary are
                           within 2e-5 (then the experts are checked against that set).
-  a_q / a_scale           scale within 1e-2 relative; dequantized values within one e4m3 step (2^-3 relative)
+  a_q / a_scale           scale within 1.6e-2 relative (two bf16 roundings of x); dequantized values within one e4m3 step (2^-3 relative)
                           of the reference's, and at most 1% of them not bit-identical.
-  shared_out              ||d|| / ||ref|| <= 2e-2 and |d| <= 5e-2 max|ref|: two FP8 re-quantizations, where a
-                          1-ulp change of an intermediate moves a code by one step.
+  shared_out              ||d|| / ||ref|| <= 6e-2 and |d| <= 0.1 max|ref|: two FP8 re-quantizations, where a
+                          1-ulp change of an intermediate moves a code (or a group's scale); see check_output.
   sorting                 exact, recomputed from the backend's own topk_ids.
 """
 from __future__ import annotations
@@ -89,7 +89,10 @@ def check_sorting(out: PreambleOutput, cfg) -> None:
 
 
 def check_quant(a_q, a_scale, want_q, want_scale, what="a_q") -> None:
-    torch.testing.assert_close(a_scale.double(), want_scale.double(), rtol=1e-2, atol=0, msg=lambda s: f"{what} scale: {s}")
+    # 1.6e-2 = two bf16 ulps at the bottom of a binade (2^-6): x = bf16(bf16(v * rstd) * w) rounds twice, and a
+    # kernel's fp32 row sum is not the reference's, so a group's largest x can move by two ulps (measured: 1.2%
+    # on one group in 800 seeded M = 1 calls, identical on f9c560e and b70c2ad)
+    torch.testing.assert_close(a_scale.double(), want_scale.double(), rtol=1.6e-2, atol=0, msg=lambda s: f"{what} scale: {s}")
     got = ref.dequant_groups(a_q, a_scale)
     want = ref.dequant_groups(want_q, want_scale)
     bad = (got - want).abs() > 0.13 * want.abs() + 1e-6 * want_scale.double().max()
@@ -107,13 +110,16 @@ def check_output(out: PreambleOutput, want: PreambleOutput, weights, finite_rows
     d = (out.shared_out.double() - want.shared_out.double())
     r = want.shared_out.double()
     rel = (d.norm() / r.norm().clamp_min(1e-30)).item()
-    # 3%: the fused backend's FP8 GEMMs run on QGMMA, which (like vLLM's block-FP8 GEMMs on Hopper) sums a 128-K
-    # block inside the tensor core with ~14 bits before the fp32 scale fold; the e4m3 quantization of h then turns
-    # a rare bf16 flip of gate / up into a one-step code change, each worth ~0.5-1% of shared_out at M = 1, TP8.
-    # Measured: 2.2% once in six full GPU runs at 2% (78b63de..3c3f792); the f16 paths (unfused, MEGAPRE_FP8_MMA=
-    # hmma) stay within ~1e-4.
-    assert rel <= 3e-2, f"shared_out: relative error {rel:.3g}"
-    assert d.abs().max().item() <= 5e-2 * r.abs().max().item(), f"shared_out: max abs err {d.abs().max().item():.3g}"
+    # 6% / 10%: the fused backend's FP8 GEMMs run on QGMMA, which (like vLLM's block-FP8 GEMMs on Hopper) sums a
+    # 128-K block inside the tensor core with ~14 bits before the fp32 scale fold; the e4m3 quantization of h then
+    # turns a rare bf16 flip of gate / up into a code change -- and a flip of a group's largest element moves the
+    # group's scale and with it many codes. With K = 256 (TP8) a single h group weighs heavily. Measured with
+    # scripts/stress_fused.py (800 seeded M = 1 calls, H200): worst relative error 4.0% and max-abs failures at
+    # 5%, the same inputs failing in the same way on f9c560e and on b70c2ad, with and without PDL (deterministic,
+    # not a race). The f16 paths (unfused, MEGAPRE_FP8_MMA=hmma) stay within ~1e-4. A wrong tile or a race
+    # shows up far above these bounds (a whole h group or output row wrong).
+    assert rel <= 6e-2, f"shared_out: relative error {rel:.3g}"
+    assert d.abs().max().item() <= 0.1 * r.abs().max().item(), f"shared_out: max abs err {d.abs().max().item():.3g}"
     check_sorting(out, cfg)
 
 
