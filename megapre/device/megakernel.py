@@ -65,9 +65,10 @@ def build_kernel(spec: KernelSpec):
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
     # the task slot SI_TASK + : 0 ticket (task index), 1 stage, 2 tile, 3 wait counter, 4 wait target, 5 signal
-    # counter, 6 launch number (mod 2^32), 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known,
-    # 12-13 / 14-15 trace: when the task was taken / its inputs were ready
-    T_LAUNCH, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 8, 10, 12, 14
+    # counter, 6 launch number (mod 2^32), 7 the next ticket when a terminal task took it early (-1: none),
+    # 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 12-13 / 14-15 trace: when the task was
+    # taken / its inputs were ready
+    T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 7, 8, 10, 12, 14
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
@@ -133,8 +134,7 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def quant_group(x0: Float32, x1: Float32, x2: Float32, x3: Float32):
         """FP8 of a warp's 128-group (4 values per lane): (4 e4m3 codes packed, the group's scale)."""
-        amax = P.fmax(P.fmax(P.fabs(x0), P.fabs(x1)), P.fmax(P.fabs(x2), P.fabs(x3)))
-        amax = P.warp_max_f32(amax)
+        amax = P.warp_amax(x0, x1, x2, x3)  # one redux.sync instead of five shuffle rounds
         # = IEEE fl32(max(amax, 1e-10) / 448) and fl32(x_i / scale), bit for bit, without div.rn's branches
         scale = P.div448(P.fmax(amax, Float32(1e-10)))
         q0, q1, q2, q3 = P.div4_by(scale, x0, x1, x2, x3)
@@ -370,6 +370,24 @@ def build_kernel(spec: KernelSpec):
         task's weight loads, so that they only went out after the previous kernel had finished -- ec53080.)"""
         if waits == FIRST_TASK:
             P.griddep_wait()
+
+    @cute.jit
+    def next_ticket_early(waits: Int32, ws: Int64, tid: Int32) -> Int64:
+        """Thread 0 of a terminal task (route, down), shortly before its last stores: the atomic for the CTA's
+        next ticket, so that its round trip overlaps the stores instead of following the task -- the last
+        CTA's exit (and with it the next kernel's griddepcontrol.wait) no longer waits for it. Late in the task
+        on purpose: a ticket taken early binds the next task to a CTA that is still busy (81da92b)."""
+        t64 = Int64(-1)
+        if waits != 0 and tid == 0:
+            t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
+        return t64
+
+    @cute.jit
+    def keep_next_ticket(t64: Int64, waits: Int32, si: Int32, tid: Int32):
+        """... and after the stores: the ticket, for the queue loop (the launch window is known by now: the task
+        has waited)."""
+        if waits != 0 and tid == 0:
+            P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(t64 - P.lds_u64(si + (SI_TASK + T_WINDOW) * 4)))
 
     @cute.jit
     def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
@@ -631,9 +649,11 @@ def build_kernel(spec: KernelSpec):
         outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)
         stamp(DOWN, 2, rt, ws, tid)
+        t_next = next_ticket_early(waits, ws, tid)
         for r, n, val in outs:
             if n < M:
                 P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
+        keep_next_ticket(t_next, waits, si, tid)
 
     # ------------------------------------------------------------------------------------------------
     # stage: router scoring + grouped top-k for one token (one warp; expert e = lane * EPL + j)
@@ -815,6 +835,7 @@ def build_kernel(spec: KernelSpec):
                 P.sts_b32(si + (SI_END + tid) * 4, x + prefix)
                 P.sts_b32(si + (SI_PAD + tid) * 4, padded)
             cute.arch.sync_threads()
+        t_next = next_ticket_early(waits, ws, tid)
         # (sorted_token_ids was filled with the sentinel before the wait; the syncs since order it first)
         if tid < P_PAIRS:
             if lid >= 0:
@@ -829,6 +850,7 @@ def build_kernel(spec: KernelSpec):
                     P.st_b32(o_eids + Int64(blk0 + j) * 4, Uint32(tid))
         if tid == 0:
             P.st_b32(o_ntpp, Uint32(total))
+        keep_next_ticket(t_next, waits, si, tid)
         stamp(ROUTE, 7, Int32(0), ws, tid)
 
     # ------------------------------------------------------------------------------------------------
@@ -882,6 +904,7 @@ def build_kernel(spec: KernelSpec):
             n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
             if tid == 0:
                 P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
+                P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(-1))
                 # Weights and the norm's inputs do not depend on the previous kernel: ask L2 for them before it
                 # has finished. (A prefetch is only a hint -- L2 is where every SM's writes land, so hidden /
                 # residual prefetched before the previous kernel wrote them are still read fresh after
@@ -935,7 +958,12 @@ def build_kernel(spec: KernelSpec):
                     t_ticket = P.globaltimer()
                     ticket = bid
                     if static == 0:
-                        ticket = n_static + take_ticket(ws, si)
+                        early = P.lds_b32(si + (SI_TASK + T_NEXT) * 4)
+                        if early >= 0:
+                            ticket = n_static + early
+                            P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(-1))
+                        else:
+                            ticket = n_static + take_ticket(ws, si)
                     P.sts_b32(si + SI_TASK * 4, ticket)
                     if ticket < n_tasks:
                         word = P.lds_b32(st + ticket * 4)

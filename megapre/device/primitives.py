@@ -249,17 +249,21 @@ def warp_min_i32(v: Int32) -> Int32:
 
 
 @cute.jit
+def warp_amax(a: Float32, b: Float32, c: Float32, d: Float32) -> Float32:
+    """max |x| over 4 values per lane and the warp in one redux.sync: |x| as bits orders like an unsigned
+    integer (sign cleared), +inf below every NaN -- so a NaN propagates, as torch's amax does."""
+    return _asm([Float32], [a, b, c, d],
+                "{ .reg .b32 t0, t1, t2, t3; mov.b32 t0, $1; mov.b32 t1, $2; mov.b32 t2, $3; mov.b32 t3, $4;"
+                " and.b32 t0, t0, 0x7fffffff; and.b32 t1, t1, 0x7fffffff; and.b32 t2, t2, 0x7fffffff;"
+                " and.b32 t3, t3, 0x7fffffff; max.u32 t0, t0, t1; max.u32 t2, t2, t3; max.u32 t0, t0, t2;"
+                " redux.sync.max.u32 t0, t0, 0xffffffff; mov.b32 $0, t0; }", "=f,f,f,f,f")
+
+
+@cute.jit
 def warp_sum_f32(v: Float32) -> Float32:
     """Butterfly sum: every lane gets the same bits (fixed order), so results are deterministic."""
     for off in cutlass.range_constexpr(5):
         v = v + cute.arch.shuffle_sync_bfly(v, 16 >> off)
-    return v
-
-
-@cute.jit
-def warp_max_f32(v: Float32) -> Float32:
-    for off in cutlass.range_constexpr(5):
-        v = fmax(v, cute.arch.shuffle_sync_bfly(v, 16 >> off))
     return v
 
 
