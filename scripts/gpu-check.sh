@@ -26,8 +26,9 @@ for step in $steps; do
       MEGAPRE_FP8_MMA=hmma python3 -m megapre bench --json "$OUT/bench-hmma.json" 2>&1 | tee "$OUT/bench-hmma.txt"
       rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     ab)  # the same bench at an older commit unpacked into .ab/ (git archive <sha> | tar -x -C .ab; build its cubins
-         # into this cache with MEGAPRE_CACHE), for an A/B on the same machine; carry .ab too
-      (cd .ab && MEGAPRE_CACHE="$OLDPWD/.megapre-cache" PYTHONPATH="$PWD" python3 -m megapre bench --json "$OUT/bench-ab.json") \
+         # into .ab/.megapre-cache, or into this cache, with MEGAPRE_CACHE), for an A/B on the same machine; carry .ab
+      abcache="$PWD/.ab/.megapre-cache"; [ -d "$abcache" ] || abcache="$PWD/.megapre-cache"
+      (cd .ab && MEGAPRE_CACHE="$abcache" PYTHONPATH="$PWD" python3 -m megapre bench --json "$OUT/bench-ab.json") \
         2>&1 | tee "$OUT/bench-ab.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     demo)
       python3 -m megapre demo 2>&1 | tee "$OUT/demo.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;

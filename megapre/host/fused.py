@@ -4,7 +4,7 @@ Launch: by default with programmatic dependent launch (PDL), so the kernel's CTA
 previous kernel in the stream drains and prefetch the weights into L2 before griddepcontrol.wait; the task
 queue does not need co-resident CTAs (a task only waits on tasks with lower tickets, all taken by running
 CTAs). MEGAPRE_PDL=0 launches cooperatively instead (no overlap with the previous kernel).
-MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default: all for TP8, 64 for TP1; 0: none).
+MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default: all for TP8, none for TP1).
 
 Per (device, stream, spec) it keeps a workspace (ever-growing ticket and counters, split-K partials,
 intermediates) and the task table on the device, both made on the first call, which therefore must not be
@@ -153,28 +153,29 @@ def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
 
 
 def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
-    """How many CTAs split the L2 weight prefetch. Measured with scripts/sweep_fused.py on the H200 (three runs):
-    TP8 is 0.2-0.3 us faster at M = 1 with every CTA taking a slice; TP1 (47 MB of weights, more than L2 can
-    hold at once with the next call's) is ~1.3 us faster with 64 -- the CTAs that start early under PDL."""
+    """How many CTAs split the L2 weight prefetch (after the norm CTAs). Measured with scripts/sweep_fused.py on
+    the H200: TP8 is 0.2-0.3 us faster with every CTA taking a slice (earlier sessions), ~0.2 us slower with none
+    (b70c2ad). TP1 (47 MB of weights, about what L2 holds) was ~1.3 us faster with 64 while CTAs took every task
+    from the queue; since CTAs start on static tasks whose weight loads go out under PDL (b70c2ad), TP1 M = 1 is
+    fastest with no prefetch at all: 25.9 us against 26.5 (64 CTAs) and 28.1 (all)."""
     v = os.environ.get("MEGAPRE_PREFETCH_CTAS")
     if os.environ.get("MEGAPRE_NO_PREFETCH") == "1":
         return 0
     if v is not None:
         return max(0, min(int(v), num_sms))
-    return num_sms if spec.inter <= 256 else min(64, num_sms)
+    return num_sms if spec.inter <= 256 else 0
 
 
 def _prefetch_delay_ns(spec: KernelSpec) -> int:
     """MEGAPRE_PREFETCH_DELAY_NS: how long the CTAs that do not start on a norm task hold back their weight
     loads and prefetch, so that the norm's inputs (the norm weight comes from HBM and is on the critical path)
-    get ahead of the weight stream. (Until session 10 the delay also held up those CTAs' first ticket, so that
-    norm tasks taken by them started late; now every norm task is some CTA's static first task.) Measured with scripts/sweep_fused.py on the H200 (three runs, 9128d5d / 3c5aef4 / 78b63de):
-    600 ns is 0.25-0.4 us faster for TP8 at M = 1 and 2, 0.2 at M = 8; TP1, bound by the weight stream itself,
-    gets slower -- so 600 for TP8, 0 for TP1."""
+    get ahead of the weight stream. 600 ns was the TP8 default while the delay also held up those CTAs' first
+    ticket (-0.2..-0.4 us then, three sweeps); with static first tasks (b70c2ad) the sweep has no delay fastest
+    (EP8 M = 1 / 2 / 8: 7.51 / 7.82 / 10.16 us against 7.79 / 8.02 / 10.28 at 600 ns), so the default is 0."""
     v = os.environ.get("MEGAPRE_PREFETCH_DELAY_NS")
     if v is not None:
         return max(0, int(v))
-    return 600 if spec.inter <= 256 else 0
+    return 0
 
 
 def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: PreambleOutput, ws, table, mode: int,
