@@ -62,11 +62,6 @@ def ld_nc_v4(addr: Int64):
 
 # Data written by other CTAs earlier in this launch: coherent at L2 (.cg), ordered by the counter protocol.
 @cute.jit
-def ld_cg_b32(addr: Int64) -> Uint32:
-    return _asm([Uint32], [addr], "ld.global.cg.b32 $0, [$1];", "=r,l", True)
-
-
-@cute.jit
 def ld_cg_f32(addr: Int64) -> Float32:
     return _asm([Float32], [addr], "ld.global.cg.f32 $0, [$1];", "=f,l", True)
 
@@ -108,16 +103,6 @@ def st_v4f(addr: Int64, a: Float32, b: Float32, c: Float32, d: Float32):
 
 # ---- shared memory (32-bit shared-window addresses) ---------------------------------------------------
 @cute.jit
-def lds_v4f(saddr: Int32):
-    return _asm([Float32] * 4, [saddr], "ld.shared.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,r", True)
-
-
-@cute.jit
-def sts_v4f(saddr: Int32, a: Float32, b: Float32, c: Float32, d: Float32):
-    _asm([], [saddr, a, b, c, d], "st.shared.v4.f32 [$0], {$1, $2, $3, $4};", "r,f,f,f,f", True)
-
-
-@cute.jit
 def lds_b32(saddr: Int32) -> Int32:
     return _asm([Int32], [saddr], "ld.shared.b32 $0, [$1];", "=r,r", True)
 
@@ -148,17 +133,6 @@ def sts_f32(saddr: Int32, v: Float32):
 
 
 # ---- conversions ----------------------------------------------------------------------------------------
-@cute.jit
-def e4m3x4_to_f32(v: Uint32):
-    """Four packed e4m3 (byte 0 first) -> four f32 (exact)."""
-    return _asm([Float32] * 4, [v],
-                "{ .reg .b16 lo, hi, a, b, c, d; .reg .b32 p, q;"
-                " mov.b32 {lo, hi}, $4; cvt.rn.f16x2.e4m3x2 p, lo; cvt.rn.f16x2.e4m3x2 q, hi;"
-                " mov.b32 {a, b}, p; mov.b32 {c, d}, q;"
-                " cvt.f32.f16 $0, a; cvt.f32.f16 $1, b; cvt.f32.f16 $2, c; cvt.f32.f16 $3, d; }",
-                "=f,=f,=f,=f,r")
-
-
 @cute.jit
 def bf16x2_to_f32(v: Uint32):
     """Packed bf16 pair (low half first) -> two f32 (exact)."""
@@ -244,11 +218,6 @@ def warp_max_i32(v: Int32) -> Int32:
 
 
 @cute.jit
-def warp_min_i32(v: Int32) -> Int32:
-    return _asm([Int32], [v], "redux.sync.min.s32 $0, $1, 0xffffffff;", "=r,r", True)
-
-
-@cute.jit
 def warp_amax(a: Float32, b: Float32, c: Float32, d: Float32) -> Float32:
     """max |x| over 4 values per lane and the warp in one redux.sync: |x| as bits orders like an unsigned
     integer (sign cleared), +inf below every NaN -- so a NaN propagates, as torch's amax does."""
@@ -279,23 +248,8 @@ def ld_acquire(addr: Int64) -> Int32:
 
 
 @cute.jit
-def atom_add_acq_rel(addr: Int64, v: Int32) -> Int32:
-    return _asm([Int32], [addr, v], "atom.acq_rel.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r", True)
-
-
-@cute.jit
 def red_release_add(addr: Int64, v: Int32):
     _asm([], [addr, v], "red.release.gpu.global.add.u32 [$0], $1;", "l,r", True)
-
-
-@cute.jit
-def st_relaxed(addr: Int64, v: Int32):
-    _asm([], [addr, v], "st.relaxed.gpu.global.b32 [$0], $1;", "l,r", True)
-
-
-@cute.jit
-def fence_gpu():
-    _asm([], [], "fence.acq_rel.gpu;", "", True)
 
 
 @cute.jit
@@ -467,11 +421,6 @@ def lowest_bit_index(v: Int32) -> Int32:
 @cute.jit
 def lanemask_lt() -> Int32:
     return _asm([Int32], [], "mov.u32 $0, %lanemask_lt;", "=r", True)
-
-
-@cute.jit
-def atom_add_relaxed(addr: Int64, v: Int32) -> Int32:
-    return _asm([Int32], [addr, v], "atom.relaxed.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r", True)
 
 
 @cute.jit

@@ -163,7 +163,7 @@ def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
         return 0
     if v is not None:
         return max(0, min(int(v), num_sms))
-    return num_sms if spec.inter <= 256 else 0
+    return num_sms if spec.small_shared else 0
 
 
 def _prefetch_delay_ns(spec: KernelSpec) -> int:

@@ -50,6 +50,11 @@ WS_COUNTERS = 16
 ERR_INTS = 8
 
 
+# A shared expert this small per rank (DeepSeek-V3's 2048 at TP8) is a few MB: 128-row down tiles (56 tasks),
+# and every CTA takes a slice of the L2 prefetch (fused._prefetch_ctas); larger ones (TP1) are tiled finer.
+SMALL_SHARED_INTER = 256
+
+
 def _align(n: int, a: int = 256) -> int:
     return (n + a - 1) // a * a
 
@@ -100,7 +105,7 @@ class KernelSpec:
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
-                   down_rows=128 if inter <= 256 else 64, fuse_act=inter * m <= 2048, trace=trace,
+                   down_rows=128 if inter <= SMALL_SHARED_INTER else 64, fuse_act=inter * m <= 2048, trace=trace,
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
@@ -131,6 +136,11 @@ class KernelSpec:
         return None
 
     # ---- derived sizes ----------------------------------------------------------------------------------
+    @property
+    def small_shared(self) -> bool:
+        """The shared expert's slice on this rank is TP8-sized (see SMALL_SHARED_INTER)."""
+        return self.inter <= SMALL_SHARED_INTER
+
     @property
     def experts_per_group(self) -> int:
         return self.experts // self.n_group
