@@ -451,6 +451,26 @@ def build_kernel(spec: KernelSpec):
             size = P.sel_i32(start + chunk <= nbytes, chunk, Int32(nbytes) - start)
             P.prefetch_l2_bulk(base + Int64(start), size)
 
+    @cute.jit
+    def prefetch_task(q: Int32, st: Int32, gate_w: Int64, w13: Int64, w2: Int64, tid: Int32):
+        """L2 prefetch of the weights of queue task q (one thread per weight row of its tile; a row's slice is
+        contiguous): the lookahead that keeps the weight stream ahead of the tasks when the weights are more
+        than one wave of tasks (TP1: a task's direct loads then hit L2 instead of queueing at HBM)."""
+        word = P.lds_b32(st + q * 4)
+        stage = word & 7
+        tile = (word >> 6) & ((1 << TILE_BITS) - 1)
+        if stage == ROUTER:
+            if tid < S.router_rows:
+                _, k0, row_base = split_k_tile(tile, S.router_splits, S.router_kc, S.router_rows)
+                P.prefetch_l2_bulk(gate_w + (Int64(row_base + tid) * H + Int64(k0)) * 2, Int32(S.router_kc * 2))
+        if stage == GATE_UP:
+            if tid < S.gu_rows:
+                _, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
+                P.prefetch_l2_bulk(w13 + Int64(row_base + tid) * H + Int64(k0), Int32(S.gu_kc))
+        if stage == DOWN:
+            if tid == 0:  # the tile's rows are one contiguous block
+                P.prefetch_l2_bulk(w2 + Int64(tile * S.down_rows) * I, Int32(S.down_rows * I))
+
     # ------------------------------------------------------------------------------------------------
     # stage: router GEMM partials (bf16 x bf16 -> fp32)
     # ------------------------------------------------------------------------------------------------
@@ -492,39 +512,44 @@ def build_kernel(spec: KernelSpec):
         """Stage FP8 activations src[m, k0:k0+kc] for 8 token rows (zeros past M) -- e4m3 bytes in the wgmma B
         layout (qgmma) or f16 codes (hmma, exact) -- and their per-128 scales, applied per chunk after the
         tensor-core products."""
+        # Every global load first, then the shared stores: a store waits for its load, and a load issued after
+        # it (the scales) made a second L2 round trip (SASS at 7f71df0: gate_up's "a_q staged" 0.58 us against
+        # the router's one-trip 0.2).
         nvec = 8 * kc // 8
+        nsc = 8 * (kc // 128)
+        codes = []
         for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
             v = tid + i * THREADS
+            m = v // (kc // 8)
+            kk = (v % (kc // 8)) * 8
+            q0 = Uint32(0)
+            q1 = Uint32(0)
+            if m < M:  # (v >= nvec gives m >= 8 >= M: no load)
+                q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
+            codes.append((v, kk, m, q0, q1))
+        scales = []
+        for i in cutlass.range_constexpr((nsc + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            m = v // (kc // 128)
+            kb = v % (kc // 128)
+            sc = Float32(0.0)
+            if m < M:  # (v >= nsc gives m >= 8)
+                sc = P.ld_cg_f32(src_scale + Int64(m * ld_scale + k0 // 128 + kb) * 4)
+            scales.append((v, sc))
+        for v, kk, m, q0, q1 in codes:
             if v < nvec:
-                m = v // (kc // 8)
-                kk = (v % (kc // 8)) * 8
                 if cutlass.const_expr(QGMMA):
                     # e4m3 bytes in the wgmma B layout (qgmma_consume): physical K kk .. kk + 7 of a 64-K chunk
                     # is K slots 4 tq .. of step t (bytes 0-3) and 16 + 4 tq .. (bytes 4-7, the next core matrix)
-                    q0 = Uint32(0)
-                    q1 = Uint32(0)
-                    if m < M:
-                        q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
                     p = kk % 64
                     dst = sf + S_ACT + ((kk // 64) * 2 + (p % 16) // 8) * P.WGMMA_B_STEP + m * 16 + 4 * (p // 16)
                     P.sts_b32(dst, Int32(q0))
                     P.sts_b32(dst + 128, Int32(q1))
-                else:
-                    if m < M:
-                        q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
-                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0),
-                                 P.e4m3x2_hi_to_f16x2(q0), P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
-                    else:
-                        P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
-        nsc = 8 * (kc // 128)
-        for i in cutlass.range_constexpr((nsc + THREADS - 1) // THREADS):
-            v = tid + i * THREADS
+                else:  # exact f16 codes (zero codes past M give zeros)
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0), P.e4m3x2_hi_to_f16x2(q0),
+                             P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
+        for v, sc in scales:
             if v < nsc:
-                m = v // (kc // 128)
-                kb = v % (kc // 128)
-                sc = Float32(0.0)
-                if m < M:
-                    sc = P.ld_cg_f32(src_scale + Int64(m * ld_scale + k0 // 128 + kb) * 4)
                 P.sts_f32(sf + S_AS + v * 4, sc)
 
     @cute.jit
@@ -879,7 +904,7 @@ def build_kernel(spec: KernelSpec):
                        w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64,
                        o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64,
                        o_ntpp: Int64, ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32,
-                       mode: Int32, prefetch_ctas: Int32, prefetch_delay: Int32):
+                       mode: Int32, prefetch_ctas: Int32, prefetch_delay: Int32, lookahead: Int32):
         tid = cute.arch.thread_idx()[0]
         alloc = SmemAllocator()
         s_f = alloc.allocate_tensor(Float32, cute.make_layout(SF), byte_alignment=16)
@@ -983,6 +1008,11 @@ def build_kernel(spec: KernelSpec):
                 else:
                     stage = P.lds_b32(si + (SI_TASK + 1) * 4)
                     tile = P.lds_b32(si + (SI_TASK + 2) * 4)
+                    if lookahead > 0:
+                        # the weights of the task `lookahead` places further down the queue (about one wave of
+                        # tasks later) start towards L2 now (MEGAPRE_LOOKAHEAD; default: TP1)
+                        if task + lookahead < n_tasks:
+                            prefetch_task(task + lookahead, st, gate_w, w13, w2, tid)
                     run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
                               o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
                               first_local, sf, si, tid, waits)
@@ -1013,15 +1043,15 @@ def build_kernel(spec: KernelSpec):
                w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64,
                o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64,
                ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32, mode: Int32, prefetch_ctas: Int32,
-               prefetch_delay: Int32, grid: Int32):
+               prefetch_delay: Int32, lookahead: Int32, grid: Int32):
         megapre_kernel(hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res, o_logits, o_w, o_ids,
                        o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws, tasks, n_tasks, first_local,
-                       mode, prefetch_ctas, prefetch_delay).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
+                       mode, prefetch_ctas, prefetch_delay, lookahead).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
 
     return megapre_kernel, launch
 
 
 PARAMS = ("hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
           "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
-          "first_local", "mode", "prefetch_ctas", "prefetch_delay")
-PARAM_TYPES = ("u64",) * 21 + ("s32",) * 5
+          "first_local", "mode", "prefetch_ctas", "prefetch_delay", "lookahead")
+PARAM_TYPES = ("u64",) * 21 + ("s32",) * 6
