@@ -78,7 +78,7 @@ def test_kernel_arguments_follow_the_manifest_order_and_check_alignment():
     args = fused._kernel_args({"params": params}, hidden, residual, w, out, ws, table, 3, 64, 0, 132)
     assert args[0] == hidden.data_ptr() and args[5] == w.w13.data_ptr() and args[19] == ws.data_ptr()
     assert args[21:] == (spec.n_tasks, cfg.first_local_expert, 3, 64, 0, 132)
-    rev = fused._kernel_args({"params": params[::-1]}, hidden, residual, w, out, ws, table, 3, 64)
+    rev = fused._kernel_args({"params": params[::-1]}, hidden, residual, w, out, ws, table, 3, 64, 0, 132)
     assert rev == args[::-1]
     with pytest.raises(RuntimeError, match="rebuild"):
         fused._kernel_args({"params": params + ["new_param"]}, hidden, residual, w, out, ws, table, 3, 64)
