@@ -26,8 +26,8 @@ def test_megakernel_compiles_with_manifest(tmp_path, shape, m):
     assert manifest["block"] == [THREADS, 1, 1]
     assert "PDL" in manifest["launch"]
     assert manifest["arch"] == "sm_90a"
-    assert len(manifest["params"]) == len(manifest["param_types"]) == len(manifest["ptx_params"]) == 27
-    assert [p.split()[1] for p in manifest["ptx_params"]] == [".u64"] * 21 + [".u32"] * 6
+    assert len(manifest["params"]) == len(manifest["param_types"]) == len(manifest["ptx_params"]) == 26
+    assert [p.split()[1] for p in manifest["ptx_params"]] == [".u64"] * 21 + [".u32"] * 5
     assert manifest["dyn_smem_bytes"] == spec.smem_bytes() <= 227 * 1024
     assert manifest["ws_layout"] == spec.ws_layout()
     # the cache is keyed by spec + arch + source hash: a second build is a no-op returning the same folder

@@ -74,11 +74,11 @@ def test_kernel_arguments_follow_the_manifest_order_and_check_alignment():
     table = torch.tensor(pack_table(task_table(spec)), dtype=torch.int32)
     params = ["hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
               "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
-              "first_local", "mode", "prefetch_ctas", "prefetch_delay", "lookahead"]
-    args = fused._kernel_args({"params": params}, hidden, residual, w, out, ws, table, 3, 64, 0, 132)
+              "first_local", "mode", "prefetch_ctas", "prefetch_delay"]
+    args = fused._kernel_args({"params": params}, hidden, residual, w, out, ws, table, 3, 64)
     assert args[0] == hidden.data_ptr() and args[5] == w.w13.data_ptr() and args[19] == ws.data_ptr()
-    assert args[21:] == (spec.n_tasks, cfg.first_local_expert, 3, 64, 0, 132)
-    rev = fused._kernel_args({"params": params[::-1]}, hidden, residual, w, out, ws, table, 3, 64, 0, 132)
+    assert args[21:] == (spec.n_tasks, cfg.first_local_expert, 3, 64, 0)
+    rev = fused._kernel_args({"params": params[::-1]}, hidden, residual, w, out, ws, table, 3, 64)
     assert rev == args[::-1]
     with pytest.raises(RuntimeError, match="rebuild"):
         fused._kernel_args({"params": params + ["new_param"]}, hidden, residual, w, out, ws, table, 3, 64)

@@ -451,26 +451,6 @@ def build_kernel(spec: KernelSpec):
             size = P.sel_i32(start + chunk <= nbytes, chunk, Int32(nbytes) - start)
             P.prefetch_l2_bulk(base + Int64(start), size)
 
-    @cute.jit
-    def prefetch_task(q: Int32, st: Int32, gate_w: Int64, w13: Int64, w2: Int64, tid: Int32):
-        """L2 prefetch of the weights of queue task q (one thread per weight row of its tile; a row's slice is
-        contiguous): the lookahead that keeps the weight stream ahead of the tasks when the weights are more
-        than one wave of tasks (TP1: a task's direct loads then hit L2 instead of queueing at HBM)."""
-        word = P.lds_b32(st + q * 4)
-        stage = word & 7
-        tile = (word >> 6) & ((1 << TILE_BITS) - 1)
-        if stage == ROUTER:
-            if tid < S.router_rows:
-                _, k0, row_base = split_k_tile(tile, S.router_splits, S.router_kc, S.router_rows)
-                P.prefetch_l2_bulk(gate_w + (Int64(row_base + tid) * H + Int64(k0)) * 2, Int32(S.router_kc * 2))
-        if stage == GATE_UP:
-            if tid < S.gu_rows:
-                _, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
-                P.prefetch_l2_bulk(w13 + Int64(row_base + tid) * H + Int64(k0), Int32(S.gu_kc))
-        if stage == DOWN:
-            if tid == 0:  # the tile's rows are one contiguous block
-                P.prefetch_l2_bulk(w2 + Int64(tile * S.down_rows) * I, Int32(S.down_rows * I))
-
     # ------------------------------------------------------------------------------------------------
     # stage: router GEMM partials (bf16 x bf16 -> fp32)
     # ------------------------------------------------------------------------------------------------
@@ -904,7 +884,7 @@ def build_kernel(spec: KernelSpec):
                        w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64,
                        o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64,
                        o_ntpp: Int64, ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32,
-                       mode: Int32, prefetch_ctas: Int32, prefetch_delay: Int32, lookahead: Int32):
+                       mode: Int32, prefetch_ctas: Int32, prefetch_delay: Int32):
         tid = cute.arch.thread_idx()[0]
         alloc = SmemAllocator()
         s_f = alloc.allocate_tensor(Float32, cute.make_layout(SF), byte_alignment=16)
@@ -1008,11 +988,6 @@ def build_kernel(spec: KernelSpec):
                 else:
                     stage = P.lds_b32(si + (SI_TASK + 1) * 4)
                     tile = P.lds_b32(si + (SI_TASK + 2) * 4)
-                    if lookahead > 0:
-                        # the weights of the task `lookahead` places further down the queue (about one wave of
-                        # tasks later) start towards L2 now (MEGAPRE_LOOKAHEAD; default: TP1)
-                        if task + lookahead < n_tasks:
-                            prefetch_task(task + lookahead, st, gate_w, w13, w2, tid)
                     run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
                               o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
                               first_local, sf, si, tid, waits)
@@ -1043,15 +1018,15 @@ def build_kernel(spec: KernelSpec):
                w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64,
                o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64,
                ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32, mode: Int32, prefetch_ctas: Int32,
-               prefetch_delay: Int32, lookahead: Int32, grid: Int32):
+               prefetch_delay: Int32, grid: Int32):
         megapre_kernel(hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res, o_logits, o_w, o_ids,
                        o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws, tasks, n_tasks, first_local,
-                       mode, prefetch_ctas, prefetch_delay, lookahead).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
+                       mode, prefetch_ctas, prefetch_delay).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
 
     return megapre_kernel, launch
 
 
 PARAMS = ("hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
           "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
-          "first_local", "mode", "prefetch_ctas", "prefetch_delay", "lookahead")
-PARAM_TYPES = ("u64",) * 21 + ("s32",) * 6
+          "first_local", "mode", "prefetch_ctas", "prefetch_delay")
+PARAM_TYPES = ("u64",) * 21 + ("s32",) * 5

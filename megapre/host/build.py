@@ -78,9 +78,8 @@ def compile_spec(spec: KernelSpec, cache_dir: Path | None = None, verbose: bool 
     _, launch = build_kernel(spec)
     import tempfile
     with tempfile.TemporaryDirectory() as dump:  # the DSL writes its kept artifacts there, not into the cwd
-        # 21 pointers; n_tasks, first_local, mode, prefetch_ctas, prefetch_delay, lookahead; grid
-        compiled = cute.compile(launch, *([Int64(0)] * 21), Int32(0), Int32(0), Int32(-1), Int32(0), Int32(0), Int32(0),
-                                Int32(1),
+        # 21 pointers; n_tasks, first_local, mode, prefetch_ctas, prefetch_delay; grid
+        compiled = cute.compile(launch, *([Int64(0)] * 21), Int32(0), Int32(0), Int32(-1), Int32(0), Int32(0), Int32(1),
                                 options=f"--gpu-arch {ARCH} --keep-ptx --keep-cubin --dump-dir {dump}")
     ptx, cubin = compiled.artifacts.PTX, compiled.artifacts.CUBIN
     symbol, ptx_params, block = _parse_entry(ptx)

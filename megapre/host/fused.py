@@ -178,19 +178,8 @@ def _prefetch_delay_ns(spec: KernelSpec) -> int:
     return 0
 
 
-def _lookahead(spec: KernelSpec, num_sms: int) -> int:
-    """MEGAPRE_LOOKAHEAD=n: every task asks L2 for the weights of the task n places further down the queue
-    (0: off). Default: one wave (num_sms) where the weights are many waves of tasks (TP1: 448 gate_up and 112
-    down tasks), so that the weight stream runs a wave ahead of the direct loads; off for TP8, whose start-up
-    prefetch already covers every task's weights."""
-    v = os.environ.get("MEGAPRE_LOOKAHEAD")
-    if v is not None:
-        return max(0, int(v))
-    return 0 if spec.small_shared else num_sms
-
-
 def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: PreambleOutput, ws, table, mode: int,
-                 prefetch_ctas: int, prefetch_delay: int = 0, lookahead: int = 0) -> tuple:
+                 prefetch_ctas: int, prefetch_delay: int = 0) -> tuple:
     """The kernel's arguments in the order its manifest lists them (megakernel.PARAMS at build time)."""
     tensors = {"hidden": hidden, "residual": residual, "norm_w": w.norm_weight, "gate_w": w.gate_weight,
                "bias": w.e_score_correction_bias, "w13": w.w13, "w13_s": w.w13_scale, "w2": w.w2,
@@ -204,7 +193,7 @@ def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: Prea
                    o_eids=out.expert_ids, o_ntpp=out.num_tokens_post_padded, ws=ws, tasks=table)
     values = {k: t.data_ptr() for k, t in tensors.items()}
     values.update(n_tasks=table.numel(), first_local=w.config.first_local_expert, mode=mode,
-                  prefetch_ctas=prefetch_ctas, prefetch_delay=prefetch_delay, lookahead=lookahead)
+                  prefetch_ctas=prefetch_ctas, prefetch_delay=prefetch_delay)
     try:
         return tuple(values[p] for p in manifest["params"])
     except KeyError as e:
@@ -233,7 +222,7 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
             raise ValueError(f"_table has {_table.numel()} tasks, the kernel was built for {spec.n_tasks}")
         table = _table
     args = _kernel_args(manifest, hidden, residual, weights, out, ws, table, -1, _prefetch_ctas(spec, kernel.num_sms),
-                        _prefetch_delay_ns(spec), _lookahead(spec, kernel.num_sms))
+                        _prefetch_delay_ns(spec))
     # The kernel reads the task table before griddepcontrol.wait: a table's first launch goes without PDL, so
     # the copy that uploaded it is surely complete (later launches find it long done).
     # (A planted _table is always launched without PDL.)
