@@ -1,7 +1,8 @@
 """Timeline of one fused launch from in-kernel timestamps: per stage, when its tasks were taken, when their
 dependencies were met, when they finished (us from the first ticket), and the stamped points inside tile 0
 of each stage (megakernel.py's stamp calls). GPU machine; needs traced cubins (python -m megapre build --trace).
-Usage: python3 scripts/trace_fused.py [--graph] [shape:M ...]   (default ep8:1 ep8:4 ep8:8 tp1:8)
+Usage: python3 scripts/trace_fused.py [--graph] [--dump=STAGE ...] [shape:M ...]   (default ep8:1 ep8:4 ep8:8 tp1:8)
+--dump=STAGE: also list that stage's tasks one by one (CTA, the stage of the CTA's previous task, times).
 --graph: trace the last call of a replayed CUDA graph of 16 calls (the bench's steady state: under PDL each
 call's CTAs start while the previous call's last tasks run, so the first "taken" can precede its end);
 without it, the last of 20 eager calls, each of which finds the GPU idle."""
@@ -21,7 +22,8 @@ POINTS = {  # what each stamp slot means (megakernel.py)
     "down": ("ready", "h staged", "mma done"),
 }
 GRAPH = "--graph" in sys.argv
-runs = [a.split(":") for a in sys.argv[1:] if a != "--graph"] or [["ep8", "1"], ["ep8", "4"], ["ep8", "8"], ["tp1", "8"]]
+DUMP = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dump=")]  # stages to list task by task
+runs = [a.split(":") for a in sys.argv[1:] if a != "--graph" and not a.startswith("--dump=")] or [["ep8", "1"], ["ep8", "4"], ["ep8", "8"], ["tp1", "8"]]
 for name, m in runs:
     m = int(m)
     cfg = megapre.config.SHAPE_PRESETS[name]()
@@ -62,3 +64,11 @@ for name, m in runs:
               f"  done {us(min(x['done'] for x in xs)):6.2f}..{us(max(x['done'] for x in xs)):6.2f}"
               f"  run mean {us(sum(x['done'] - x['ready'] for x in xs) / len(xs)):5.2f} max {us(max(x['done'] - x['ready'] for x in xs)):5.2f}")
         print(f"           tile 0: " + ", ".join(pts))
+        if st in DUMP:
+            prev = {}  # cta -> stage of its task before this one
+            for x in sorted(recs, key=lambda x: x["ticket"]):
+                x["prev"] = prev.get(x["cta"], "-")
+                prev[x["cta"]] = x["stage"]
+            for x in sorted(xs, key=lambda x: x["ready"]):
+                print(f"             tile {x['tile']:3d} cta {x['cta']:3d} after {x['prev']:7s} taken {us(x['ticket']):6.2f}"
+                      f" ready {us(x['ready']):6.2f} done {us(x['done']):6.2f}")
