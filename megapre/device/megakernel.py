@@ -533,20 +533,14 @@ def build_kernel(spec: KernelSpec):
                 P.sts_f32(sf + S_AS + v * 4, sc)
 
     @cute.jit
-    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, w2: Int64, ws: Int64,
-                      sf: Int32, si: Int32, tid: Int32, waits: Int32):
+    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
+                      si: Int32, tid: Int32, waits: Int32):
         warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
         raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
         wait_ready(waits, ws, si, tid)
         stamp(GATE_UP, 0, tile, ws, tid)
-        if cutlass.const_expr(S.fuse_act):
-            # down tile `tile` will load its w2 block (down_rows x I, contiguous) in ~1 us: ask L2 for it now.
-            # The start-up prefetch does not hold it that long -- down tasks taken at ~5.8 us waited ~1.3 us for
-            # their weights (8fb98a5's trace); one gate_up task per down tile (56 each at TP8).
-            if tid == 0 and tile < S.stage_tiles()[DOWN]:
-                P.prefetch_l2_bulk(w2 + Int64(tile * S.down_rows) * I, Int32(S.down_rows * I))
         stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
@@ -877,7 +871,7 @@ def build_kernel(spec: KernelSpec):
         if stage == ROUTER:
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, o_aq, o_as, w13, w13_s, w2, ws, sf, si, tid, waits)
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
             stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:
