@@ -3,8 +3,10 @@
 What it computes: every output of megapre.run for M <= 8 tokens (see megapre/host/plan.py for the task
 protocol and megapre/host/reference.py for the semantics). Stages, each a device function that the queue
 loop dispatches to, and that ``mode >= 0`` runs alone (tile = blockIdx.x) for per-stage testing
-(mode -1: the full queue; the first ``prefetch_ctas`` CTAs ask L2 for the weights before griddepcontrol.wait,
-i.e. while the previous kernel drains under programmatic dependent launch; 0 turns that off):
+(mode -1: the full queue. CTA b starts on task b -- under programmatic dependent launch while the previous
+kernel drains, its weight loads first, griddepcontrol.wait only before it touches what that kernel may read or
+write -- and ``prefetch_ctas`` CTAs after the norm CTAs ask L2 for the weights at their start; 0 turns that
+off):
 
     norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale
     router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
@@ -16,10 +18,11 @@ i.e. while the previous kernel drains under programmatic dependent launch; 0 tur
                                    block-scaled FP8 h_q @ w2.T -> shared_out (bf16)
 
 Nothing is reset between launches: the ticket counter and the counters only grow, and a CTA derives its launch
-number from its first ticket (plan.py). Stages nobody waits on (route, down) signal nothing.
+number from the ticket counter (plan.py, learn_launch). Stages nobody waits on (route, down) signal nothing.
 
-GEMMs (M <= 8 makes them weight streams): tensor-core mma.sync m16n8k16 with the weights as the 16-row A
-operand and the <= 8 tokens as B ("swap AB"), see mma_issue / mma_consume. Split-K partials are added by
+GEMMs (M <= 8 makes them weight streams), "swap AB" with the weights as the A operand and the <= 8 tokens as B:
+the bf16 router on mma.sync m16n8k16, the FP8 GEMMs on wgmma m64n8k32 e4m3 (QGMMA) with A from registers, see
+mma_issue / mma_consume / qgmma_consume. Split-K partials are added by
 the consumer in split order and K groups inside a task in warp order: no float atomics, bitwise-repeatable
 results.
 
