@@ -541,14 +541,8 @@ def build_kernel(spec: KernelSpec):
         warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
-        # A CTA's first task issues its weights before the wait (under PDL they overlap the previous kernel); a
-        # later one waits first: issued before, its poll came back only when its own weights had arrived --
-        # dynamic gate_up tasks at EP8 M = 8 were ready 2-3 us after they were taken (63d9c4e's graph trace).
-        if waits != FIRST_TASK:
-            wait_ready(waits, ws, si, tid)
         raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
-        if waits == FIRST_TASK:
-            wait_ready(waits, ws, si, tid)
+        wait_ready(waits, ws, si, tid)
         stamp(GATE_UP, 0, tile, ws, tid)
         stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
         if cutlass.const_expr(QGMMA):
