@@ -34,8 +34,7 @@ def _group_tie_alternative(b_row: torch.Tensor, got: list, cfg):
     then differ by far more than ROUTE_TOL (measured: ~1 token in 200k of random routing, one failure at
     ec53080 on an H200)."""
     epg = cfg.experts_per_group
-    bg = b_row.reshape(cfg.n_group, epg)
-    gscore = torch.sort(bg, dim=-1, descending=True).values[:, :2].sum(-1)
+    gscore = ref.group_scores(b_row, cfg)
     groups_got = sorted({e // epg for e in got})
     if len(groups_got) > cfg.topk_group or not torch.isfinite(gscore).all():
         return None

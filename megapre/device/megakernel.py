@@ -350,11 +350,16 @@ def build_kernel(spec: KernelSpec):
         starts after the previous one is complete, so every value a CTA of launch L sees before taking its own
         last ticket lies in [L * per_launch, (L + 1) * per_launch)."""
         grid = cute.arch.grid_dim()[0]
-        per_launch = Int64(NT) - Int64(P.sel_i32(grid < NT, grid, Int32(NT))) + Int64(grid)
+        per_launch = Int64(NT) - Int64(P.sel_i32(grid < NT, grid, Int32(NT))) + Int64(grid)  # tickets_per_launch
         launch_no = t64 // per_launch
         P.sts_u64(si + (SI_TASK + T_WINDOW) * 4, launch_no * per_launch)
         P.sts_b32(si + (SI_TASK + T_LAUNCH) * 4, Int32(launch_no))  # mod 2^32, like the counters
         P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(1))
+
+    @cute.jit
+    def ticket_index(t64: Int64, si: Int32) -> Int32:
+        """A ticket-counter value as this launch's ticket number (learn_launch has run)."""
+        return Int32(t64 - P.lds_u64(si + (SI_TASK + T_WINDOW) * 4))
 
     @cute.jit
     def take_ticket(ws: Int64, si: Int32) -> Int32:
@@ -363,7 +368,7 @@ def build_kernel(spec: KernelSpec):
         t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))  # relaxed: data is ordered by the counters
         if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
             learn_launch(t64, si)
-        return Int32(t64 - P.lds_u64(si + (SI_TASK + T_WINDOW) * 4))
+        return ticket_index(t64, si)
 
     @cute.jit
     def griddep_if_first(waits: Int32):
@@ -390,7 +395,7 @@ def build_kernel(spec: KernelSpec):
         """... and after the stores: the ticket, for the queue loop (the launch window is known by now: the task
         has waited)."""
         if waits != 0 and tid == 0:
-            P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(t64 - P.lds_u64(si + (SI_TASK + T_WINDOW) * 4)))
+            P.sts_b32(si + (SI_TASK + T_NEXT) * 4, ticket_index(t64, si))
 
     @cute.jit
     def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):

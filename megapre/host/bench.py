@@ -190,31 +190,32 @@ def bench(shapes=("ep8", "tp1"), ms=(1, 2, 4, 8), backends=("unfused", "fused", 
     # Every timing first, the kernel counts after all of them: the torch profiler (CUPTI) that counts kernels
     # made the graph replays timed after it slower -- at 19b4e4c the fused bench read 8.62 us at EP8 M = 1 where
     # the same helper, never after a profiler, read 7.45 in the same run (scripts/sweep_fused.py).
-    for counting in (False, True) if on_gpu else (False,):
+    for shape in shapes:
+        cfg = SHAPE_PRESETS[shape]()
+        wbytes = cfg.weight_bytes()
+        floor = wbytes / bw * 1e6 if bw else None
+        for m in ms:
+            case = Case.make(cfg, m, device)
+            for backend in backends:
+                try:
+                    with variant(backend) as real:
+                        us = time_graph(case, real, replays) if on_gpu else time_eager_cpu(case, real)
+                    rows.append(Row(shape, m, backend, us, None, wbytes, floor, (floor / us) if floor else None))
+                except Exception as e:  # a backend that cannot run here is reported, not fatal
+                    rows.append(Row(shape, m, backend, None, None, wbytes, floor, None,
+                                    error=f"{type(e).__name__}: {e}"))
+            del case
+            if on_gpu:
+                torch.cuda.empty_cache()
+    if on_gpu:
+        counted = {(r.shape, r.m, r.backend): r for r in rows if r.error is None}
         for shape in shapes:
-            cfg = SHAPE_PRESETS[shape]()
-            wbytes = cfg.weight_bytes()
-            floor = wbytes / bw * 1e6 if bw else None
             for m in ms:
-                case = Case.make(cfg, m, device)
+                case = Case.make(SHAPE_PRESETS[shape](), m, device, n_sets=2)  # count_kernels makes two calls
                 for backend in backends:
-                    if counting:
-                        row = next(r for r in rows if (r.shape, r.m, r.backend) == (shape, m, backend))
-                        if row.error is None:
-                            with variant(backend) as real:
-                                row.kernels_per_call = count_kernels(case, real)
-                        continue
-                    try:
+                    if (shape, m, backend) in counted:
                         with variant(backend) as real:
-                            us = time_graph(case, real, replays) if on_gpu else time_eager_cpu(case, real)
-                        frac = (floor / us) if floor else None
-                        rows.append(Row(shape, m, backend, us, None, wbytes, floor, frac))
-                    except Exception as e:  # a backend that cannot run here is reported, not fatal
-                        rows.append(Row(shape, m, backend, None, None, wbytes, floor, None,
-                                        error=f"{type(e).__name__}: {e}"))
-                del case
-                if on_gpu:
-                    torch.cuda.empty_cache()
+                            counted[shape, m, backend].kernels_per_call = count_kernels(case, real)
     return {
         "device": device_name(device),
         "timing": ("CUDA graph of 16 calls over 8 weight sets, median replay / 16" if on_gpu

@@ -166,7 +166,7 @@ def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
     return num_sms if spec.small_shared else 0
 
 
-def _prefetch_delay_ns(spec: KernelSpec) -> int:
+def _prefetch_delay_ns() -> int:
     """MEGAPRE_PREFETCH_DELAY_NS: how long the CTAs that do not start on a norm task hold back their weight
     loads and prefetch, so that the norm's inputs (the norm weight comes from HBM and is on the critical path)
     get ahead of the weight stream. 600 ns was the TP8 default while the delay also held up those CTAs' first
@@ -222,7 +222,7 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
             raise ValueError(f"_table has {_table.numel()} tasks, the kernel was built for {spec.n_tasks}")
         table = _table
     args = _kernel_args(manifest, hidden, residual, weights, out, ws, table, -1, _prefetch_ctas(spec, kernel.num_sms),
-                        _prefetch_delay_ns(spec))
+                        _prefetch_delay_ns())
     # The kernel reads the task table before griddepcontrol.wait: a table's first launch goes without PDL, so
     # the copy that uploaded it is surely complete (later launches find it long done).
     # (A planted _table is always launched without PDL.)

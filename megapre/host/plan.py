@@ -15,8 +15,9 @@ own counter). A task only waits on tasks earlier in the queue; the static ones r
 run once its CTA is resident.
 Nothing is reset between launches (no host-side reset, no end-of-kernel round): the 64-bit ticket counter and
 the counters only grow. Every launch takes exactly per_launch = n_tasks - n_static + grid tickets (each CTA
-stops at its first ticket past the table), so a CTA knows its launch number L from its first ticket, and a
-wait in launch L is for counters[c] >= L * tiles[c] + target (32-bit wrapping arithmetic). Launches on one
+stops at its first ticket past the table), so a CTA knows its launch number L from the ticket counter (its
+first ticket, or a plain read in a static task's wait), and a wait in launch L is for
+counters[c] >= L * tiles[c] + target (32-bit wrapping arithmetic). Launches on one
 workspace never overlap: stream order, and with PDL the griddepcontrol.wait before the first ticket and
 before any task reads a counter or an input.
 """

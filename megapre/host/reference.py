@@ -87,15 +87,19 @@ def _topk_lower_index(v: torch.Tensor, k: int) -> torch.Tensor:
     return order[..., :k]
 
 
+def group_scores(b: torch.Tensor, config: PreambleConfig) -> torch.Tensor:
+    """[..., n_group]: each group's score, the sum of its two best biased scores (-inf if a group has fewer than
+    two finite scores)."""
+    bg = b.reshape(*b.shape[:-1], config.n_group, config.experts_per_group)
+    return _sanitize(torch.sort(bg, dim=-1, descending=True).values[..., :2].sum(-1))
+
+
 def grouped_topk(logits: torch.Tensor, bias: torch.Tensor, config: PreambleConfig):
     """DeepSeek-V3 noaux_tc routing. Returns (topk_weights fp32 [M,k], topk_ids int32 [M,k])."""
     cfg = config
     m = logits.shape[0]
     s, b = biased_scores(logits, bias)
-    bg = b.reshape(m, cfg.n_group, cfg.experts_per_group)
-    top2 = torch.sort(bg, dim=-1, descending=True).values[..., :2]
-    group_score = top2.sum(-1)  # -inf if a group has fewer than two finite scores
-    group_score = _sanitize(group_score)
+    group_score = group_scores(b, cfg)
     sel_groups = _topk_lower_index(group_score, cfg.topk_group)
     keep = torch.zeros(m, cfg.n_group, dtype=torch.bool, device=logits.device)
     keep.scatter_(1, sel_groups, True)
