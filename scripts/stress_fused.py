@@ -1,7 +1,7 @@
 """Stress the fused kernel for rare wrong results (GPU machine): many graph replays on inputs copied into the
 captured buffers (tests/test_gpu_backends.py::test_graph_replay_changing_inputs, N times instead of 20) and
 many eager calls, each output checked against the reference; prints the failures by kind.
-Usage: python3 scripts/stress_fused.py [replays] [M]   (MEGAPRE_PDL=0 for the cooperative launch)"""
+Usage: python3 scripts/stress_fused.py [replays] [M] [ep8|tp1]   (MEGAPRE_PDL=0 for the cooperative launch)"""
 import collections, os, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -11,7 +11,8 @@ from tests.compare import check_output
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 m = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-cfg = megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=0)
+from megapre.config import SHAPE_PRESETS
+cfg = SHAPE_PRESETS[sys.argv[3] if len(sys.argv) > 3 else "ep8"]()
 w = megapre.PreambleWeights.random(cfg, seed=7, device="cuda")
 
 

@@ -69,9 +69,10 @@ def build_kernel(spec: KernelSpec):
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
     # the task slot SI_TASK + : 0 ticket (task index), 1 stage, 2 tile, 3 wait counter, 4 wait target, 5 signal
     # counter, 6 launch number (mod 2^32), 7 the next ticket when a terminal task took it early (-1: none),
-    # 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 12-13 / 14-15 trace: when the task was
-    # taken / its inputs were ready
-    T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 7, 8, 10, 12, 14
+    # 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 11 the packed table word of the ticket
+    # in 7 (stream_weights; -1: none or past the table), 12-13 / 14-15 trace: when the task was taken / its
+    # inputs were ready
+    T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_NWORD, T_TAKEN, T_READY = 6, 7, 8, 10, 11, 12, 14
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
@@ -80,6 +81,13 @@ def build_kernel(spec: KernelSpec):
     SORT8 = (((0, 2), (1, 3), (4, 6), (5, 7)), ((0, 4), (1, 5), (2, 6), (3, 7)), ((0, 1), (2, 3), (4, 5), (6, 7)),
              ((2, 4), (3, 5)), ((1, 4), (3, 6)), ((1, 2), (3, 4), (5, 6)))
     assert EPL == 8
+    # streamed FP8 weights (S.stream_weights): a two-slot ring in shared memory, per-thread counters
+    STREAM = S.stream_weights
+    B8 = KernelSpec.FP8_BATCH
+    RING_SLOT = KernelSpec.ring_slot_bytes()
+    RING_SC = THREADS * B8 * 32  # the block scales' offset inside a ring slot
+    S_RING, S_RCTR = SL.get("ring", 0), SL.get("ring_ctr", 0)
+    N_DOWN_PIECES = KernelSpec.weight_pieces(S.down_rows, I)
 
     # ------------------------------------------------------------------------------------------------
     # stage: residual add + RMSNorm + MoE input quantization of one 1024-column chunk of one token (one
@@ -341,6 +349,87 @@ def build_kernel(spec: KernelSpec):
     B_DOWN = mma_batch(S.down_rows, S.inter, True)
 
     # ------------------------------------------------------------------------------------------------
+    # Streamed FP8 weights (S.stream_weights): a task's weight loads (one "piece" = one load batch, B8 chunks
+    # per warp, 64 KB for the CTA) go into a ring slot in shared memory with cp.async -- every thread copies
+    # exactly the 16-byte runs that mma_issue would have loaded into its registers, into its own slots, and
+    # reads them back itself (ring_take), so no barrier is involved. Pieces are issued and consumed in order;
+    # each thread counts both in its own shared-memory words (S_RCTR: issued, consumed), so that the slot of
+    # a piece is its number mod 2. Copy groups: every piece is committed as one group, and a task commits
+    # exactly one group (possibly empty) between issuing its piece and taking it -- the next task's first
+    # piece, issue_next -- so that ring_take always waits with one group allowed in flight.
+    # ------------------------------------------------------------------------------------------------
+    def ring_issue(w_ptr, ldw: int, row_base, k0, rows: int, kc: int, w_scale, lds_scale: int, sf, warp, lane,
+                   tid, first: int, count: int):
+        """cp.async of this thread's weights (and block scales) of chunks first .. first + count - 1."""
+        wr, _, _ = mma_plan(rows, kc)
+        g = lane >> 2
+        tq = lane & 3
+        row = row_base + (warp % wr) * 16 + g
+        ctr = sf + S_RCTR + tid * 8
+        n = P.lds_b32(ctr)
+        P.sts_b32(ctr, n + 1)
+        base = sf + S_RING + (n & 1) * RING_SLOT
+        for i in range(count):
+            k_chunk = k0 + chunk_of(warp, first + i, rows, kc, True) * 64
+            col = k_chunk + 16 * tq
+            P.cp_async_16(base + ((2 * i) * THREADS + tid) * 16, w_ptr + Int64(row) * ldw + Int64(col))
+            P.cp_async_16(base + ((2 * i + 1) * THREADS + tid) * 16, w_ptr + Int64(row + 8) * ldw + Int64(col))
+            kb = k_chunk // 128
+            P.cp_async_4(base + RING_SC + (i * THREADS + tid) * 4,
+                         w_scale + Int64((row_base + (warp % wr) * 16) // 128 * lds_scale + kb) * 4)
+
+    def ring_take(sf, tid, count: int):
+        """This thread's next piece (the oldest in flight) as (raw, scales), the form mma_issue returns."""
+        P.cp_async_wait(1)
+        ctr = sf + S_RCTR + tid * 8 + 4
+        n = P.lds_b32(ctr)
+        P.sts_b32(ctr, n + 1)
+        base = sf + S_RING + (n & 1) * RING_SLOT
+        raw = []
+        scales = []
+        for i in range(count):
+            raw.append((P.lds_v4(base + ((2 * i) * THREADS + tid) * 16),
+                        P.lds_v4(base + ((2 * i + 1) * THREADS + tid) * 16)))
+            scales.append(P.lds_f32(base + RING_SC + (i * THREADS + tid) * 4))
+        return raw, scales
+
+    def gu_piece(tile, w13, w13_s, sf, warp, lane, tid):
+        _, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
+        ring_issue(w13, H, row_base, k0, S.gu_rows, S.gu_kc, w13_s, NG, sf, warp, lane, tid, 0, B_GU)
+
+    def down_piece(rt, p: int, w2, w2_s, sf, warp, lane, tid):
+        _, _, per_warp = mma_plan(S.down_rows, I)
+        ring_issue(w2, I, rt * S.down_rows, 0, S.down_rows, I, w2_s, I // 128, sf, warp, lane, tid, p * B8,
+                   min(B8, per_warp - p * B8))
+
+    @cute.jit
+    def issue_own_first(stage: cutlass.Constexpr, tile: Int32, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64,
+                        sf: Int32, tid: Int32):
+        """A GEMM task's first piece, unless the previous task of this CTA already issued it (issue_next)."""
+        warp, lane = tid >> 5, tid & 31
+        if P.lds_b32(sf + S_RCTR + tid * 8) == P.lds_b32(sf + S_RCTR + tid * 8 + 4):
+            if cutlass.const_expr(stage == GATE_UP):
+                gu_piece(tile, w13, w13_s, sf, warp, lane, tid)
+            else:
+                down_piece(tile, 0, w2, w2_s, sf, warp, lane, tid)
+            P.cp_async_commit()
+
+    @cute.jit
+    def issue_next(w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, sf: Int32, si: Int32, tid: Int32):
+        """The first piece of the CTA's next task (wait_ready took its ticket) when it is a GEMM task; one copy
+        group either way."""
+        warp, lane = tid >> 5, tid & 31
+        word = P.lds_b32(si + (SI_TASK + T_NWORD) * 4)
+        if word >= 0:
+            nstage = word & 7
+            ntile = (word >> 6) & ((1 << TILE_BITS) - 1)
+            if nstage == GATE_UP:
+                gu_piece(ntile, w13, w13_s, sf, warp, lane, tid)
+            if nstage == DOWN:
+                down_piece(ntile, 0, w2, w2_s, sf, warp, lane, tid)
+        P.cp_async_commit()
+
+    # ------------------------------------------------------------------------------------------------
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
     # ------------------------------------------------------------------------------------------------
     @cute.jit
@@ -398,8 +487,20 @@ def build_kernel(spec: KernelSpec):
             P.sts_b32(si + (SI_TASK + T_NEXT) * 4, ticket_index(t64, si))
 
     @cute.jit
-    def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
+    def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32, st: Int32, ahead: cutlass.Constexpr):
+        """Wait until the task's wait counter reaches its target (thread 0 polls, then the CTA syncs).
+        ahead (stream_weights GEMM tasks in the queue): thread 0 also takes the CTA's next ticket now -- its
+        atomic's round trip overlaps the poll -- and leaves it in T_NEXT and its table word in T_NWORD, so that
+        the task can start the next task's weight copies (issue_next)."""
         griddep_if_first(waits)
+        t_ahead = Int64(-1)
+        if cutlass.const_expr(ahead):
+            if tid == 0:
+                P.sts_b32(si + (SI_TASK + T_NWORD) * 4, Int32(-1))
+                if waits != 0:
+                    t_ahead = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
+                    if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+                        learn_launch(t_ahead, si)  # a static first task: its launch from this ticket
         if waits != 0 and tid == 0:
             if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
                 # a static first task: the launch number from a plain read of the ticket counter (taking a
@@ -436,6 +537,13 @@ def build_kernel(spec: KernelSpec):
                             P.st_sys_b32(rec + 20, target)
                             P.fence_sys()
                             P.st_sys_b32(rec, task + 1)
+            if cutlass.const_expr(ahead):
+                nxt = ticket_index(t_ahead, si)
+                P.sts_b32(si + (SI_TASK + T_NEXT) * 4, nxt)
+                grid = cute.arch.grid_dim()[0]
+                t_abs = nxt + P.sel_i32(grid < NT, grid, Int32(NT))  # + n_static
+                if t_abs < NT:
+                    P.sts_b32(si + (SI_TASK + T_NWORD) * 4, P.lds_b32(st + t_abs * 4))
             if cutlass.const_expr(S.trace):
                 P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())
         cute.arch.sync_threads()
@@ -468,7 +576,7 @@ def build_kernel(spec: KernelSpec):
         kc = S.router_kc
         split, k0, row_base = split_k_tile(tile, S.router_splits, kc, S.router_rows)
         raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
-        wait_ready(waits, ws, si, tid)
+        wait_ready(waits, ws, si, tid, Int32(0), False)
         stamp(ROUTER, 0, tile, ws, tid)
         # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
         nvec = 8 * kc // 8
@@ -541,21 +649,32 @@ def build_kernel(spec: KernelSpec):
                 P.sts_f32(sf + S_AS + v * 4, sc)
 
     @cute.jit
-    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
-                      si: Int32, tid: Int32, waits: Int32):
+    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64,
+                      ws: Int64, sf: Int32, si: Int32, st: Int32, tid: Int32, waits: Int32):
         warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
-        raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
-        wait_ready(waits, ws, si, tid)
+        if cutlass.const_expr(STREAM):
+            issue_own_first(GATE_UP, tile, w13, w13_s, w2, w2_s, sf, tid)
+            wait_ready(waits, ws, si, tid, st, True)
+            issue_next(w13, w13_s, w2, w2_s, sf, si, tid)
+        else:
+            raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
+            wait_ready(waits, ws, si, tid, Int32(0), False)
         stamp(GATE_UP, 0, tile, ws, tid)
         stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
         cute.arch.sync_threads()
         stamp(GATE_UP, 1, tile, ws, tid)
-        outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
-                        warp, lane, tid, raw0, sc0, B_GU)
+        if cutlass.const_expr(STREAM):
+            raw, sc = ring_take(sf, tid, B_GU)
+            acc = mma_consume([Float32(0.0)] * 4, raw, sc, True, S.gu_rows, kc, 0, sf + S_ACT, sf + S_AS, warp,
+                              lane)
+            outs = mma_reduce(acc, S.gu_rows, kc, sf + S_RED, warp, lane, tid)
+        else:
+            outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS,
+                            sf + S_RED, warp, lane, tid, raw0, sc0, B_GU)
         stamp(GATE_UP, 2, tile, ws, tid)
         for r, n, val in outs:
             if n < M:
@@ -591,7 +710,7 @@ def build_kernel(spec: KernelSpec):
     def stage_act(g: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
         m = tid >> 5
         lane = tid & 31
-        wait_ready(waits, ws, si, tid)
+        wait_ready(waits, ws, si, tid, Int32(0), False)
         stamp(ACT, 0, g, ws, tid)
         if m < M:
             q, scale = act_group(m, g, lane, ws, g, tid)
@@ -643,22 +762,32 @@ def build_kernel(spec: KernelSpec):
     # stage: shared expert down GEMM (block-scaled FP8) -> shared_out bf16
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_down(rt: Int32, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32,
-                   waits: Int32):
+    def stage_down(rt: Int32, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, sf: Int32,
+                   si: Int32, st: Int32, tid: Int32, waits: Int32):
         warp = tid >> 5
         lane = tid & 31
         row_base = rt * S.down_rows
-        if cutlass.const_expr(S.fuse_act and M <= 2):
+        if cutlass.const_expr(STREAM):
+            # the first piece (unless the previous task issued it), then the second: the ring is full until the
+            # first is consumed, so a two-piece task starts the next task's weights after that
+            issue_own_first(DOWN, rt, w2, w2_s, w2, w2_s, sf, tid)
+            if cutlass.const_expr(N_DOWN_PIECES == 2):
+                down_piece(rt, 1, w2, w2_s, sf, warp, lane, tid)
+                P.cp_async_commit()
+            wait_ready(waits, ws, si, tid, st, True)
+            if cutlass.const_expr(N_DOWN_PIECES == 1):
+                issue_next(w13, w13_s, w2, w2_s, sf, si, tid)
+        elif cutlass.const_expr(S.fuse_act and M <= 2):
             # M <= 2: the weights after the wait, together with the act's loads (their latency hides behind the
             # act's math): issued before it, the dynamic down tasks' polls came back only ~1.2-1.6 us after the
             # task was taken, long after the last gate_up (8fb98a5's task-by-task trace; not w2 from HBM:
             # bdaddb5). Measured in one run (3cfc636 vs dbf5ac8): M = 1 / 2 -0.33 / -0.13 us, but M = 4 / 8
             # +0.6 / +0.7 (a longer act no longer hides the weights), so larger M keep the weights first.
-            wait_ready(waits, ws, si, tid)
+            wait_ready(waits, ws, si, tid, Int32(0), False)
             raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
         else:
             raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
-            wait_ready(waits, ws, si, tid)
+            wait_ready(waits, ws, si, tid, Int32(0), False)
         stamp(DOWN, 0, rt, ws, tid)
         if cutlass.const_expr(S.fuse_act):
             stage_act_to_smem(ws, sf, tid, rt)
@@ -668,14 +797,28 @@ def build_kernel(spec: KernelSpec):
             P.fence_proxy_async_smem()
         cute.arch.sync_threads()
         stamp(DOWN, 1, rt, ws, tid)
-        outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
-                        sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)
-        stamp(DOWN, 2, rt, ws, tid)
-        t_next = next_ticket_early(waits, ws, tid)
-        for r, n, val in outs:
-            if n < M:
-                P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
-        keep_next_ticket(t_next, waits, si, tid)
+        if cutlass.const_expr(STREAM):
+            acc = [Float32(0.0)] * 4
+            for p in cutlass.range_constexpr(N_DOWN_PIECES):
+                _, _, per_warp = mma_plan(S.down_rows, I)
+                raw, sc = ring_take(sf, tid, min(B8, per_warp - p * B8))
+                acc = mma_consume(acc, raw, sc, True, S.down_rows, I, p * B8, sf + S_ACT, sf + S_AS, warp, lane)
+                if p == 0 and N_DOWN_PIECES == 2:
+                    issue_next(w13, w13_s, w2, w2_s, sf, si, tid)  # the first piece's slot is free now
+            outs = mma_reduce(acc, S.down_rows, I, sf + S_RED, warp, lane, tid)
+            stamp(DOWN, 2, rt, ws, tid)
+            for r, n, val in outs:  # (the next ticket is already in T_NEXT: wait_ready took it)
+                if n < M:
+                    P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
+        else:
+            outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
+                            sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)
+            stamp(DOWN, 2, rt, ws, tid)
+            t_next = next_ticket_early(waits, ws, tid)
+            for r, n, val in outs:
+                if n < M:
+                    P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
+            keep_next_ticket(t_next, waits, si, tid)
 
     # ------------------------------------------------------------------------------------------------
     # stage: router scoring + grouped top-k for one token (one warp; expert e = lane * EPL + j)
@@ -703,7 +846,7 @@ def build_kernel(spec: KernelSpec):
         for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):  # -1: blocks past the end
             if tid + i * THREADS < S.max_blocks:
                 P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
-        wait_ready(waits, ws, si, tid)
+        wait_ready(waits, ws, si, tid, Int32(0), False)
         stamp(ROUTE, 0, Int32(0), ws, tid)
         if warp < M:
             lg = [Float32(0.0)] * EPL
@@ -880,7 +1023,7 @@ def build_kernel(spec: KernelSpec):
     def run_stage(stage: Int32, tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64,
                   bias: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64,
                   o_w: Int64, o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64,
-                  o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32,
+                  o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32, st: Int32,
                   tid: Int32, waits: Int32):
         """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0."""
         if stage == NORM:
@@ -888,13 +1031,13 @@ def build_kernel(spec: KernelSpec):
         if stage == ROUTER:
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, w2, w2_s, ws, sf, si, st, tid, waits)
         if stage == ROUTE:
             stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:
             stage_act(tile, ws, si, tid, waits)
         if stage == DOWN:
-            stage_down(tile, w2, w2_s, o_shared, ws, sf, si, tid, waits)
+            stage_down(tile, w13, w13_s, w2, w2_s, o_shared, ws, sf, si, st, tid, waits)
 
     @cute.kernel
     def megapre_kernel(hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64, bias: Int64, w13: Int64,
@@ -911,11 +1054,14 @@ def build_kernel(spec: KernelSpec):
         si = Int32(s_i.iterator.toint())
         st = Int32(s_t.iterator.toint())
         ctr = ws + WS_COUNTERS * 4
+        if cutlass.const_expr(STREAM):  # this thread's ring counters (pieces issued, consumed)
+            P.sts_b32(sf + S_RCTR + tid * 8, Int32(0))
+            P.sts_b32(sf + S_RCTR + tid * 8 + 4, Int32(0))
         if mode >= 0:
             # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
             run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                      first_local, sf, si, tid, Int32(0))
+                      first_local, sf, si, st, tid, Int32(0))
         else:
             # PDL: the next kernel in the stream may be scheduled now; its CTAs take the SMs ours leave (one CTA
             # per SM fits) and start their weight prefetch and first weight loads while our last tasks run.
@@ -1007,7 +1153,7 @@ def build_kernel(spec: KernelSpec):
                     tile = P.lds_b32(si + (SI_TASK + 2) * 4)
                     run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
                               o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                              first_local, sf, si, tid, waits)
+                              first_local, sf, si, st, tid, waits)
                     waits = Int32(1)
                     cute.arch.sync_threads()
                     if tid == 0:

@@ -132,6 +132,35 @@ def sts_f32(saddr: Int32, v: Float32):
     _asm([], [saddr, v], "st.shared.f32 [$0], $1;", "r,f", True)
 
 
+# ---- asynchronous copies global -> shared (cp.async, per thread) ----------------------------------------
+# The streamed weights (KernelSpec.stream_weights): each thread copies its own 16-byte pieces into its own
+# shared-memory slots, so no barrier is needed between the copy and the thread's ld.shared of them --
+# cp.async.wait_group makes a thread's completed copies visible to that thread.
+@cute.jit
+def cp_async_16(saddr: Int32, addr: Int64):
+    _asm([], [saddr, addr], "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", True)
+
+
+@cute.jit
+def cp_async_4(saddr: Int32, addr: Int64):
+    _asm([], [saddr, addr], "cp.async.ca.shared.global [$0], [$1], 4;", "r,l", True)
+
+
+@cute.jit
+def cp_async_commit():
+    _asm([], [], "cp.async.commit_group;", "", True)
+
+
+def cp_async_wait(pending: int):
+    """Wait until at most ``pending`` of this thread's most recent copy groups are still in flight."""
+    _asm([], [], f"cp.async.wait_group {pending};", "", True)
+
+
+@cute.jit
+def lds_v4(saddr: Int32):
+    return _asm([Uint32] * 4, [saddr], "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,r", True)
+
+
 # ---- conversions ----------------------------------------------------------------------------------------
 @cute.jit
 def bf16x2_to_f32(v: Uint32):
