@@ -3,6 +3,7 @@ dependencies were met, when they finished (us from the first ticket), and the st
 of each stage (megakernel.py's stamp calls). GPU machine; needs traced cubins (python -m megapre build --trace).
 Usage: python3 scripts/trace_fused.py [--graph] [--dump=STAGE ...] [shape:M ...]   (default ep8:1 ep8:4 ep8:8 tp1:8)
 --dump=STAGE: also list that stage's tasks one by one (CTA, the stage of the CTA's previous task, times).
+--json=PATH: also write every run's task records and stamped points to PATH (one JSON object per run).
 --graph: trace the last call of a replayed CUDA graph of 16 calls (the bench's steady state: under PDL each
 call's CTAs start while the previous call's last tasks run, so the first "taken" can precede its end);
 without it, the last of 20 eager calls, each of which finds the GPU idle."""
@@ -23,7 +24,8 @@ POINTS = {  # what each stamp slot means (megakernel.py)
 }
 GRAPH = "--graph" in sys.argv
 DUMP = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dump=")]  # stages to list task by task
-runs = [a.split(":") for a in sys.argv[1:] if a != "--graph" and not a.startswith("--dump=")] or [["ep8", "1"], ["ep8", "4"], ["ep8", "8"], ["tp1", "8"]]
+JSON = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--json=")]
+runs = [a.split(":") for a in sys.argv[1:] if a != "--graph" and not a.startswith(("--dump=", "--json="))] or [["ep8", "1"], ["ep8", "4"], ["ep8", "8"], ["tp1", "8"]]
 for name, m in runs:
     m = int(m)
     cfg = megapre.config.SHAPE_PRESETS[name]()
@@ -49,6 +51,10 @@ for name, m in runs:
             fused.run_fused(h, r, ws[i % 8], out, trace=True)
     recs = fused.read_trace(cfg, m)
     phases = fused.read_phases(cfg, m)
+    if JSON:
+        import json
+        with open(JSON[0], "a") as f:
+            f.write(json.dumps({"shape": name, "m": m, "graph": GRAPH, "records": recs, "phases": phases}) + "\n")
     print(f"== {name} M={m}{' (graph)' if GRAPH else ''}: last task done at {max(x['done'] for x in recs) / 1000:.2f} us "
           f"(PDL {os.environ.get('MEGAPRE_PDL', '1')}, prefetch CTAs {os.environ.get('MEGAPRE_PREFETCH_CTAS', 'default')}, "
           f"prefetch delay {os.environ.get('MEGAPRE_PREFETCH_DELAY_NS', 'default')})")

@@ -84,8 +84,10 @@ def build_kernel(spec: KernelSpec):
     # streamed FP8 weights (S.stream_weights): a two-slot ring in shared memory, per-thread counters
     STREAM = S.stream_weights
     B8 = KernelSpec.FP8_BATCH
+    PIECE_ROWS, PIECE_K, RING_ROW = KernelSpec.PIECE_ROWS, KernelSpec.PIECE_K, KernelSpec.RING_ROW
+    RING_SC = PIECE_ROWS * RING_ROW  # the block scales' offset inside a ring slot
     RING_SLOT = KernelSpec.ring_slot_bytes()
-    RING_SC = THREADS * B8 * 32  # the block scales' offset inside a ring slot
+    RING_BAR = 2 * RING_SLOT  # the slots' mbarriers (8 bytes each) after the two slots
     S_RING, S_RCTR = SL.get("ring", 0), SL.get("ring_ctr", 0)
     N_DOWN_PIECES = KernelSpec.weight_pieces(S.down_rows, I)
 
@@ -349,58 +351,65 @@ def build_kernel(spec: KernelSpec):
     B_DOWN = mma_batch(S.down_rows, S.inter, True)
 
     # ------------------------------------------------------------------------------------------------
-    # Streamed FP8 weights (S.stream_weights): a task's weight loads (one "piece" = one load batch, B8 chunks
-    # per warp, 64 KB for the CTA) go into a ring slot in shared memory with cp.async -- every thread copies
-    # exactly the 16-byte runs that mma_issue would have loaded into its registers, into its own slots, and
-    # reads them back itself (ring_take), so no barrier is involved. Pieces are issued and consumed in order;
-    # each thread counts both in its own shared-memory words (S_RCTR: issued, consumed), so that the slot of
-    # a piece is its number mod 2. Copy groups: every piece is committed as one group, and a task commits
-    # exactly one group (possibly empty) between issuing its piece and taking it -- the next task's first
-    # piece, issue_next -- so that ring_take always waits with one group allowed in flight.
+    # Streamed FP8 weights (S.stream_weights): a task's weights go to shared memory as "pieces" -- 64 weight
+    # rows x 1024 K columns (64 KB, one load batch of B8 chunks per warp) plus their 8 block scales -- in a
+    # two-slot ring. Warp 0 asks the TMA unit for the piece (cp.async.bulk, one 1-KB row per copy, rows
+    # RING_ROW bytes apart so that the threads' 16-byte reads of 8 rows fall in different banks); the copies
+    # complete on the slot's mbarrier, which every thread waits on before it reads the same 16-byte runs
+    # mma_issue would have loaded into its registers. Pieces are issued and consumed in order; every thread
+    # counts both in its own shared words (S_RCTR: issued, consumed): piece n lives in slot n % 2 and is that
+    # slot's (n // 2)-th phase. A slot is refilled only after a CTA barrier that follows every read of it.
     # ------------------------------------------------------------------------------------------------
-    def ring_issue(w_ptr, ldw: int, row_base, k0, rows: int, kc: int, w_scale, lds_scale: int, sf, warp, lane,
-                   tid, first: int, count: int):
-        """cp.async of this thread's weights (and block scales) of chunks first .. first + count - 1."""
-        wr, _, _ = mma_plan(rows, kc)
-        g = lane >> 2
-        tq = lane & 3
-        row = row_base + (warp % wr) * 16 + g
+    def ring_issue(w_ptr, ldw: int, row0, kcol0, scale_addr, sf, tid):
+        """Piece: rows row0 .. row0 + 63, columns kcol0 .. kcol0 + 1023 of w_ptr, 8 scales at scale_addr."""
         ctr = sf + S_RCTR + tid * 8
         n = P.lds_b32(ctr)
         P.sts_b32(ctr, n + 1)
-        base = sf + S_RING + (n & 1) * RING_SLOT
-        for i in range(count):
-            k_chunk = k0 + chunk_of(warp, first + i, rows, kc, True) * 64
-            col = k_chunk + 16 * tq
-            P.cp_async_16(base + ((2 * i) * THREADS + tid) * 16, w_ptr + Int64(row) * ldw + Int64(col))
-            P.cp_async_16(base + ((2 * i + 1) * THREADS + tid) * 16, w_ptr + Int64(row + 8) * ldw + Int64(col))
-            kb = k_chunk // 128
-            P.cp_async_4(base + RING_SC + (i * THREADS + tid) * 4,
-                         w_scale + Int64((row_base + (warp % wr) * 16) // 128 * lds_scale + kb) * 4)
+        ring_copy(w_ptr, ldw, row0, kcol0, scale_addr, sf + S_RING + (n & 1) * RING_SLOT,
+                  sf + S_RING + RING_BAR + (n & 1) * 8, tid)
 
-    def ring_take(sf, tid, count: int):
-        """This thread's next piece (the oldest in flight) as (raw, scales), the form mma_issue returns."""
-        P.cp_async_wait(1)
+    @cute.jit
+    def ring_copy(w_ptr: Int64, ldw: cutlass.Constexpr, row0: Int32, kcol0: Int32, scale_addr: Int64, slot: Int32,
+                  bar: Int32, tid: Int32):
+        if tid < 32:
+            if tid == 0:
+                P.mbar_arrive_expect_tx(bar, Int32(PIECE_ROWS * PIECE_K + 32))
+            P.syncwarp()
+            for j in cutlass.range_constexpr(PIECE_ROWS // 32):
+                r = tid + 32 * j
+                P.bulk_g2s(slot + r * RING_ROW, w_ptr + Int64(row0 + r) * ldw + Int64(kcol0), Int32(PIECE_K), bar)
+            if tid == 0:
+                P.bulk_g2s(slot + RING_SC, scale_addr, Int32(32), bar)
+
+    def ring_take(sf, warp, lane, tid, p: int):
+        """This thread's part of its next piece (piece p of a task of 64 rows) as (raw, scales), the form
+        mma_issue returns for chunks p * B8 .. p * B8 + B8 - 1."""
+        wr, wk, _ = mma_plan(PIECE_ROWS, PIECE_K)
+        g = lane >> 2
+        tq = lane & 3
         ctr = sf + S_RCTR + tid * 8 + 4
         n = P.lds_b32(ctr)
         P.sts_b32(ctr, n + 1)
-        base = sf + S_RING + (n & 1) * RING_SLOT
+        slot = sf + S_RING + (n & 1) * RING_SLOT
+        P.mbar_wait(sf + S_RING + RING_BAR + (n & 1) * 8, (n >> 1) & 1)
+        r = (warp % wr) * 16 + g
         raw = []
         scales = []
-        for i in range(count):
-            raw.append((P.lds_v4(base + ((2 * i) * THREADS + tid) * 16),
-                        P.lds_v4(base + ((2 * i + 1) * THREADS + tid) * 16)))
-            scales.append(P.lds_f32(base + RING_SC + (i * THREADS + tid) * 4))
+        for i in range(B8):
+            c = chunk_of(warp, p * B8 + i, PIECE_ROWS, PIECE_K, True) - p * B8 * wk  # chunk inside the piece
+            raw.append((P.lds_v4(slot + r * RING_ROW + c * 64 + 16 * tq),
+                        P.lds_v4(slot + (r + 8) * RING_ROW + c * 64 + 16 * tq)))
+            scales.append(P.lds_f32(slot + RING_SC + (c // 2) * 4))
         return raw, scales
 
     def gu_piece(tile, w13, w13_s, sf, warp, lane, tid):
         _, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
-        ring_issue(w13, H, row_base, k0, S.gu_rows, S.gu_kc, w13_s, NG, sf, warp, lane, tid, 0, B_GU)
+        ring_issue(w13, H, row_base, k0, w13_s + Int64(row_base // 128 * NG + k0 // 128) * 4, sf, tid)
 
     def down_piece(rt, p: int, w2, w2_s, sf, warp, lane, tid):
-        _, _, per_warp = mma_plan(S.down_rows, I)
-        ring_issue(w2, I, rt * S.down_rows, 0, S.down_rows, I, w2_s, I // 128, sf, warp, lane, tid, p * B8,
-                   min(B8, per_warp - p * B8))
+        row_base = rt * S.down_rows
+        ring_issue(w2, I, row_base, Int32(p * PIECE_K),
+                   w2_s + Int64(row_base // 128 * (I // 128) + p * (PIECE_K // 128)) * 4, sf, tid)
 
     @cute.jit
     def issue_own_first(stage: cutlass.Constexpr, tile: Int32, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64,
@@ -412,12 +421,10 @@ def build_kernel(spec: KernelSpec):
                 gu_piece(tile, w13, w13_s, sf, warp, lane, tid)
             else:
                 down_piece(tile, 0, w2, w2_s, sf, warp, lane, tid)
-            P.cp_async_commit()
 
     @cute.jit
     def issue_next(w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, sf: Int32, si: Int32, tid: Int32):
-        """The first piece of the CTA's next task (wait_ready took its ticket) when it is a GEMM task; one copy
-        group either way."""
+        """The first piece of the CTA's next task (wait_ready took its ticket) when it is a GEMM task."""
         warp, lane = tid >> 5, tid & 31
         word = P.lds_b32(si + (SI_TASK + T_NWORD) * 4)
         if word >= 0:
@@ -427,7 +434,6 @@ def build_kernel(spec: KernelSpec):
                 gu_piece(ntile, w13, w13_s, sf, warp, lane, tid)
             if nstage == DOWN:
                 down_piece(ntile, 0, w2, w2_s, sf, warp, lane, tid)
-        P.cp_async_commit()
 
     # ------------------------------------------------------------------------------------------------
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
@@ -668,7 +674,7 @@ def build_kernel(spec: KernelSpec):
         cute.arch.sync_threads()
         stamp(GATE_UP, 1, tile, ws, tid)
         if cutlass.const_expr(STREAM):
-            raw, sc = ring_take(sf, tid, B_GU)
+            raw, sc = ring_take(sf, warp, lane, tid, 0)
             acc = mma_consume([Float32(0.0)] * 4, raw, sc, True, S.gu_rows, kc, 0, sf + S_ACT, sf + S_AS, warp,
                               lane)
             outs = mma_reduce(acc, S.gu_rows, kc, sf + S_RED, warp, lane, tid)
@@ -773,7 +779,6 @@ def build_kernel(spec: KernelSpec):
             issue_own_first(DOWN, rt, w2, w2_s, w2, w2_s, sf, tid)
             if cutlass.const_expr(N_DOWN_PIECES == 2):
                 down_piece(rt, 1, w2, w2_s, sf, warp, lane, tid)
-                P.cp_async_commit()
             wait_ready(waits, ws, si, tid, st, True)
             if cutlass.const_expr(N_DOWN_PIECES == 1):
                 issue_next(w13, w13_s, w2, w2_s, sf, si, tid)
@@ -800,11 +805,11 @@ def build_kernel(spec: KernelSpec):
         if cutlass.const_expr(STREAM):
             acc = [Float32(0.0)] * 4
             for p in cutlass.range_constexpr(N_DOWN_PIECES):
-                _, _, per_warp = mma_plan(S.down_rows, I)
-                raw, sc = ring_take(sf, tid, min(B8, per_warp - p * B8))
+                raw, sc = ring_take(sf, warp, lane, tid, p)
                 acc = mma_consume(acc, raw, sc, True, S.down_rows, I, p * B8, sf + S_ACT, sf + S_AS, warp, lane)
                 if p == 0 and N_DOWN_PIECES == 2:
-                    issue_next(w13, w13_s, w2, w2_s, sf, si, tid)  # the first piece's slot is free now
+                    cute.arch.sync_threads()  # every warp has read the first piece: its slot can be refilled
+                    issue_next(w13, w13_s, w2, w2_s, sf, si, tid)
             outs = mma_reduce(acc, S.down_rows, I, sf + S_RED, warp, lane, tid)
             stamp(DOWN, 2, rt, ws, tid)
             for r, n, val in outs:  # (the next ticket is already in T_NEXT: wait_ready took it)
@@ -1054,9 +1059,14 @@ def build_kernel(spec: KernelSpec):
         si = Int32(s_i.iterator.toint())
         st = Int32(s_t.iterator.toint())
         ctr = ws + WS_COUNTERS * 4
-        if cutlass.const_expr(STREAM):  # this thread's ring counters (pieces issued, consumed)
+        if cutlass.const_expr(STREAM):  # this thread's ring counters (pieces issued, consumed), the mbarriers
             P.sts_b32(sf + S_RCTR + tid * 8, Int32(0))
             P.sts_b32(sf + S_RCTR + tid * 8 + 4, Int32(0))
+            if tid == 0:
+                P.mbar_init(sf + S_RING + RING_BAR)
+                P.mbar_init(sf + S_RING + RING_BAR + 8)
+                P.fence_mbar_init()
+            cute.arch.sync_threads()
         if mode >= 0:
             # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
             run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,

@@ -132,28 +132,44 @@ def sts_f32(saddr: Int32, v: Float32):
     _asm([], [saddr, v], "st.shared.f32 [$0], $1;", "r,f", True)
 
 
-# ---- asynchronous copies global -> shared (cp.async, per thread) ----------------------------------------
-# The streamed weights (KernelSpec.stream_weights): each thread copies its own 16-byte pieces into its own
-# shared-memory slots, so no barrier is needed between the copy and the thread's ld.shared of them --
-# cp.async.wait_group makes a thread's completed copies visible to that thread.
+# ---- bulk copies global -> shared (the TMA unit) and their mbarriers -------------------------------------
+# The streamed weights (KernelSpec.stream_weights): one warp asks the TMA unit for a task's weight rows
+# (cp.async.bulk, 1 KB each) and the copies complete on an mbarrier that every reading thread waits on. (Per-
+# thread cp.async was measured first, c9e3bd3: its weight stream stayed near 2 TB/s on the H200 however much
+# was in flight, below the bursts of plain ld.global.)
 @cute.jit
-def cp_async_16(saddr: Int32, addr: Int64):
-    _asm([], [saddr, addr], "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", True)
+def mbar_init(saddr: Int32):
+    """An mbarrier expecting one arrival per phase (the issuing lane's arrive.expect_tx)."""
+    _asm([], [saddr], "mbarrier.init.shared::cta.b64 [$0], 1;", "r", True)
+
+
+def fence_mbar_init():
+    """mbarrier.init visible to the async proxy (the TMA unit); then bar.sync."""
+    _asm([], [], "fence.mbarrier_init.release.cluster;", "", True)
 
 
 @cute.jit
-def cp_async_4(saddr: Int32, addr: Int64):
-    _asm([], [saddr, addr], "cp.async.ca.shared.global [$0], [$1], 4;", "r,l", True)
+def mbar_arrive_expect_tx(saddr: Int32, nbytes: Int32):
+    _asm([], [saddr, nbytes], "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", "r,r", True)
 
 
 @cute.jit
-def cp_async_commit():
-    _asm([], [], "cp.async.commit_group;", "", True)
+def bulk_g2s(saddr: Int32, addr: Int64, nbytes: Int32, bar: Int32):
+    """Copy nbytes (a multiple of 16, both addresses 16-byte aligned) to shared memory; completes on bar."""
+    _asm([], [saddr, addr, nbytes, bar],
+         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];", "r,l,r,r", True)
 
 
-def cp_async_wait(pending: int):
-    """Wait until at most ``pending`` of this thread's most recent copy groups are still in flight."""
-    _asm([], [], f"cp.async.wait_group {pending};", "", True)
+@cute.jit
+def mbar_wait(saddr: Int32, parity: Int32):
+    """Wait until the mbarrier's phase with this parity has completed."""
+    _asm([], [saddr, parity],
+         "{ .reg .pred P1; LAB_WAIT: mbarrier.try_wait.parity.shared::cta.b64 P1, [$0], $1; @P1 bra DONE; "
+         "bra LAB_WAIT; DONE: }", "r,r", True)
+
+
+def syncwarp():
+    _asm([], [], "bar.warp.sync 0xffffffff;", "", True)
 
 
 @cute.jit

@@ -142,9 +142,11 @@ class KernelSpec:
         if self.fp8_mma == "qgmma" and (self.gu_rows % 64 or self.down_rows % 64 or any(
                 self.chunks_per_warp(r, k) % 2 for r, k in ((self.gu_rows, self.gu_kc), (self.down_rows, self.inter)))):
             return "FP8 GEMM tiles are not whole 64-row warpgroup tiles of whole 128-K blocks per K group (qgmma)"
-        if self.stream_weights and (self.fp8_mma != "qgmma" or any(
-                self.weight_pieces(r, k) > 2 for r, k in ((self.gu_rows, self.gu_kc), (self.down_rows, self.inter)))):
-            return "streamed weights need QGMMA and at most two 64-KB pieces per FP8 GEMM task"
+        if self.stream_weights and (self.fp8_mma != "qgmma" or self.gu_rows != self.PIECE_ROWS
+                                    or self.down_rows != self.PIECE_ROWS or self.gu_kc != self.PIECE_K
+                                    or self.inter % self.PIECE_K or self.inter > 2 * self.PIECE_K):
+            return ("streamed weights need QGMMA, 64-row gate_up / down tiles, 1024-column gate_up K splits and a "
+                    "shared intermediate of 1024 or 2048 (one or two 64-KB pieces per task)")
         if self.smem_bytes() > self.SMEM_LIMIT:
             return f"{self.smem_bytes()} bytes of shared memory per CTA (> {self.SMEM_LIMIT})"
         if self.m * self.top_k > 64:
@@ -181,8 +183,11 @@ class KernelSpec:
         return (kc // 64) // (WARPS // (rows // 16))
 
     # FP8 weight loads go out in batches of at most this many 64-K chunks per warp (64 registers per thread;
-    # with stream_weights, one ring slot: 64 KB for the CTA)
+    # with stream_weights, one ring slot: a piece of PIECE_ROWS x PIECE_K bytes, 64 KB)
     FP8_BATCH = 8
+    PIECE_ROWS = 64
+    PIECE_K = 1024
+    RING_ROW = PIECE_K + 16  # shared-memory row pitch of a piece (bank spread for the 16-byte reads)
 
     @classmethod
     def weight_pieces(cls, rows: int, kc: int) -> int:
@@ -230,10 +235,11 @@ class KernelSpec:
         lay = {"act": 0, "ascale": act, "red": act + ascale}
         end = act + ascale + red
         if self.stream_weights:
-            # two ring slots, each: per thread FP8_BATCH chunks x (rows g, g + 8) x 16 bytes, then FP8_BATCH
-            # block scales (fp32); then two int32 counters per thread (pieces issued, pieces consumed)
+            # two ring slots, each: PIECE_ROWS rows of PIECE_K weight bytes (RING_ROW apart), then the piece's
+            # 8 block scales (fp32, padded to 128 bytes); the slots' two mbarriers; then two int32 counters per
+            # thread (pieces issued, pieces consumed)
             lay["ring"] = end
-            end += 2 * self.ring_slot_bytes()
+            end += 2 * self.ring_slot_bytes() + 16
             lay["ring_ctr"] = end
             end += THREADS * 8
         lay["total"] = end
@@ -241,7 +247,7 @@ class KernelSpec:
 
     @classmethod
     def ring_slot_bytes(cls) -> int:
-        return THREADS * cls.FP8_BATCH * (2 * 16 + 4)
+        return cls.PIECE_ROWS * cls.RING_ROW + 128
 
     def smem_floats(self) -> int:
         return self.smem_layout()["total"] // 4

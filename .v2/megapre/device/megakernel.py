@@ -1,0 +1,1195 @@
+"""The persistent pre-amble kernel (CuTe DSL): one CTA per SM, a device-side task queue, dataflow counters.
+
+What it computes: every output of megapre.run for M <= 8 tokens (see megapre/host/plan.py for the task
+protocol and megapre/host/reference.py for the semantics). Stages, each a device function that the queue
+loop dispatches to, and that ``mode >= 0`` runs alone (tile = blockIdx.x) for per-stage testing
+(mode -1: the full queue. CTA b starts on task b -- under programmatic dependent launch while the previous
+kernel drains, its weight loads first, griddepcontrol.wait only before it touches what that kernel may read or
+write -- and ``prefetch_ctas`` CTAs after the norm CTAs ask L2 for the weights at their start; 0 turns that
+off):
+
+    norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale
+    router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
+    gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace)
+    route    (one task)            warp m: logits = sum of partials, sigmoid, grouped top-k, weights of token m;
+                                   then the CTA: moe_align_block_size over the local experts
+    act      (one task per 128 h)  TP1 only: gate_up = bf16(sum of partials); h = silu(gate) * up; FP8 of h
+    down     (row tile)            (TP8: the act step first, into shared memory -- spec.fuse_act) then
+                                   block-scaled FP8 h_q @ w2.T -> shared_out (bf16)
+
+Nothing is reset between launches: the ticket counter and the counters only grow, and a CTA derives its launch
+number from the ticket counter (plan.py, learn_launch). Stages nobody waits on (route, down) signal nothing.
+
+GEMMs (M <= 8 makes them weight streams), "swap AB" with the weights as the A operand and the <= 8 tokens as B:
+the bf16 router on mma.sync m16n8k16, the FP8 GEMMs on wgmma m64n8k32 e4m3 (QGMMA) with A from registers, see
+mma_issue / mma_consume / qgmma_consume. Split-K partials are added by
+the consumer in split order and K groups inside a task in warp order: no float atomics, bitwise-repeatable
+results.
+
+Limits: M <= 8, 256 experts, hidden a multiple of 1024 (KernelSpec.unsupported says which shapes).
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64, Uint32
+from cutlass.memory import SmemAllocator
+
+from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
+                         TARGET_BITS, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR, WS_HEAD,
+                         KernelSpec)
+from . import primitives as P
+
+SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
+HOT_SPINS = 256  # polls without a sleep before backing off (nanosleep's granularity is coarser than a hop)
+NEG_INF = float("-inf")
+INT_MIN = -2147483648
+
+
+def build_kernel(spec: KernelSpec):
+    """Return (kernel, launcher) for cute.compile. All shape numbers are compile-time constants."""
+    S = spec
+    M, H, E, NG = S.m, S.hidden, S.experts, S.hidden_groups
+    I = S.inter  # noqa: E741
+    LAY = S.ws_layout()
+    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS, OFF_TR, OFF_PH = (
+        LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale", "trace", "phases"))
+    QGMMA = S.fp8_mma == "qgmma"
+    EPL = E // 32  # experts per lane in the top-k warp
+    LPG = S.experts_per_group // EPL  # lanes per group
+    P_PAIRS = M * S.top_k
+    SF = S.smem_floats()
+    NCHUNK = NG // WARPS  # norm tasks per token: one 128-group per warp
+    SL = S.smem_layout()
+    NT = S.n_tasks
+    WAITED = S.waited_counters()  # counters some task waits on; the other stages signal nothing
+    TILES = [S.stage_tiles()[c] for c in range(N_COUNTERS)]  # signals per launch on each counter
+    S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
+    # int scratch layout (int32 index)
+    SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
+    # the task slot SI_TASK + : 0 ticket (task index), 1 stage, 2 tile, 3 wait counter, 4 wait target, 5 signal
+    # counter, 6 launch number (mod 2^32), 7 the next ticket when a terminal task took it early (-1: none),
+    # 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 11 the packed table word of the ticket
+    # in 7 (stream_weights; -1: none or past the table), 12-13 / 14-15 trace: when the task was taken / its
+    # inputs were ready
+    T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_NWORD, T_TAKEN, T_READY = 6, 7, 8, 10, 11, 12, 14
+    NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
+    FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
+    PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
+    assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
+    # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
+    SORT8 = (((0, 2), (1, 3), (4, 6), (5, 7)), ((0, 4), (1, 5), (2, 6), (3, 7)), ((0, 1), (2, 3), (4, 5), (6, 7)),
+             ((2, 4), (3, 5)), ((1, 4), (3, 6)), ((1, 2), (3, 4), (5, 6)))
+    assert EPL == 8
+    # streamed FP8 weights (S.stream_weights): a two-slot ring in shared memory, per-thread counters
+    STREAM = S.stream_weights
+    B8 = KernelSpec.FP8_BATCH
+    RING_SLOT = KernelSpec.ring_slot_bytes()
+    RING_SC = THREADS * B8 * 32  # the block scales' offset inside a ring slot
+    S_RING, S_RCTR = SL.get("ring", 0), SL.get("ring_ctr", 0)
+    N_DOWN_PIECES = KernelSpec.weight_pieces(S.down_rows, I)
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: residual add + RMSNorm + MoE input quantization of one 1024-column chunk of one token (one
+    # 128-group per warp, 4 columns per lane). (Running this inside every router and gate_up task at M <= 2,
+    # which removes the norm stage and its hop, was measured at 009b80a: 112 CTAs re-reading the rows at once
+    # made each task's norm take ~2 us instead of ~1.4, and the call got slower: 9.75 / 11.28 us at M = 1 / 2.)
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def norm_values(m: Int32, c: Int32, sf: Int32, hidden: Int64, residual: Int64, si: Int32,
+                    tid: Int32, trace_tile: Int32, ws: Int64):
+        """Token m, this thread's 4 columns of chunk c: (residual out v0..v3, x0..x3), all threads of the CTA.
+        Every chunk reads the whole row for the sum of squares (L2 serves the repeats); the sum is taken in a
+        fixed order (lanes, butterfly, then warps), so every chunk gets the same rstd bits."""
+        warp = tid >> 5
+        lane = tid & 31
+        mine = []
+        ss = Float32(0.0)
+        for i in cutlass.range_constexpr(NCHUNK):
+            g = warp + WARPS * i
+            off = Int64(m * H + g * 128 + lane * 4) * 2
+            # coherent loads (not .nc): the previous kernel writes these, and ptxas moves .nc loads above
+            # griddepcontrol.wait (seen in the SASS at ec53080)
+            h0, h1 = P.ld_cg_v2(hidden + off)
+            r0, r1 = P.ld_cg_v2(residual + off)
+            ha, hb = P.bf16x2_to_f32(h0)
+            hc, hd = P.bf16x2_to_f32(h1)
+            ra, rb = P.bf16x2_to_f32(r0)
+            rc, rd = P.bf16x2_to_f32(r1)
+            v = [P.round_bf16(ha + ra), P.round_bf16(hb + rb), P.round_bf16(hc + rc), P.round_bf16(hd + rd)]
+            for j in cutlass.range_constexpr(4):
+                ss = ss + v[j] * v[j]
+            mine.append(v)
+        ss = P.warp_sum_f32(ss)
+        if lane == 0:
+            P.sts_f32(si + (SI_RED + warp) * 4, ss)
+        cute.arch.sync_threads()
+        stamp(NORM, 1, trace_tile, ws, tid)
+        tot = Float32(0.0)
+        for w in cutlass.range_constexpr(WARPS):
+            tot = tot + P.lds_f32(si + (SI_RED + w) * 4)
+        cute.arch.sync_threads()  # SI_RED is free again (the next token's sum may follow)
+        rstd = P.rms_rstd(tot, H, S.eps)  # = 1 / sqrt(tot / H + eps) with IEEE fp32 roundings, branch-free
+        # the loop above loaded group warp + 8 i in iteration i; this chunk's group is iteration c
+        v = [Float32(0.0)] * 4
+        for i in cutlass.range_constexpr(NCHUNK):
+            for j in cutlass.range_constexpr(4):
+                v[j] = P.sel_f32(c == i, mine[i][j], v[j])
+        w0, w1 = P.lds_v2(sf + S_ACT + tid * 8)  # this thread's norm weights (stage_norm)
+        wa, wb = P.bf16x2_to_f32(w0)
+        wc, wd = P.bf16x2_to_f32(w1)
+        wv = [wa, wb, wc, wd]
+        x = [P.round_bf16(P.round_bf16(v[j] * rstd) * wv[j]) for j in range(4)]
+        return v[0], v[1], v[2], v[3], x[0], x[1], x[2], x[3]
+
+    @cute.jit
+    def quant_group(x0: Float32, x1: Float32, x2: Float32, x3: Float32):
+        """FP8 of a warp's 128-group (4 values per lane): (4 e4m3 codes packed, the group's scale)."""
+        amax = P.warp_amax(x0, x1, x2, x3)  # one redux.sync instead of five shuffle rounds
+        # = IEEE fl32(max(amax, 1e-10) / 448) and fl32(x_i / scale), bit for bit, without div.rn's branches
+        scale = P.div448(P.fmax(amax, Float32(1e-10)))
+        q0, q1, q2, q3 = P.div4_by(scale, x0, x1, x2, x3)
+        q = P.f32x4_to_e4m3x4(q0, q1, q2, q3)
+        return q, scale
+
+    @cute.jit
+    def stage_norm(tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
+                   o_as: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
+        """Task (token m, chunk c of 1024 columns): residual out, x (bf16, workspace), a_q / a_scale."""
+        m = tile // NCHUNK
+        c = tile % NCHUNK
+        warp = tid >> 5
+        lane = tid & 31
+        # the norm weights are the only load from HBM here (a new weight set every layer): issue them first,
+        # before the previous kernel has finished (PDL) when this is the CTA's first task
+        col = (c * WARPS + warp) * 128 + lane * 4
+        w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
+        # ... and park them in shared memory: ptxas sinks a read-only (.nc) load that is only used after a
+        # bar.sync to below it, where its latency under the weight stream (~1 us at M = 1, 9411fc1's timeline)
+        # adds to the task; a shared store cannot cross the barrier, so the load stays up here
+        P.sts_v2(sf + S_ACT + tid * 8, w0, w1)
+        griddep_if_first(waits)  # hidden and residual come from the previous kernel
+        stamp(NORM, 0, tile, ws, tid)
+        v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(m, c, sf, hidden, residual, si, tid, tile, ws)
+        off = Int64(m * H + col) * 2
+        P.st_v2(o_res + off, P.f32x2_to_bf16x2(v0, v1), P.f32x2_to_bf16x2(v2, v3))
+        P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x0, x1), P.f32x2_to_bf16x2(x2, x3))
+        q, scale = quant_group(x0, x1, x2, x3)
+        P.st_b32(o_aq + Int64(m * H + col), q)
+        if lane == 0:
+            P.st_f32(o_as + Int64(m * NG + c * WARPS + warp) * 4, scale)
+        stamp(NORM, 2, tile, ws, tid)
+
+    # ------------------------------------------------------------------------------------------------
+    # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem
+    # ------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------
+    # Tensor-core GEMM tile: mma.sync m16n8k16 "swap AB" -- 16 weight rows (A) x 8 token columns (B).
+    # K is taken in 64-wide chunks with a consistent permutation of K inside the chunk: thread (g, tq) owns
+    # physical K [16 tq, 16 tq + 16) of its two rows g and g + 8, which it reads with 16-byte loads; for
+    # k16 step s its fragment columns {2tq, 2tq+1 | 2tq+8, 2tq+9} are physical K 16tq + 4s + {0,1 | 2,3}. The
+    # activations in shared memory are read with the same map, so the products pair up exactly and the sum
+    # over K is unchanged. A task's warps are (row blocks) x (K groups); K groups meet in shared memory.
+    # ------------------------------------------------------------------------------------------------
+    def mma_plan(rows: int, kc: int):
+        """(row blocks, K groups, 64-K chunks per warp) of a GEMM task."""
+        wr = rows // 16
+        return wr, WARPS // wr, KernelSpec.chunks_per_warp(rows, kc)
+
+    def chunk_of(warp, i: int, rows: int, kc: int, fp8: bool):
+        """The 64-K chunk that a warp takes i-th. FP8: K groups take whole 128-K blocks (chunk pairs), so that
+        qgmma_consume accumulates a block's four k32 steps in one set of registers before its scales apply;
+        bf16: K groups interleave chunk by chunk."""
+        wr, wk, _ = mma_plan(rows, kc)
+        if fp8:
+            return 2 * ((warp // wr) + wk * (i // 2)) + i % 2
+        return (warp // wr) + wk * i
+
+    def mma_issue(w_ptr, ldw: int, fp8: bool, row_base, k0, rows: int, kc: int, w_scale, lds_scale: int,
+                  warp, lane, first: int, count: int):
+        """Weight loads (and FP8 block scales) of this warp's chunks first .. first + count - 1."""
+        wr, wk, _ = mma_plan(rows, kc)
+        g = lane >> 2
+        tq = lane & 3
+        row = row_base + (warp % wr) * 16 + g
+        raw = []
+        scales = []
+        for i in range(first, first + count):
+            k_chunk = k0 + chunk_of(warp, i, rows, kc, fp8) * 64
+            col = k_chunk + 16 * tq
+            if fp8:
+                lo = P.ld_nc_v4(w_ptr + Int64(row) * ldw + Int64(col))
+                hi = P.ld_nc_v4(w_ptr + Int64(row + 8) * ldw + Int64(col))
+                raw.append((lo, hi))
+                kb = k_chunk // 128
+                scales.append(P.ld_nc_f32(w_scale + Int64((row_base + (warp % wr) * 16) // 128 * lds_scale + kb) * 4))
+            else:
+                base = w_ptr + (Int64(row) * ldw + Int64(col)) * 2
+                base8 = w_ptr + (Int64(row + 8) * ldw + Int64(col)) * 2
+                raw.append((list(P.ld_nc_v4(base)) + list(P.ld_nc_v4(base + 16)),
+                            list(P.ld_nc_v4(base8)) + list(P.ld_nc_v4(base8 + 16))))
+        return raw, scales
+
+    def mma_consume(acc, raw, scales, fp8: bool, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
+        """acc (4 fp32: C[g][2tq], C[g][2tq+1], C[g+8][2tq], C[g+8][2tq+1]) += this warp's chunks.
+        bf16 (the router): each chunk's four k16 steps form their own chain, added in chunk order afterwards --
+        one chain through all chunks (16 mma.sync deep, ~0.27 us) was the router's mma phase once its weights
+        were in registers (graph-mode trace, 81da92b: 0.45 us). (Issuing the k16 steps step-major over the
+        chunks was measured at 0c3c4d6, when the weights still arrived late: no change, and TP1 spilled.)
+        FP8 on a QGMMA build goes to qgmma_consume."""
+        if fp8 and QGMMA:
+            return qgmma_consume(acc, raw, scales, rows, kc, first, s_act, s_as, warp, lane)
+        g = lane >> 2
+        tq = lane & 3
+        part = []  # bf16: one accumulator chain per chunk, added to acc in chunk order at the end
+        for j in range(len(raw)):
+            chunk = chunk_of(warp, first + j, rows, kc, fp8)
+            lo, hi = raw[j]
+            d = [Float32(0.0)] * 4
+            for s_ in range(4):
+                b0, b1 = P.lds_v2(s_act + (g * kc + chunk * 64 + 16 * tq + 4 * s_) * 2)
+                if fp8:
+                    d = list(P.mma_f16(P.e4m3x2_lo_to_f16x2(lo[s_]), P.e4m3x2_lo_to_f16x2(hi[s_]),
+                                       P.e4m3x2_hi_to_f16x2(lo[s_]), P.e4m3x2_hi_to_f16x2(hi[s_]),
+                                       b0, b1, d[0], d[1], d[2], d[3]))
+                else:
+                    d = list(P.mma_bf16(lo[2 * s_], hi[2 * s_], lo[2 * s_ + 1], hi[2 * s_ + 1], b0, b1,
+                                        d[0], d[1], d[2], d[3]))
+            if fp8:
+                # one 64-K chunk lies in one 128 x 128 weight block: fold both scales in per chunk
+                kbl = chunk // 2
+                sa0 = P.lds_f32(s_as + ((2 * tq) * (kc // 128) + kbl) * 4) * scales[j]
+                sa1 = P.lds_f32(s_as + ((2 * tq + 1) * (kc // 128) + kbl) * 4) * scales[j]
+                acc = [acc[0] + d[0] * sa0, acc[1] + d[1] * sa1, acc[2] + d[2] * sa0, acc[3] + d[3] * sa1]
+            else:
+                part.append(d)
+        for d in part:
+            acc = [acc[i] + d[i] for i in range(4)]
+        return acc
+
+    def qgmma_consume(acc, raw, scales, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
+        """FP8 on the warpgroup MMA: the same per-thread weight loads as mma_issue made (16 bytes of rows g and
+        g + 8 per 64-K chunk, K 16 tq .. 16 tq + 15) are the A fragments of two k32 steps: step t takes words
+        2t, 2t + 1, i.e. its K slot 4 tq + j is physical K 16 tq + 8 t + j and slot 16 + 4 tq + j is
+        16 tq + 8 t + 4 + j; stage_fp8_acts lays the tokens out in shared memory with the same map. A warpgroup
+        is 4 row blocks of one K group (wr = 4 or 8). A chunk pair (one 128 x 128 weight block, chunk_of) runs
+        as four wgmmas into one accumulator set; its block scales are folded in fp32 after the wait -- the
+        tensor core only ever sums 128 products, as DeepGEMM's promotion interval."""
+        wr, wk, _ = mma_plan(rows, kc)
+        tq = lane & 3
+        assert len(raw) % 2 == 0 and first % 2 == 0
+        P.wgmma_fence()
+        ds = []
+        for j in range(0, len(raw), 2):
+            d = [Float32(0.0)] * 4
+            for h in range(2):
+                chunk = chunk_of(warp, first + j + h, rows, kc, True)
+                lo, hi = raw[j + h]
+                for t in range(2):
+                    desc = P.wgmma_desc(s_act + (chunk * 2 + t) * P.WGMMA_B_STEP)
+                    d = P.wgmma_e4m3(lo[2 * t], hi[2 * t], lo[2 * t + 1], hi[2 * t + 1], desc, d, h + t > 0)
+            ds.extend(d)
+        P.wgmma_commit()
+        ds = P.wgmma_wait(ds)
+        for j in range(0, len(raw), 2):
+            d = ds[2 * j: 2 * j + 4]
+            kbl = chunk_of(warp, first + j, rows, kc, True) // 2
+            sa0 = P.lds_f32(s_as + ((2 * tq) * (kc // 128) + kbl) * 4) * scales[j]
+            sa1 = P.lds_f32(s_as + ((2 * tq + 1) * (kc // 128) + kbl) * 4) * scales[j]
+            acc = [acc[0] + d[0] * sa0, acc[1] + d[1] * sa1, acc[2] + d[2] * sa0, acc[3] + d[3] * sa1]
+        return acc
+
+    def mma_reduce(acc, rows: int, kc: int, s_red, warp, lane, tid):
+        """Sum the K groups' tiles in a fixed order. Returns [(row, token, value)] for this thread."""
+        wr, wk, _ = mma_plan(rows, kc)
+        g = lane >> 2
+        tq = lane & 3
+        r0 = (warp % wr) * 16 + g
+        base = (warp // wr) * rows
+        P.sts_f32(s_red + ((base + r0) * 8 + 2 * tq) * 4, acc[0])
+        P.sts_f32(s_red + ((base + r0) * 8 + 2 * tq + 1) * 4, acc[1])
+        P.sts_f32(s_red + ((base + r0 + 8) * 8 + 2 * tq) * 4, acc[2])
+        P.sts_f32(s_red + ((base + r0 + 8) * 8 + 2 * tq + 1) * 4, acc[3])
+        cute.arch.sync_threads()
+        outs = []
+        for i in range((rows * 8 + THREADS - 1) // THREADS):
+            idx = tid + THREADS * i
+            r = idx >> 3
+            n = idx & 7
+            v = Float32(0.0)
+            for k in range(wk):
+                v = v + P.lds_f32(s_red + ((k * rows + r) * 8 + n) * 4)
+            outs.append((r, n, v))
+        return outs
+
+    def mma_task(w_ptr, ldw: int, fp8: bool, row_base, k0, rows: int, kc: int, w_scale, lds_scale: int,
+                 s_act, s_as, s_red, warp, lane, tid, raw0, sc0, batch: int):
+        """Finish a GEMM task whose first ``batch`` chunks of weight loads were issued before the wait."""
+        _, _, per_warp = mma_plan(rows, kc)
+        acc = [Float32(0.0)] * 4
+        acc = mma_consume(acc, raw0, sc0, fp8, rows, kc, 0, s_act, s_as, warp, lane)
+        for first in range(batch, per_warp, batch):
+            raw, sc = mma_issue(w_ptr, ldw, fp8, row_base, k0, rows, kc, w_scale, lds_scale, warp, lane, first,
+                                min(batch, per_warp - first))
+            acc = mma_consume(acc, raw, sc, fp8, rows, kc, first, s_act, s_as, warp, lane)
+        return mma_reduce(acc, rows, kc, s_red, warp, lane, tid)
+
+    def mma_batch(rows: int, kc: int, fp8: bool) -> int:
+        """Chunks per load batch: at most 64 registers of weights in flight per thread."""
+        _, _, per_warp = mma_plan(rows, kc)
+        return max(1, min(per_warp, 64 // (8 if fp8 else 16)))
+
+    def split_k_tile(tile, splits: int, kc: int, rows: int):
+        """A split-K GEMM task's (K split, first K column, first weight row): tile = row tile x splits + split."""
+        split = tile % splits
+        return split, split * kc, (tile // splits) * rows
+
+    B_ROUTER = mma_batch(S.router_rows, S.router_kc, False)
+    B_GU = mma_batch(S.gu_rows, S.gu_kc, True)
+    B_DOWN = mma_batch(S.down_rows, S.inter, True)
+
+    # ------------------------------------------------------------------------------------------------
+    # Streamed FP8 weights (S.stream_weights): a task's weight loads (one "piece" = one load batch, B8 chunks
+    # per warp, 64 KB for the CTA) go into a ring slot in shared memory with cp.async -- every thread copies
+    # exactly the 16-byte runs that mma_issue would have loaded into its registers, into its own slots, and
+    # reads them back itself (ring_take), so no barrier is involved. Pieces are issued and consumed in order;
+    # each thread counts both in its own shared-memory words (S_RCTR: issued, consumed), so that the slot of
+    # a piece is its number mod 2. Copy groups: every piece is committed as one group, and a task commits
+    # exactly one group (possibly empty) between issuing its piece and taking it -- the next task's first
+    # piece, issue_next -- so that ring_take always waits with one group allowed in flight.
+    # ------------------------------------------------------------------------------------------------
+    def ring_issue(w_ptr, ldw: int, row_base, k0, rows: int, kc: int, w_scale, lds_scale: int, sf, warp, lane,
+                   tid, first: int, count: int):
+        """cp.async of this thread's weights (and block scales) of chunks first .. first + count - 1."""
+        wr, _, _ = mma_plan(rows, kc)
+        g = lane >> 2
+        tq = lane & 3
+        row = row_base + (warp % wr) * 16 + g
+        ctr = sf + S_RCTR + tid * 8
+        n = P.lds_b32(ctr)
+        P.sts_b32(ctr, n + 1)
+        base = sf + S_RING + (n & 1) * RING_SLOT
+        for i in range(count):
+            k_chunk = k0 + chunk_of(warp, first + i, rows, kc, True) * 64
+            col = k_chunk + 16 * tq
+            P.cp_async_16(base + ((2 * i) * THREADS + tid) * 16, w_ptr + Int64(row) * ldw + Int64(col))
+            P.cp_async_16(base + ((2 * i + 1) * THREADS + tid) * 16, w_ptr + Int64(row + 8) * ldw + Int64(col))
+            kb = k_chunk // 128
+            P.cp_async_4(base + RING_SC + (i * THREADS + tid) * 4,
+                         w_scale + Int64((row_base + (warp % wr) * 16) // 128 * lds_scale + kb) * 4)
+
+    def ring_take(sf, tid, count: int):
+        """This thread's next piece (the oldest in flight) as (raw, scales), the form mma_issue returns."""
+        P.cp_async_wait(1)
+        ctr = sf + S_RCTR + tid * 8 + 4
+        n = P.lds_b32(ctr)
+        P.sts_b32(ctr, n + 1)
+        base = sf + S_RING + (n & 1) * RING_SLOT
+        raw = []
+        scales = []
+        for i in range(count):
+            raw.append((P.lds_v4(base + ((2 * i) * THREADS + tid) * 16),
+                        P.lds_v4(base + ((2 * i + 1) * THREADS + tid) * 16)))
+            scales.append(P.lds_f32(base + RING_SC + (i * THREADS + tid) * 4))
+        return raw, scales
+
+    def gu_piece(tile, w13, w13_s, sf, warp, lane, tid):
+        _, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
+        ring_issue(w13, H, row_base, k0, S.gu_rows, S.gu_kc, w13_s, NG, sf, warp, lane, tid, 0, B_GU)
+
+    def down_piece(rt, p: int, w2, w2_s, sf, warp, lane, tid):
+        _, _, per_warp = mma_plan(S.down_rows, I)
+        ring_issue(w2, I, rt * S.down_rows, 0, S.down_rows, I, w2_s, I // 128, sf, warp, lane, tid, p * B8,
+                   min(B8, per_warp - p * B8))
+
+    @cute.jit
+    def issue_own_first(stage: cutlass.Constexpr, tile: Int32, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64,
+                        sf: Int32, tid: Int32):
+        """A GEMM task's first piece, unless the previous task of this CTA already issued it (issue_next)."""
+        warp, lane = tid >> 5, tid & 31
+        if P.lds_b32(sf + S_RCTR + tid * 8) == P.lds_b32(sf + S_RCTR + tid * 8 + 4):
+            if cutlass.const_expr(stage == GATE_UP):
+                gu_piece(tile, w13, w13_s, sf, warp, lane, tid)
+            else:
+                down_piece(tile, 0, w2, w2_s, sf, warp, lane, tid)
+            P.cp_async_commit()
+
+    @cute.jit
+    def issue_next(w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, sf: Int32, si: Int32, tid: Int32):
+        """The first piece of the CTA's next task (wait_ready took its ticket) when it is a GEMM task; one copy
+        group either way."""
+        warp, lane = tid >> 5, tid & 31
+        word = Int32(-1)
+        if word >= 0:
+            nstage = word & 7
+            ntile = (word >> 6) & ((1 << TILE_BITS) - 1)
+            if nstage == GATE_UP:
+                gu_piece(ntile, w13, w13_s, sf, warp, lane, tid)
+            if nstage == DOWN:
+                down_piece(ntile, 0, w2, w2_s, sf, warp, lane, tid)
+        P.cp_async_commit()
+
+    # ------------------------------------------------------------------------------------------------
+    # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def learn_launch(t64: Int64, si: Int32):
+        """Thread 0: this launch's number and first ticket from any ticket-counter value seen during it. A launch
+        moves the counter by exactly per_launch (each CTA stops at its first ticket past the table) and a launch
+        starts after the previous one is complete, so every value a CTA of launch L sees before taking its own
+        last ticket lies in [L * per_launch, (L + 1) * per_launch)."""
+        grid = cute.arch.grid_dim()[0]
+        per_launch = Int64(NT) - Int64(P.sel_i32(grid < NT, grid, Int32(NT))) + Int64(grid)  # tickets_per_launch
+        launch_no = t64 // per_launch
+        P.sts_u64(si + (SI_TASK + T_WINDOW) * 4, launch_no * per_launch)
+        P.sts_b32(si + (SI_TASK + T_LAUNCH) * 4, Int32(launch_no))  # mod 2^32, like the counters
+        P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(1))
+
+    @cute.jit
+    def ticket_index(t64: Int64, si: Int32) -> Int32:
+        """A ticket-counter value as this launch's ticket number (learn_launch has run)."""
+        return Int32(t64 - P.lds_u64(si + (SI_TASK + T_WINDOW) * 4))
+
+    @cute.jit
+    def take_ticket(ws: Int64, si: Int32) -> Int32:
+        """Thread 0: the next queue ticket of this launch, counted from the first task after the static ones."""
+        P.griddep_wait()  # the ticket counter was last written by the previous launch
+        t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))  # relaxed: data is ordered by the counters
+        if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+            learn_launch(t64, si)
+        return ticket_index(t64, si)
+
+    @cute.jit
+    def griddep_if_first(waits: Int32):
+        """A CTA's first task (waits == FIRST_TASK) starts before the previous kernel has finished (PDL): it calls
+        griddepcontrol.wait before it reads anything that kernel writes or writes anything it reads. Later tasks
+        come after it. (Inside a branch on purpose: in straight-line code ptxas hoisted the wait above the
+        task's weight loads, so that they only went out after the previous kernel had finished -- ec53080.)"""
+        if waits == FIRST_TASK:
+            P.griddep_wait()
+
+    @cute.jit
+    def next_ticket_early(waits: Int32, ws: Int64, tid: Int32) -> Int64:
+        """Thread 0 of a terminal task (route, down), shortly before its last stores: the atomic for the CTA's
+        next ticket, so that its round trip overlaps the stores instead of following the task -- the last
+        CTA's exit (and with it the next kernel's griddepcontrol.wait) no longer waits for it. Late in the task
+        on purpose: a ticket taken early binds the next task to a CTA that is still busy (81da92b)."""
+        t64 = Int64(-1)
+        if waits != 0 and tid == 0:
+            t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
+        return t64
+
+    @cute.jit
+    def keep_next_ticket(t64: Int64, waits: Int32, si: Int32, tid: Int32):
+        """... and after the stores: the ticket, for the queue loop (the launch window is known by now: the task
+        has waited)."""
+        if waits != 0 and tid == 0:
+            P.sts_b32(si + (SI_TASK + T_NEXT) * 4, ticket_index(t64, si))
+
+    @cute.jit
+    def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32, st: Int32, ahead: cutlass.Constexpr):
+        """Wait until the task's wait counter reaches its target (thread 0 polls, then the CTA syncs).
+        ahead (stream_weights GEMM tasks in the queue): thread 0 also takes the CTA's next ticket now -- its
+        atomic's round trip overlaps the poll -- and leaves it in T_NEXT and its table word in T_NWORD, so that
+        the task can start the next task's weight copies (issue_next)."""
+        griddep_if_first(waits)
+        t_ahead = Int64(-1)
+        if cutlass.const_expr(ahead):
+            if tid == 0:
+                P.sts_b32(si + (SI_TASK + T_NWORD) * 4, Int32(-1))
+                if waits != 0:
+                    t_ahead = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
+                    if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+                        learn_launch(t_ahead, si)  # a static first task: its launch from this ticket
+        if waits != 0 and tid == 0:
+            if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+                # a static first task: the launch number from a plain read of the ticket counter (taking a
+                # ticket here would tie this CTA's next task to it before it is free: measured at 81da92b, the
+                # route CTA then held a gate_up task until 9 us at M = 8)
+                learn_launch(P.ld_relaxed_u64(ws + WS_HEAD * 4), si)
+            wc = P.lds_b32(si + (SI_TASK + 3) * 4)
+            target = P.lds_b32(si + (SI_TASK + 4) * 4)
+            if wc >= 0:
+                addr = ws + WS_COUNTERS * 4 + Int64(wc) * 4
+                # the counter holds (earlier launches) x (its stage's tiles) + this launch's signals
+                per_launch = Int32(0)
+                for c in cutlass.range_constexpr(N_COUNTERS):
+                    per_launch = per_launch + P.sel_i32(wc == c, Int32(TILES[c]), 0)
+                base = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) * per_launch
+                seen = P.ld_acquire(addr) - base
+                spins = Int32(0)
+                while seen < target and spins < SPIN_LIMIT:
+                    if spins >= HOT_SPINS:
+                        P.nanosleep(100)
+                    seen = P.ld_acquire(addr) - base
+                    spins = spins + 1
+                if seen < target:
+                    # A dependency never arrived: give up (never hang the GPU), record the first failure in the
+                    # workspace and in the host-mapped record that megapre.run checks before its next launch.
+                    task = P.lds_b32(si + SI_TASK * 4)
+                    if P.atom_cas(ws + WS_ERROR * 4, Int32(0), task + 1) == 0:
+                        rec = P.ld_b64(ws + WS_ERRPTR * 4)
+                        if rec != 0:
+                            P.st_sys_b32(rec + 4, P.lds_b32(si + (SI_TASK + 1) * 4))
+                            P.st_sys_b32(rec + 8, P.lds_b32(si + (SI_TASK + 2) * 4))
+                            P.st_sys_b32(rec + 12, wc)
+                            P.st_sys_b32(rec + 16, seen)
+                            P.st_sys_b32(rec + 20, target)
+                            P.fence_sys()
+                            P.st_sys_b32(rec, task + 1)
+            if cutlass.const_expr(ahead):
+                nxt = ticket_index(t_ahead, si)
+                P.sts_b32(si + (SI_TASK + T_NEXT) * 4, nxt)
+                grid = cute.arch.grid_dim()[0]
+                t_abs = nxt + P.sel_i32(grid < NT, grid, Int32(NT))  # + n_static
+                if t_abs < NT:
+                    P.sts_b32(si + (SI_TASK + T_NWORD) * 4, P.lds_b32(st + t_abs * 4))
+            if cutlass.const_expr(S.trace):
+                P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())
+        cute.arch.sync_threads()
+
+    @cute.jit
+    def stamp(stage: cutlass.Constexpr, slot: cutlass.Constexpr, tile: Int32, ws: Int64, tid: Int32):
+        """Trace builds: thread 0 of the stage's tile 0 records when it passed point ``slot`` of the stage."""
+        if cutlass.const_expr(S.trace):
+            if tid == 0 and tile == 0:
+                P.st_u64(ws + OFF_PH + Int64(stage * PHASE_SLOTS + slot) * 8, P.globaltimer())
+
+    # ------------------------------------------------------------------------------------------------
+    # L2 prefetch: at kernel start every CTA asks for its slice of every weight matrix, so the whole
+    # weight stream is in flight from the first cycle, not only when the task that reads it starts
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def prefetch_slice(base: Int64, nbytes: cutlass.Constexpr, bid: Int32, nblk: Int32):
+        chunk = (Int32(nbytes) + nblk * 16 - 1) // (nblk * 16) * 16
+        start = bid * chunk
+        if start < nbytes:
+            size = P.sel_i32(start + chunk <= nbytes, chunk, Int32(nbytes) - start)
+            P.prefetch_l2_bulk(base + Int64(start), size)
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: router GEMM partials (bf16 x bf16 -> fp32)
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_router(tile: Int32, gate_w: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
+        warp, lane = tid >> 5, tid & 31
+        kc = S.router_kc
+        split, k0, row_base = split_k_tile(tile, S.router_splits, kc, S.router_rows)
+        raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
+        wait_ready(waits, ws, si, tid, Int32(0), False)
+        stamp(ROUTER, 0, tile, ws, tid)
+        # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
+        nvec = 8 * kc // 8
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            if v < nvec:
+                m = v // (kc // 8)
+                kk = (v % (kc // 8)) * 8
+                if m < M:
+                    u0, u1, u2, u3 = P.ld_cg_v4(ws + OFF_X + Int64(m * H + k0 + kk) * 2)
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
+                else:
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        cute.arch.sync_threads()
+        stamp(ROUTER, 1, tile, ws, tid)
+        outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
+                        sf + S_RED, warp, lane, tid, raw0, sc0, B_ROUTER)
+        stamp(ROUTER, 2, tile, ws, tid)
+        for r, n, val in outs:
+            if n < M:
+                P.st_f32(ws + OFF_RP + Int64((split * M + n) * E + row_base + r) * 4, val)
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: shared expert gate_up GEMM partials (block-scaled FP8)
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_fp8_acts(src: Int64, src_scale: Int64, ld_src: cutlass.Constexpr, ld_scale: cutlass.Constexpr,
+                       k0: Int32, kc: cutlass.Constexpr, sf: Int32, tid: Int32):
+        """Stage FP8 activations src[m, k0:k0+kc] for 8 token rows (zeros past M) -- e4m3 bytes in the wgmma B
+        layout (qgmma) or f16 codes (hmma, exact) -- and their per-128 scales, applied per chunk after the
+        tensor-core products."""
+        # Every global load first, then the shared stores: a store waits for its load, and a load issued after
+        # it (the scales) made a second L2 round trip (SASS at 7f71df0: gate_up's "a_q staged" 0.58 us against
+        # the router's one-trip 0.2).
+        nvec = 8 * kc // 8
+        nsc = 8 * (kc // 128)
+        codes = []
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            m = v // (kc // 8)
+            kk = (v % (kc // 8)) * 8
+            q0 = Uint32(0)
+            q1 = Uint32(0)
+            if m < M:  # (v >= nvec gives m >= 8 >= M: no load)
+                q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
+            codes.append((v, kk, m, q0, q1))
+        scales = []
+        for i in cutlass.range_constexpr((nsc + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            m = v // (kc // 128)
+            kb = v % (kc // 128)
+            sc = Float32(0.0)
+            if m < M:  # (v >= nsc gives m >= 8)
+                sc = P.ld_cg_f32(src_scale + Int64(m * ld_scale + k0 // 128 + kb) * 4)
+            scales.append((v, sc))
+        for v, kk, m, q0, q1 in codes:
+            if v < nvec:
+                if cutlass.const_expr(QGMMA):
+                    # e4m3 bytes in the wgmma B layout (qgmma_consume): physical K kk .. kk + 7 of a 64-K chunk
+                    # is K slots 4 tq .. of step t (bytes 0-3) and 16 + 4 tq .. (bytes 4-7, the next core matrix)
+                    p = kk % 64
+                    dst = sf + S_ACT + ((kk // 64) * 2 + (p % 16) // 8) * P.WGMMA_B_STEP + m * 16 + 4 * (p // 16)
+                    P.sts_b32(dst, Int32(q0))
+                    P.sts_b32(dst + 128, Int32(q1))
+                else:  # exact f16 codes (zero codes past M give zeros)
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0), P.e4m3x2_hi_to_f16x2(q0),
+                             P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
+        for v, sc in scales:
+            if v < nsc:
+                P.sts_f32(sf + S_AS + v * 4, sc)
+
+    @cute.jit
+    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64,
+                      ws: Int64, sf: Int32, si: Int32, st: Int32, tid: Int32, waits: Int32):
+        warp, lane = tid >> 5, tid & 31
+        kc = S.gu_kc
+        split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
+        if cutlass.const_expr(STREAM):
+            issue_own_first(GATE_UP, tile, w13, w13_s, w2, w2_s, sf, tid)
+            wait_ready(waits, ws, si, tid, st, False)
+            issue_next(w13, w13_s, w2, w2_s, sf, si, tid)
+        else:
+            raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
+            wait_ready(waits, ws, si, tid, Int32(0), False)
+        stamp(GATE_UP, 0, tile, ws, tid)
+        stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
+        if cutlass.const_expr(QGMMA):
+            P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
+        cute.arch.sync_threads()
+        stamp(GATE_UP, 1, tile, ws, tid)
+        if cutlass.const_expr(STREAM):
+            raw, sc = ring_take(sf, tid, B_GU)
+            acc = mma_consume([Float32(0.0)] * 4, raw, sc, True, S.gu_rows, kc, 0, sf + S_ACT, sf + S_AS, warp,
+                              lane)
+            outs = mma_reduce(acc, S.gu_rows, kc, sf + S_RED, warp, lane, tid)
+        else:
+            outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS,
+                            sf + S_RED, warp, lane, tid, raw0, sc0, B_GU)
+        stamp(GATE_UP, 2, tile, ws, tid)
+        for r, n, val in outs:
+            if n < M:
+                P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def act_group(m: Int32, g: Int32, lane: Int32, ws: Int64, trace_tile: Int32, tid: Int32):
+        """One warp: token m, h columns g*128 .. g*128+127 (4 per lane) = bf16(sum of the gate_up partials in
+        split order), SiLU-and-mul with vLLM's bf16 roundings, FP8 quantization with the group's scale.
+        Returns (4 e4m3 codes packed, scale)."""
+        c = g * 128 + lane * 4
+        gt = [Float32(0.0)] * 4
+        up = [Float32(0.0)] * 4
+        for s in cutlass.range_constexpr(S.gu_splits):
+            base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
+            a0, a1, a2, a3 = P.ld_cg_v4f(base)
+            b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
+            gt = [gt[0] + a0, gt[1] + a1, gt[2] + a2, gt[3] + a3]
+            up = [up[0] + b0, up[1] + b1, up[2] + b2, up[3] + b3]
+        stamp(ACT, 1, trace_tile, ws, tid)
+        h = []
+        for j in cutlass.range_constexpr(4):
+            gj = P.round_bf16(gt[j])
+            uj = P.round_bf16(up[j])
+            act = P.round_bf16(P.div_exact(gj, Float32(1.0) + P.exp_f32(-gj)))
+            h.append(P.round_bf16(act * uj))
+        return quant_group(h[0], h[1], h[2], h[3])
+
+    @cute.jit
+    def stage_act(g: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
+        m = tid >> 5
+        lane = tid & 31
+        wait_ready(waits, ws, si, tid, Int32(0), False)
+        stamp(ACT, 0, g, ws, tid)
+        if m < M:
+            q, scale = act_group(m, g, lane, ws, g, tid)
+            P.st_b32(ws + OFF_HQ + Int64(m * I + g * 128 + lane * 4), q)
+            if lane == 0:
+                P.st_f32(ws + OFF_HS + Int64(m * (I // 128) + g) * 4, scale)
+        stamp(ACT, 2, g, ws, tid)
+
+    @cute.jit
+    def stage_act_to_smem(ws: Int64, sf: Int32, tid: Int32, trace_tile: Int32):
+        """Fused act (S.fuse_act): the down task computes h itself, warp u = (token u // G, group u % G), and
+        stages it for the down GEMM as stage_fp8_acts would have from h_q / h_scale (rows past M zero)."""
+        G = I // 128
+        warp = tid >> 5
+        lane = tid & 31
+        for r in cutlass.range_constexpr((M * G + WARPS - 1) // WARPS):
+            u = warp + WARPS * r
+            if u < M * G:
+                m = u // G
+                g = u % G
+                q, scale = act_group(m, g, lane, ws, trace_tile + r, tid)
+                kk = g * 128 + lane * 4
+                if cutlass.const_expr(QGMMA):
+                    # the wgmma B layout (see stage_fp8_acts): word w = lane % 4 of the 16-byte run of tq
+                    w = lane & 3
+                    P.sts_b32(sf + S_ACT + ((kk // 64) * 2 + w // 2) * P.WGMMA_B_STEP + (w % 2) * 128 + m * 16
+                              + 4 * ((lane & 15) >> 2), Int32(q))
+                else:
+                    P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
+                if lane == 0:
+                    P.sts_f32(sf + S_AS + (m * G + g) * 4, scale)
+        if cutlass.const_expr(QGMMA):
+            # zero rows M .. 7: 16 bytes per (k32 step, core matrix, row)
+            RZ = 8 - M
+            for i in cutlass.range_constexpr(((I // 32) * 2 * RZ + THREADS - 1) // THREADS):
+                v = tid + i * THREADS
+                if v < (I // 32) * 2 * RZ:
+                    P.sts_v4(sf + S_ACT + (v // (2 * RZ)) * P.WGMMA_B_STEP + ((v % (2 * RZ)) // RZ) * 128
+                             + (M + v % RZ) * 16, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        else:
+            for i in cutlass.range_constexpr(((8 - M) * I // 8 + THREADS - 1) // THREADS):  # zero rows M .. 7
+                v = tid + i * THREADS
+                if v < (8 - M) * I // 8:
+                    P.sts_v4(sf + S_ACT + (M * I + v * 8) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        if tid < (8 - M) * G:
+            P.sts_f32(sf + S_AS + (M * G + tid) * 4, Float32(0.0))
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: shared expert down GEMM (block-scaled FP8) -> shared_out bf16
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_down(rt: Int32, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, sf: Int32,
+                   si: Int32, st: Int32, tid: Int32, waits: Int32):
+        warp = tid >> 5
+        lane = tid & 31
+        row_base = rt * S.down_rows
+        if cutlass.const_expr(STREAM):
+            # the first piece (unless the previous task issued it), then the second: the ring is full until the
+            # first is consumed, so a two-piece task starts the next task's weights after that
+            issue_own_first(DOWN, rt, w2, w2_s, w2, w2_s, sf, tid)
+            if cutlass.const_expr(N_DOWN_PIECES == 2):
+                down_piece(rt, 1, w2, w2_s, sf, warp, lane, tid)
+                P.cp_async_commit()
+            wait_ready(waits, ws, si, tid, st, False)
+            if cutlass.const_expr(N_DOWN_PIECES == 1):
+                issue_next(w13, w13_s, w2, w2_s, sf, si, tid)
+        elif cutlass.const_expr(S.fuse_act and M <= 2):
+            # M <= 2: the weights after the wait, together with the act's loads (their latency hides behind the
+            # act's math): issued before it, the dynamic down tasks' polls came back only ~1.2-1.6 us after the
+            # task was taken, long after the last gate_up (8fb98a5's task-by-task trace; not w2 from HBM:
+            # bdaddb5). Measured in one run (3cfc636 vs dbf5ac8): M = 1 / 2 -0.33 / -0.13 us, but M = 4 / 8
+            # +0.6 / +0.7 (a longer act no longer hides the weights), so larger M keep the weights first.
+            wait_ready(waits, ws, si, tid, Int32(0), False)
+            raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
+        else:
+            raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
+            wait_ready(waits, ws, si, tid, Int32(0), False)
+        stamp(DOWN, 0, rt, ws, tid)
+        if cutlass.const_expr(S.fuse_act):
+            stage_act_to_smem(ws, sf, tid, rt)
+        else:
+            stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
+        if cutlass.const_expr(QGMMA):
+            P.fence_proxy_async_smem()
+        cute.arch.sync_threads()
+        stamp(DOWN, 1, rt, ws, tid)
+        if cutlass.const_expr(STREAM):
+            acc = [Float32(0.0)] * 4
+            for p in cutlass.range_constexpr(N_DOWN_PIECES):
+                _, _, per_warp = mma_plan(S.down_rows, I)
+                raw, sc = ring_take(sf, tid, min(B8, per_warp - p * B8))
+                acc = mma_consume(acc, raw, sc, True, S.down_rows, I, p * B8, sf + S_ACT, sf + S_AS, warp, lane)
+                if p == 0 and N_DOWN_PIECES == 2:
+                    issue_next(w13, w13_s, w2, w2_s, sf, si, tid)  # the first piece's slot is free now
+            outs = mma_reduce(acc, S.down_rows, I, sf + S_RED, warp, lane, tid)
+            stamp(DOWN, 2, rt, ws, tid)
+            for r, n, val in outs:  # (the next ticket is already in T_NEXT: wait_ready took it)
+                if n < M:
+                    P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
+        else:
+            outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
+                            sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)
+            stamp(DOWN, 2, rt, ws, tid)
+            t_next = next_ticket_early(waits, ws, tid)
+            for r, n, val in outs:
+                if n < M:
+                    P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
+            keep_next_ticket(t_next, waits, si, tid)
+
+    # ------------------------------------------------------------------------------------------------
+    # stage: router scoring + grouped top-k for one token (one warp; expert e = lane * EPL + j)
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def stage_route(bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, o_sorted: Int64, o_eids: Int64,
+                    o_ntpp: Int64, first_local: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
+        """Routing in one task: warp m scores token m (sigmoid, grouped top-k, weights), then the whole CTA
+        sorts the (token, expert) pairs for the fused MoE (moe_align_block_size). One hop instead of two."""
+        warp = tid >> 5
+        lane = tid & 31
+        m = warp
+        e0 = lane * EPL
+        cbias = []
+        for v in cutlass.range_constexpr(EPL // 4):  # the bias does not depend on any task: load it first
+            c0, c1, c2, c3 = P.ld_nc_v4f(bias + Int64(e0 + 4 * v) * 4)
+            cbias.extend([c0, c1, c2, c3])
+        for w in cutlass.range_constexpr(PAIR_WARPS):  # per-warp pair counts of the token sort
+            if tid < S.n_local:
+                P.sts_b32(si + (SI_CNT + w * THREADS + tid) * 4, Int32(0))
+        griddep_if_first(waits)  # the previous kernel may still read the outputs written below (PDL)
+        for i in cutlass.range_constexpr((S.max_padded + THREADS - 1) // THREADS):  # sentinel: padding slots
+            if tid + i * THREADS < S.max_padded:
+                P.st_b32(o_sorted + Int64(tid + i * THREADS) * 4, Uint32(P_PAIRS))
+        for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):  # -1: blocks past the end
+            if tid + i * THREADS < S.max_blocks:
+                P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
+        wait_ready(waits, ws, si, tid, Int32(0), False)
+        stamp(ROUTE, 0, Int32(0), ws, tid)
+        if warp < M:
+            lg = [Float32(0.0)] * EPL
+            for s in cutlass.range_constexpr(S.router_splits):
+                for v in cutlass.range_constexpr(EPL // 4):
+                    a0, a1, a2, a3 = P.ld_cg_v4f(ws + OFF_RP + Int64((s * M + m) * E + e0 + 4 * v) * 4)
+                    lg[4 * v] = lg[4 * v] + a0
+                    lg[4 * v + 1] = lg[4 * v + 1] + a1
+                    lg[4 * v + 2] = lg[4 * v + 2] + a2
+                    lg[4 * v + 3] = lg[4 * v + 3] + a3
+            for v in cutlass.range_constexpr(EPL // 4):
+                P.st_v4f(o_logits + Int64(m * E + e0 + 4 * v) * 4, lg[4 * v], lg[4 * v + 1], lg[4 * v + 2],
+                         lg[4 * v + 3])
+            stamp(ROUTE, 1, Int32(0), ws, tid)
+            sc = []
+            bs = []
+            for v in cutlass.range_constexpr(EPL // 4):
+                cb = cbias[4 * v: 4 * v + 4]
+                for j in cutlass.range_constexpr(4):
+                    # sigmoid with a hardware reciprocal (~1 ulp): weights are checked to 1e-5
+                    s_ = P.rcp_approx(Float32(1.0) + P.exp_f32(-lg[4 * v + j]))
+                    b_ = s_ + cb[j]
+                    sc.append(s_)
+                    bs.append(P.sel_f32(P.is_nan(b_), Float32(NEG_INF), b_))
+            # group score: sum of the top two biased scores of the group
+            t1 = Float32(NEG_INF)
+            t2 = Float32(NEG_INF)
+            for j in cutlass.range_constexpr(EPL):
+                t2 = P.fmax(t2, -P.fmax(-t1, -bs[j]))  # max(t2, min(t1, b))
+                t1 = P.fmax(t1, bs[j])
+            for sh in cutlass.range_constexpr(LPG.bit_length() - 1):
+                o1 = cute.arch.shuffle_sync_bfly(t1, 1 << sh)
+                o2 = cute.arch.shuffle_sync_bfly(t2, 1 << sh)
+                n2 = P.fmax(-P.fmax(-t1, -o1), P.fmax(t2, o2))
+                t1 = P.fmax(t1, o1)
+                t2 = n2
+            gs = t1 + t2
+            gs = P.sel_f32(P.is_nan(gs), Float32(NEG_INF), gs)
+            grp = lane // LPG
+            gkey = P.sortable_key(gs)
+            any_finite = P.warp_max_i32(gkey > P.sortable_key(Float32(NEG_INF)))
+            # keep the topk_group best groups: a group's rank = groups with a higher score, or an equal score and
+            # a lower index (every lane of a group holds its score; one shuffle per group, no serial picks)
+            rank = Int32(0)
+            for q in cutlass.range_constexpr(S.n_group):
+                kq = cute.arch.shuffle_sync(gkey, q * LPG)
+                rank = rank + P.sel_i32(kq > gkey, 1, P.sel_i32(kq == gkey, q < grp, 0))
+            kept = P.sel_i32(rank < S.topk_group, 1, 0)
+            # expert keys: kept groups by biased score; other groups below any kept one (INT_MIN marks an
+            # exhausted list slot, below every real key)
+            keys = [P.sel_i32(kept, P.sortable_key(bs[j]), Int32(INT_MIN + 1)) for j in range(EPL)]
+            stamp(ROUTE, 2, Int32(0), ws, tid)
+            # Each lane sorts its EPL candidates once (19-comparator network, descending key, lower expert
+            # first on equal keys); then every pick is one warp max over the lanes' heads, and the lowest
+            # lane holding that max (= the lowest expert index among equal keys) pops its head.
+            ids_l = [e0 + j for j in range(EPL)]
+            sc_l = list(sc)
+            for layer in SORT8:
+                for a, b in layer:
+                    better = P.sel_i32(keys[b] > keys[a], 1, P.sel_i32(keys[b] == keys[a], ids_l[b] < ids_l[a], 0))
+                    ka, kb = P.sel_i32(better, keys[b], keys[a]), P.sel_i32(better, keys[a], keys[b])
+                    ia, ib = P.sel_i32(better, ids_l[b], ids_l[a]), P.sel_i32(better, ids_l[a], ids_l[b])
+                    sa, sb = P.sel_f32(better, sc_l[b], sc_l[a]), P.sel_f32(better, sc_l[a], sc_l[b])
+                    keys[a], keys[b], ids_l[a], ids_l[b], sc_l[a], sc_l[b] = ka, kb, ia, ib, sa, sb
+            stamp(ROUTE, 3, Int32(0), ws, tid)
+            my_id = Int32(0)
+            my_w = Float32(0.0)
+            tot = Float32(0.0)
+            for k in cutlass.range_constexpr(S.top_k):
+                mx = P.warp_max_i32(keys[0])
+                wl = P.lowest_bit_index(P.ballot(keys[0] == mx))
+                win = cute.arch.shuffle_sync(ids_l[0], wl)
+                s_win = cute.arch.shuffle_sync(sc_l[0], wl)
+                tot = tot + s_win  # pick order, as the reference sums the selected weights
+                my_id = P.sel_i32(lane == k, win, my_id)
+                my_w = P.sel_f32(lane == k, s_win, my_w)
+                pop = lane == wl
+                for j in cutlass.range_constexpr(EPL - 1):
+                    keys[j] = P.sel_i32(pop, keys[j + 1], keys[j])
+                    ids_l[j] = P.sel_i32(pop, ids_l[j + 1], ids_l[j])
+                    sc_l[j] = P.sel_f32(pop, sc_l[j + 1], sc_l[j])
+                keys[EPL - 1] = P.sel_i32(pop, Int32(INT_MIN), keys[EPL - 1])
+            stamp(ROUTE, 4, Int32(0), ws, tid)
+            inv = P.rcp_approx(tot + Float32(1e-20))
+            # lane k < top_k stores pick k
+            wk = P.sel_f32(any_finite, my_w * inv, Float32(1.0 / S.top_k))
+            if cutlass.const_expr(S.fold_scaling):
+                wk = wk * Float32(S.scaling)
+            idk = P.sel_i32(any_finite, my_id, lane)
+            if lane < S.top_k:
+                P.st_f32(o_w + Int64(m * S.top_k + lane) * 4, wk)
+                P.st_b32(o_ids + Int64(m * S.top_k + lane) * 4, Uint32(idk))
+                P.sts_b32(si + (SI_TOPK + m * S.top_k + lane) * 4, idk)
+        cute.arch.sync_threads()
+        stamp(ROUTE, 5, Int32(0), ws, tid)
+
+        # ---- token sorting (moe_align_block_size over the local experts), whole CTA
+        BS = S.block_size
+        NL = S.n_local
+        # rank of each (token, expert) pair among the pairs of its expert, in pair order: match.any inside a
+        # warp, plus the counts of the earlier warps (per-warp count arrays, zeroed before the wait)
+        lid = Int32(-2)  # lanes past the pairs match only each other and count nowhere
+        if tid < P_PAIRS:
+            e = P.lds_b32(si + (SI_TOPK + tid) * 4) - first_local
+            lid = P.sel_i32(P.sel_i32(e >= 0, 1, 0) & P.sel_i32(e < NL, 1, 0), e, Int32(-1))
+        rank = Int32(0)
+        if warp < PAIR_WARPS:
+            same = P.match_any(lid)
+            below = same & P.lanemask_lt()
+            rank = P.popc(below)
+            if below == 0 and lid >= 0:
+                P.sts_b32(si + (SI_CNT + warp * THREADS + lid) * 4, P.popc(same))
+        cute.arch.sync_threads()
+        stamp(ROUTE, 6, Int32(0), ws, tid)
+        for w in cutlass.range_constexpr(PAIR_WARPS - 1):
+            if warp > w and lid >= 0:
+                rank = rank + P.lds_b32(si + (SI_CNT + w * THREADS + lid) * 4)
+        cnt = Int32(0)
+        if tid < NL:
+            for w in cutlass.range_constexpr(PAIR_WARPS):
+                cnt = cnt + P.lds_b32(si + (SI_CNT + w * THREADS + tid) * 4)
+        padded = P.sel_i32(P.sel_i32(tid < NL, 1, 0), (cnt + (BS - 1)) & Int32(-BS), 0)
+        # inclusive scan of the padded counts: one warp when the local experts fit in it, else warp scans + totals
+        x = padded
+        total = Int32(0)
+        if cutlass.const_expr(NL <= 32):
+            if warp == 0:
+                for sh in cutlass.range_constexpr(5):
+                    y = cute.arch.shuffle_sync_up(x, 1 << sh)
+                    x = x + P.sel_i32(P.sel_i32(lane >= (1 << sh), 1, 0), y, 0)
+                if lane == 31:
+                    P.sts_b32(si + SI_WTOT * 4, x)
+                if tid < NL:
+                    P.sts_b32(si + (SI_END + tid) * 4, x)
+                    P.sts_b32(si + (SI_PAD + tid) * 4, padded)
+            cute.arch.sync_threads()
+            total = P.lds_b32(si + SI_WTOT * 4)
+        else:
+            for sh in cutlass.range_constexpr(5):
+                y = cute.arch.shuffle_sync_up(x, 1 << sh)
+                x = x + P.sel_i32(P.sel_i32(lane >= (1 << sh), 1, 0), y, 0)
+            if lane == 31:
+                P.sts_b32(si + (SI_WTOT + warp) * 4, x)
+            cute.arch.sync_threads()
+            prefix = Int32(0)
+            for w in cutlass.range_constexpr(WARPS):
+                wt = P.lds_b32(si + (SI_WTOT + w) * 4)
+                prefix = prefix + P.sel_i32(P.sel_i32(w < warp, 1, 0), wt, 0)
+                total = total + wt
+            if tid < NL:
+                P.sts_b32(si + (SI_END + tid) * 4, x + prefix)
+                P.sts_b32(si + (SI_PAD + tid) * 4, padded)
+            cute.arch.sync_threads()
+        t_next = next_ticket_early(waits, ws, tid)
+        # (sorted_token_ids was filled with the sentinel before the wait; the syncs since order it first)
+        if tid < P_PAIRS:
+            if lid >= 0:
+                pos = P.lds_b32(si + (SI_END + lid) * 4) - P.lds_b32(si + (SI_PAD + lid) * 4) + rank
+                P.st_b32(o_sorted + Int64(pos) * 4, Uint32(tid))
+        # expert of each block: expert e owns ceil(count / BS) blocks from (its padded start) / BS; blocks past
+        # the total keep the -1 written before the wait (an expert has at most M pairs: one per token)
+        if tid < NL:
+            blk0 = (P.lds_b32(si + (SI_END + tid) * 4) - padded) // BS
+            for j in cutlass.range_constexpr((M + BS - 1) // BS):
+                if j * BS < cnt:
+                    P.st_b32(o_eids + Int64(blk0 + j) * 4, Uint32(tid))
+        if tid == 0:
+            P.st_b32(o_ntpp, Uint32(total))
+        keep_next_ticket(t_next, waits, si, tid)
+        stamp(ROUTE, 7, Int32(0), ws, tid)
+
+    # ------------------------------------------------------------------------------------------------
+    @cute.jit
+    def run_stage(stage: Int32, tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64,
+                  bias: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64,
+                  o_w: Int64, o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64,
+                  o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32, st: Int32,
+                  tid: Int32, waits: Int32):
+        """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0."""
+        if stage == NORM:
+            stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, sf, si, tid, waits)
+        if stage == ROUTER:
+            stage_router(tile, gate_w, ws, sf, si, tid, waits)
+        if stage == GATE_UP:
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, w2, w2_s, ws, sf, si, st, tid, waits)
+        if stage == ROUTE:
+            stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
+        if stage == ACT:
+            stage_act(tile, ws, si, tid, waits)
+        if stage == DOWN:
+            stage_down(tile, w13, w13_s, w2, w2_s, o_shared, ws, sf, si, st, tid, waits)
+
+    @cute.kernel
+    def megapre_kernel(hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64, bias: Int64, w13: Int64,
+                       w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64,
+                       o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64,
+                       o_ntpp: Int64, ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32,
+                       mode: Int32, prefetch_ctas: Int32, prefetch_delay: Int32):
+        tid = cute.arch.thread_idx()[0]
+        alloc = SmemAllocator()
+        s_f = alloc.allocate_tensor(Float32, cute.make_layout(SF), byte_alignment=16)
+        s_i = alloc.allocate_tensor(Int32, cute.make_layout(KernelSpec.SMEM_INTS), byte_alignment=16)
+        s_t = alloc.allocate_tensor(Int32, cute.make_layout(NT), byte_alignment=16)
+        sf = Int32(s_f.iterator.toint())
+        si = Int32(s_i.iterator.toint())
+        st = Int32(s_t.iterator.toint())
+        ctr = ws + WS_COUNTERS * 4
+        if cutlass.const_expr(STREAM):  # this thread's ring counters (pieces issued, consumed)
+            P.sts_b32(sf + S_RCTR + tid * 8, Int32(0))
+            P.sts_b32(sf + S_RCTR + tid * 8 + 4, Int32(0))
+        if mode >= 0:
+            # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
+            run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
+                      w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
+                      first_local, sf, si, st, tid, Int32(0))
+        else:
+            # PDL: the next kernel in the stream may be scheduled now; its CTAs take the SMs ours leave (one CTA
+            # per SM fits) and start their weight prefetch and first weight loads while our last tasks run.
+            P.griddep_launch_dependents()
+            bid = cute.arch.block_idx()[0]
+            grid = cute.arch.grid_dim()[0]
+            n_static = P.sel_i32(grid < n_tasks, grid, n_tasks)  # CTA b < n_static starts on task b (no ticket)
+            n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
+            if tid == 0:
+                P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
+                P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(-1))
+                # Weights and the norm's inputs do not depend on the previous kernel: ask L2 for them before it
+                # has finished. (A prefetch is only a hint -- L2 is where every SM's writes land, so hidden /
+                # residual prefetched before the previous kernel wrote them are still read fresh after
+                # griddepcontrol.wait.) The norm's inputs first, whole; the weight matrices are split between
+                # the prefetch_ctas CTAs after the norm CTAs, which issue nothing else, so that the norm weight
+                # (the only HBM read on the routing chain's first task) is not queued behind the weight stream.
+                if prefetch_ctas > 0:
+                    if bid == 0:
+                        P.prefetch_l2_bulk(norm_w, Int32(H * 2))
+                        P.prefetch_l2_bulk(bias, Int32(E * 4))
+                    if bid == 1 % grid:
+                        P.prefetch_l2_bulk(hidden, Int32(M * H * 2))
+                    if bid == 2 % grid:
+                        P.prefetch_l2_bulk(residual, Int32(M * H * 2))
+                if bid >= n_norm:
+                    # CTAs that do not start on a norm task hold back their weight loads (and prefetch) for
+                    # prefetch_delay ns, so that the norm weight gets ahead of the weight stream in the memory
+                    # queues; their tasks wait for the norm anyway (MEGAPRE_PREFETCH_DELAY_NS, sweep)
+                    t_go = P.globaltimer() + Int64(prefetch_delay)
+                    while P.globaltimer() < t_go:
+                        pass
+                    k = bid - n_norm
+                    n_pf = P.sel_i32(prefetch_ctas < grid - n_norm, prefetch_ctas, grid - n_norm)
+                    if k < n_pf:
+                        prefetch_slice(gate_w, E * H * 2, k, n_pf)
+                        prefetch_slice(w13, 2 * I * H, k, n_pf)
+                        prefetch_slice(w2, H * I, k, n_pf)
+            # The task table (one packed word per task, uploaded before any launch that uses it) into shared
+            # memory, while the previous kernel may still run.
+            for i in cutlass.range_constexpr((NT + THREADS - 1) // THREADS):
+                if tid + i * THREADS < n_tasks:
+                    P.sts_b32(st + (tid + i * THREADS) * 4, Int32(P.ld_nc_b32(tasks + Int64(tid + i * THREADS) * 4)))
+            cute.arch.sync_threads()  # the table copy above is complete before thread 0 decodes any task
+            # CTA b runs task b first (no ticket: a contended atomic on one word costs ~0.5 us at the start of
+            # the routing chain), and it starts before the previous kernel has finished: its weight loads go out
+            # under PDL, and each stage calls griddepcontrol.wait before it reads or writes anything the previous
+            # kernel may touch (stage_norm, stage_route, wait_ready). Later tasks come from the ticket queue
+            # (take_ticket): no reset between launches, the 64-bit ticket counter only grows, and every launch
+            # takes exactly n_tasks - n_static + grid tickets (each CTA ends on one past the table), so launch L
+            # owns tickets [L * per_launch, (L + 1) * per_launch); the counters only grow too, and a wait in
+            # launch L compares against L * tiles + target (32-bit wrapping arithmetic on both sides).
+            # A static task that waits learns the launch number from a plain read of the ticket counter
+            # (learn_launch); the others from their first ticket.
+            # Deadlock freedom: a task waits only on tasks earlier in the table; static ones run on lower CTAs,
+            # which the hardware dispatches first, and dynamic ones were taken by running CTAs.
+            static = P.sel_i32(bid < n_static, 1, 0)
+            waits = Int32(FIRST_TASK)
+            running = Int32(1)
+            while running != 0:
+                if tid == 0:
+                    t_ticket = P.globaltimer()
+                    ticket = bid
+                    if static == 0:
+                        early = P.lds_b32(si + (SI_TASK + T_NEXT) * 4)
+                        if early >= 0:
+                            ticket = n_static + early
+                            P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(-1))
+                        else:
+                            ticket = n_static + take_ticket(ws, si)
+                    P.sts_b32(si + SI_TASK * 4, ticket)
+                    if ticket < n_tasks:
+                        word = P.lds_b32(st + ticket * 4)
+                        P.sts_b32(si + (SI_TASK + 1) * 4, word & 7)  # stage
+                        P.sts_b32(si + (SI_TASK + 2) * 4, (word >> 6) & ((1 << TILE_BITS) - 1))  # tile
+                        P.sts_b32(si + (SI_TASK + 3) * 4, ((word >> 3) & 7) - 1)  # wait counter (-1: none)
+                        P.sts_b32(si + (SI_TASK + 4) * 4, (word >> 18) & ((1 << TARGET_BITS) - 1))  # wait target
+                        P.sts_b32(si + (SI_TASK + 5) * 4, word & 7)  # signal counter: the stage's own
+                        if cutlass.const_expr(S.trace):
+                            P.sts_u64(si + (SI_TASK + T_TAKEN) * 4, t_ticket)
+                            P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())  # wait_ready overwrites
+                static = Int32(0)
+                cute.arch.sync_threads()
+                task = P.lds_b32(si + SI_TASK * 4)
+                if task >= n_tasks:
+                    running = Int32(0)
+                else:
+                    stage = P.lds_b32(si + (SI_TASK + 1) * 4)
+                    tile = P.lds_b32(si + (SI_TASK + 2) * 4)
+                    run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
+                              o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
+                              first_local, sf, si, st, tid, waits)
+                    waits = Int32(1)
+                    cute.arch.sync_threads()
+                    if tid == 0:
+                        # bar.sync above + release: every thread's writes of this task are published. Stages no
+                        # task waits on (route, down) skip it: the kernel's end publishes their outputs.
+                        sig = P.lds_b32(si + (SI_TASK + 5) * 4)
+                        waited = Int32(0)
+                        for c in cutlass.range_constexpr(len(WAITED)):
+                            waited = waited | P.sel_i32(sig == WAITED[c], 1, 0)
+                        if waited != 0:
+                            P.red_release_add(ctr + Int64(sig) * 4, Int32(1))
+                        if cutlass.const_expr(S.trace):
+                            # (written here, after the stage's griddepcontrol.wait: the previous launch on this
+                            # workspace may have been tracing into the same records)
+                            rec = ws + OFF_TR + Int64(task) * (TRACE_INTS * 8)
+                            P.st_u64(rec, Int64(bid))
+                            P.st_u64(rec + 8, P.lds_u64(si + (SI_TASK + T_TAKEN) * 4))
+                            P.st_u64(rec + 16, P.lds_u64(si + (SI_TASK + T_READY) * 4))
+                            P.st_u64(rec + 24, P.globaltimer())
+
+    megapre_kernel.set_name_prefix("megapre_preamble", remove_cutlass_symbol=True, keep_mangled_name=False)
+
+    @cute.jit
+    def launch(hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64, bias: Int64, w13: Int64,
+               w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64,
+               o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64, o_eids: Int64, o_ntpp: Int64,
+               ws: Int64, tasks: Int64, n_tasks: Int32, first_local: Int32, mode: Int32, prefetch_ctas: Int32,
+               prefetch_delay: Int32, grid: Int32):
+        megapre_kernel(hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res, o_logits, o_w, o_ids,
+                       o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws, tasks, n_tasks, first_local,
+                       mode, prefetch_ctas, prefetch_delay).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
+
+    return megapre_kernel, launch
+
+
+PARAMS = ("hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
+          "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
+          "first_local", "mode", "prefetch_ctas", "prefetch_delay")
+PARAM_TYPES = ("u64",) * 21 + ("s32",) * 5

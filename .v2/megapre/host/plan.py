@@ -1,0 +1,319 @@
+"""The megakernel's plan for one (config, M): tile sizes, workspace layout and the task table.
+
+Pure Python (no torch, no cutlass), shared by the build step (which bakes these numbers into the kernel as
+compile-time constants) and the launcher (which allocates the workspace and uploads the task table). One
+source of truth for both sides is what keeps them in agreement.
+
+Task protocol: every task is one row [stage, tile, wait_counter, wait_target, signal_counter] of the table,
+uploaded packed into one int32 per task (pack_table) that every CTA copies into shared memory before it
+waits on the previous kernel. CTA b runs task b first (static: the first `n_static = min(grid, n_tasks)`
+tasks, so the norm tasks start without an atomic and under PDL before the previous kernel ends); later tasks
+are taken in order with an atomic ticket. A task first waits until counters[wait_counter] >= wait_target
+(acquire), runs its stage on its tile, then adds 1 to counters[signal_counter] (release; always the stage's
+own counter). A task only waits on tasks earlier in the queue; the static ones run on lower-numbered CTAs
+(dispatched first) and the dynamic ones were taken by running CTAs, so the lowest unfinished task can always
+run once its CTA is resident.
+Nothing is reset between launches (no host-side reset, no end-of-kernel round): the 64-bit ticket counter and
+the counters only grow. Every launch takes exactly per_launch = n_tasks - n_static + grid tickets (each CTA
+stops at its first ticket past the table), so a CTA knows its launch number L from the ticket counter (its
+first ticket, or a plain read in a static task's wait), and a wait in launch L is for
+counters[c] >= L * tiles[c] + target (32-bit wrapping arithmetic). Launches on one
+workspace never overlap: stream order, and with PDL the griddepcontrol.wait before the first ticket and
+before any task reads a counter or an input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from ..config import QUANT_GROUP, PreambleConfig
+
+THREADS = 256
+WARPS = THREADS // 32
+TRACE_INTS = 4  # int64 per task in trace mode: cta, ticket taken, dependencies met, done (globaltimer ns)
+PHASE_SLOTS = 8  # trace mode: int64 timestamps of points inside tile 0 of each stage (see the stages' stamp calls)
+
+# Stage ids (also the index of the counter their tasks signal), numbered in a valid dependency order.
+NORM, ROUTER, GATE_UP, ROUTE, ACT, DOWN = range(6)
+# Queue order: the routing chain (norm -> router -> route) is the longest serial path, so its tasks are
+# taken first and never wait behind the shared expert's tasks for a free CTA.
+QUEUE_ORDER = (NORM, ROUTER, ROUTE, GATE_UP, ACT, DOWN)
+STAGE_NAMES = ("norm", "router", "gate_up", "route", "act", "down")
+N_COUNTERS = len(STAGE_NAMES)
+
+# Workspace control words (int32 index): the 64-bit ticket counter (indices 0-1), the error word (first failed
+# task + 1), the int64 address of the host-mapped error record (set by the host), then the counters.
+WS_HEAD, WS_ERROR = 0, 2
+WS_ERRPTR = 4  # int32 index of an 8-byte field
+WS_COUNTERS = 16
+# Host-mapped error record (int32): [failed task + 1, stage, tile, counter, seen, target, 0, 0]
+ERR_INTS = 8
+
+
+# A shared expert this small per rank (DeepSeek-V3's 2048 at TP8) is a few MB: 128-row down tiles (56 tasks),
+# and every CTA takes a slice of the L2 prefetch (fused._prefetch_ctas); larger ones (TP1) are tiled finer.
+SMALL_SHARED_INTER = 256
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    return default if v in (None, "") else v not in ("0", "false", "no", "off")
+
+
+def _align(n: int, a: int = 256) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything the device code needs to know at compile time for one (config, M)."""
+
+    m: int
+    hidden: int
+    experts: int
+    n_group: int
+    topk_group: int
+    top_k: int
+    inter: int  # shared-expert intermediate columns on this rank
+    n_local: int
+    block_size: int
+    eps: float
+    fold_scaling: bool
+    scaling: float
+    max_padded: int
+    max_blocks: int
+    # tiling
+    # Tiles: rows per task (a multiple of 8 warps) x K splits. More rows per warp amortize the shared-memory
+    # reads of the activations; the task counts keep ~1 task per SM for each GEMM at EP8 shapes.
+    # A task's rows are split into 16-row blocks (one tensor-core tile each) and the 8 warps into
+    # (row blocks) x (K groups); K groups are summed through shared memory in a fixed order.
+    router_rows: int = 32  # 2 row blocks x 4 K groups; 8 row tiles x 7 K splits (1024 each) = 56 tasks
+    router_splits: int = 7
+    gu_rows: int = 64  # 4 row blocks x 2 K groups
+    gu_splits: int = 7  # TP8: 8 row tiles x 7 splits (1024 each) = 56 tasks, all in the first wave; TP1: 448
+    down_rows: int = 64  # TP8 (K = 256): 128 rows, 56 tasks, so more CTAs finish early (PDL: the next call starts)
+    # SiLU-and-mul + quantization inside every down task (no act stage, one dependency hop less), where the
+    # gate_up partials each down task then reads stay small: inter x M <= 2048 (TP8, every M)
+    fuse_act: bool = False
+    # FP8 GEMM instruction: "qgmma" = warpgroup MMA m64n8k32 on e4m3 (QGMMA in SASS; weights from registers, the
+    # tokens from shared memory); "hmma" = mma.sync m16n8k16 on exact f16 codes of the e4m3 values (the
+    # conversions cost issue slots). MEGAPRE_FP8_MMA selects it for builds and launches alike.
+    fp8_mma: str = "qgmma"
+    # Streamed FP8 weights: gate_up and down tasks copy their weights into a two-slot ring in shared memory
+    # (cp.async) instead of registers, and take the CTA's next ticket when they start, so that the next task's
+    # weights are in flight while this one computes -- a CTA always has ~64 KB of the weight stream on its
+    # way. For shared experts too large to stream in one wave (TP1: 448 gate_up and 112 down tasks, ~4 per CTA).
+    # MEGAPRE_STREAM_WEIGHTS=0/1 overrides it (builds and launches alike).
+    stream_weights: bool = False
+    # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
+    trace: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False) -> "KernelSpec":
+        inter = cfg.shared_local_intermediate
+        return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
+                   topk_group=cfg.topk_group, top_k=cfg.top_k, inter=inter,
+                   n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
+                   fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
+                   max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
+                   down_rows=128 if inter <= SMALL_SHARED_INTER else 64, fuse_act=inter * m <= 2048, trace=trace,
+                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"),
+                   stream_weights=_env_flag("MEGAPRE_STREAM_WEIGHTS", inter > SMALL_SHARED_INTER))
+
+    # ---- what the kernel supports (checked before building or launching) --------------------------------
+    def unsupported(self) -> str | None:
+        """None if the megakernel handles this shape, else the reason it does not."""
+        h = self.hidden
+        if not 1 <= self.m <= 8:
+            return f"M = {self.m} (the megakernel handles 1..8 tokens)"
+        if h % (QUANT_GROUP * WARPS):
+            return f"hidden_size {h} is not a multiple of {QUANT_GROUP * WARPS}"
+        if self.experts != 32 * 8 or self.experts_per_group % 8:
+            return f"{self.experts} experts / {self.n_group} groups (needs 256 experts, groups of 8k)"
+        if self.n_local > THREADS:
+            return f"{self.n_local} local experts (> {THREADS})"
+        if h % (self.router_splits * QUANT_GROUP) or h % (self.gu_splits * QUANT_GROUP):
+            return f"hidden_size {h} does not split into the GEMM K chunks"
+        if (2 * self.inter) % self.gu_rows or h % self.down_rows or self.inter % QUANT_GROUP:
+            return f"shared intermediate {self.inter} does not tile"
+        if self.fp8_mma not in ("qgmma", "hmma"):
+            return f"MEGAPRE_FP8_MMA={self.fp8_mma!r} (qgmma or hmma)"
+        if self.fp8_mma == "qgmma" and (self.gu_rows % 64 or self.down_rows % 64 or any(
+                self.chunks_per_warp(r, k) % 2 for r, k in ((self.gu_rows, self.gu_kc), (self.down_rows, self.inter)))):
+            return "FP8 GEMM tiles are not whole 64-row warpgroup tiles of whole 128-K blocks per K group (qgmma)"
+        if self.stream_weights and (self.fp8_mma != "qgmma" or any(
+                self.weight_pieces(r, k) > 2 for r, k in ((self.gu_rows, self.gu_kc), (self.down_rows, self.inter)))):
+            return "streamed weights need QGMMA and at most two 64-KB pieces per FP8 GEMM task"
+        if self.smem_bytes() > self.SMEM_LIMIT:
+            return f"{self.smem_bytes()} bytes of shared memory per CTA (> {self.SMEM_LIMIT})"
+        if self.m * self.top_k > 64:
+            return "more than 64 (token, expert) pairs"
+        if self.n_tasks >= 1 << TILE_BITS:  # (every stage's tile count, and so every wait target, is below it)
+            return "too many tasks for the packed task table"
+        return None
+
+    # ---- derived sizes ----------------------------------------------------------------------------------
+    @property
+    def small_shared(self) -> bool:
+        """The shared expert's slice on this rank is TP8-sized (see SMALL_SHARED_INTER)."""
+        return self.inter <= SMALL_SHARED_INTER
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.experts // self.n_group
+
+    @property
+    def hidden_groups(self) -> int:
+        return self.hidden // QUANT_GROUP
+
+    @property
+    def router_kc(self) -> int:
+        return self.hidden // self.router_splits
+
+    @property
+    def gu_kc(self) -> int:
+        return self.hidden // self.gu_splits
+
+    @staticmethod
+    def chunks_per_warp(rows: int, kc: int) -> int:
+        """64-K chunks per warp of a GEMM task: warps = (rows / 16 row blocks) x (K groups)."""
+        return (kc // 64) // (WARPS // (rows // 16))
+
+    # FP8 weight loads go out in batches of at most this many 64-K chunks per warp (64 registers per thread;
+    # with stream_weights, one ring slot: 64 KB for the CTA)
+    FP8_BATCH = 8
+
+    @classmethod
+    def weight_pieces(cls, rows: int, kc: int) -> int:
+        """Load batches (ring slots with stream_weights) of one FP8 GEMM task."""
+        return -(-cls.chunks_per_warp(rows, kc) // cls.FP8_BATCH)
+
+    def stage_tiles(self) -> dict[int, int]:
+        return {
+            NORM: self.m * (self.hidden // (QUANT_GROUP * WARPS)),  # (token, 1024-column chunk)
+            ROUTER: (self.experts // self.router_rows) * self.router_splits,
+            GATE_UP: (2 * self.inter // self.gu_rows) * self.gu_splits,
+            ROUTE: 1,  # top-k of every token (a warp each) + token sorting
+            ACT: 0 if self.fuse_act else self.inter // QUANT_GROUP,
+            DOWN: self.hidden // self.down_rows,
+        }
+
+    # ---- workspace layout (bytes) -----------------------------------------------------------------------
+    def ws_layout(self) -> dict[str, int]:
+        off = {}
+        pos = _align((WS_COUNTERS + N_COUNTERS) * 4)
+        for name, nbytes in (
+            ("x", self.m * self.hidden * 2),  # bf16 normalized input of the router GEMM
+            ("router_part", self.router_splits * self.m * self.experts * 4),  # fp32 split-K partials
+            ("gu_part", self.gu_splits * self.m * 2 * self.inter * 4),
+            ("h_q", self.m * self.inter),  # fp8 SiLU-and-mul output
+            ("h_scale", self.m * (self.inter // QUANT_GROUP) * 4),
+            ("trace", (sum(self.stage_tiles().values()) * TRACE_INTS * 8) if self.trace else 0),
+            ("phases", N_COUNTERS * PHASE_SLOTS * 8 if self.trace else 0),
+        ):
+            off[name] = pos
+            pos = _align(pos + nbytes)
+        off["total"] = pos
+        return off
+
+    @property
+    def max_kc(self) -> int:
+        return max(self.router_kc, self.gu_kc, self.inter)
+
+    def smem_layout(self) -> dict[str, int]:
+        """Byte offsets in the GEMM staging buffer: activations of 8 token rows as 16-bit values (rows past M
+        are zero), their FP8 group scales, and the cross-warp reduction buffer."""
+        act = 8 * self.max_kc * 2
+        ascale = 8 * (self.max_kc // QUANT_GROUP) * 4
+        red = 4 * 32 * 8 * 4  # max over GEMMs of (K groups) x (rows) x 8 tokens x fp32
+        lay = {"act": 0, "ascale": act, "red": act + ascale}
+        end = act + ascale + red
+        if self.stream_weights:
+            # two ring slots, each: per thread FP8_BATCH chunks x (rows g, g + 8) x 16 bytes, then FP8_BATCH
+            # block scales (fp32); then two int32 counters per thread (pieces issued, pieces consumed)
+            lay["ring"] = end
+            end += 2 * self.ring_slot_bytes()
+            lay["ring_ctr"] = end
+            end += THREADS * 8
+        lay["total"] = end
+        return lay
+
+    @classmethod
+    def ring_slot_bytes(cls) -> int:
+        return THREADS * cls.FP8_BATCH * (2 * 16 + 4)
+
+    def smem_floats(self) -> int:
+        return self.smem_layout()["total"] // 4
+
+    SMEM_INTS = 1280  # task slot, reduction scratch, token-sorting arrays
+    SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may have on sm_90
+
+    @property
+    def n_tasks(self) -> int:
+        return sum(self.stage_tiles().values())
+
+    def smem_bytes(self) -> int:
+        # GEMM staging, int scratch, the packed task table (+ alignment slack)
+        return self.smem_floats() * 4 + self.SMEM_INTS * 4 + _align(self.n_tasks * 4, 16) + 256
+
+    def waited_counters(self) -> tuple[int, ...]:
+        """The counters some task of this spec's table waits on (their stages must signal)."""
+        return tuple(sorted({r[2] for r in task_table(self) if r[2] >= 0}))
+
+    def key_fields(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def task_table(spec: KernelSpec) -> list[list[int]]:
+    """The queue: stages in dependency order, each task waiting on the counter of the stage it reads."""
+    tiles = spec.stage_tiles()
+    waits = {  # stage -> (counter it waits on, how many signals make it ready)
+        NORM: (-1, 0),
+        ROUTER: (NORM, tiles[NORM]),
+        GATE_UP: (NORM, tiles[NORM]),
+        ROUTE: (ROUTER, tiles[ROUTER]),
+        ACT: (GATE_UP, tiles[GATE_UP]),
+        DOWN: (GATE_UP, tiles[GATE_UP]) if spec.fuse_act else (ACT, tiles[ACT]),
+    }
+    rows = []
+    for stage in QUEUE_ORDER:
+        ctr, target = waits[stage]
+        for tile in range(tiles[stage]):
+            rows.append([stage, tile, ctr, target, stage])
+    return rows
+
+
+# Packed task word: stage | (wait_counter + 1) << 3 | tile << 6 | wait_target << 18 (signal = the stage's counter)
+TILE_BITS = 12
+TARGET_BITS = 13
+
+
+def pack_table(rows: list[list[int]]) -> list[int]:
+    words = []
+    for stage, tile, ctr, target, sig, *_ in rows:
+        assert sig == stage and 0 <= stage < 8 and -1 <= ctr < 7, (stage, ctr, sig)
+        assert 0 <= tile < 1 << TILE_BITS and 0 <= target < 1 << TARGET_BITS, (tile, target)
+        words.append(stage | (ctr + 1) << 3 | tile << 6 | target << 18)
+    return words
+
+
+def tickets_per_launch(n_tasks: int, grid: int) -> int:
+    """How far one launch moves the ticket counter: the tasks after the static ones, plus one past the table
+    per CTA."""
+    return n_tasks - min(grid, n_tasks) + grid
+
+
+def unpack_word(w: int) -> tuple[int, int, int, int]:
+    """(stage, tile, wait_counter, wait_target): what the kernel decodes."""
+    return w & 7, (w >> 6) & ((1 << TILE_BITS) - 1), ((w >> 3) & 7) - 1, (w >> 18) & ((1 << TARGET_BITS) - 1)
+
+
+def check_table(rows: list[list[int]]) -> None:
+    """The deadlock-freedom invariant: every wait is on a counter whose signals all come earlier."""
+    signalled = [0] * N_COUNTERS
+    for i, (stage, _tile, ctr, target, sig, *_rest) in enumerate(rows):
+        if ctr >= 0 and signalled[ctr] < target:
+            raise AssertionError(f"task {i} ({STAGE_NAMES[stage]}) waits for {target} signals of "
+                                 f"{STAGE_NAMES[ctr]} but only {signalled[ctr]} come before it")
+        signalled[sig] += 1

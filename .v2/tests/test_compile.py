@@ -1,0 +1,44 @@
+"""Compile-only tests of the megakernel for sm_90a (the DSL compiles without a GPU; CI runs these)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import megapre
+from megapre.host import build
+from megapre.host.plan import THREADS, KernelSpec
+
+pytestmark = pytest.mark.compile
+cutlass = pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
+
+
+@pytest.mark.parametrize("shape,m", [("ep8", 4), ("tp1", 1)])
+def test_megakernel_compiles_with_manifest(tmp_path, shape, m):
+    cfg = megapre.config.SHAPE_PRESETS[shape]()
+    spec = KernelSpec.from_config(cfg, m)
+    out = build.compile_spec(spec, cache_dir=tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    cubin = (out / "megapre.cubin").read_bytes()
+    assert cubin[:4] == b"\x7fELF", "not an ELF cubin"
+    assert manifest["symbol"].startswith("megapre_preamble")
+    assert manifest["symbol"].encode() in cubin
+    assert manifest["block"] == [THREADS, 1, 1]
+    assert "PDL" in manifest["launch"]
+    assert manifest["arch"] == "sm_90a"
+    assert len(manifest["params"]) == len(manifest["param_types"]) == len(manifest["ptx_params"]) == 26
+    assert [p.split()[1] for p in manifest["ptx_params"]] == [".u64"] * 21 + [".u32"] * 5
+    assert manifest["dyn_smem_bytes"] == spec.smem_bytes() <= 227 * 1024
+    assert manifest["ws_layout"] == spec.ws_layout()
+    # the cache is keyed by spec + arch + source hash: a second build is a no-op returning the same folder
+    assert build.compile_spec(spec, cache_dir=tmp_path) == out
+    assert build.load_entry(spec, cache_dir=tmp_path)[0] == cubin
+
+
+def test_cache_key_depends_on_shape_and_sources():
+    a = KernelSpec.from_config(megapre.PreambleConfig.deepseek_v3_ep8(), 4)
+    b = KernelSpec.from_config(megapre.PreambleConfig.deepseek_v3_ep8(), 5)
+    c = KernelSpec.from_config(megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=3), 4)
+    assert build.cache_key(a) != build.cache_key(b)
+    assert build.cache_key(a) == build.cache_key(c), "EP rank is a launch argument, not a new kernel"
+    assert build.cache_key(a, arch="sm_100a") != build.cache_key(a)

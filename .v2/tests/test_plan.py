@@ -1,0 +1,87 @@
+"""The megakernel's task table and workspace layout (pure Python, no GPU)."""
+from __future__ import annotations
+
+import pytest
+
+import megapre
+from megapre.host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, STAGE_NAMES, KernelSpec, check_table, pack_table,
+                               task_table, unpack_word)
+
+CONFIGS = [megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=r) for r in (0, 7)] + [megapre.PreambleConfig.deepseek_v3()]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.short_name())
+@pytest.mark.parametrize("m", range(1, 9))
+def test_table_waits_only_on_earlier_tasks(cfg, m):
+    spec = KernelSpec.from_config(cfg, m)
+    assert spec.unsupported() is None
+    rows = task_table(spec)
+    check_table(rows)
+    tiles = spec.stage_tiles()
+    assert len(rows) == sum(tiles.values())
+    for stage, n in tiles.items():
+        assert sorted(r[1] for r in rows if r[0] == stage) == list(range(n)), STAGE_NAMES[stage]
+    assert all(r[2] == -1 for r in rows if r[0] == NORM)
+    assert all(0 <= r[4] < N_COUNTERS for r in rows)
+    # the packed words the kernel decodes say the same
+    assert [unpack_word(w) for w in pack_table(rows)] == [tuple(r[:4]) for r in rows]
+    assert spec.n_tasks == len(rows)
+    # act inside the down tasks exactly where the gate_up partials each down task reads stay small
+    assert spec.fuse_act == (cfg.shared_local_intermediate * m <= 2048)
+    down_wait = {r[2] for r in rows if r[0] == DOWN}
+    assert down_wait == ({GATE_UP} if spec.fuse_act else {ACT})
+    assert tiles[ACT] == (0 if spec.fuse_act else cfg.shared_local_intermediate // 128)
+
+
+def test_check_table_catches_a_forward_wait():
+    spec = KernelSpec.from_config(CONFIGS[0], 4)
+    rows = task_table(spec)
+    with pytest.raises(AssertionError, match="waits for"):
+        check_table(rows[::-1])
+
+
+def test_workspace_layout_is_disjoint_and_aligned():
+    spec = KernelSpec.from_config(CONFIGS[2], 8)
+    lay = spec.ws_layout()
+    offs = sorted((v, k) for k, v in lay.items() if k != "total")
+    assert all(v % 256 == 0 for v, _ in offs)
+    sizes = {"x": 8 * 7168 * 2, "router_part": spec.router_splits * 8 * 256 * 4,
+             "gu_part": spec.gu_splits * 8 * 4096 * 4, "h_q": 8 * 2048, "h_scale": 8 * 16 * 4, "trace": 0, "phases": 0}
+    for (a, ka), (b, _) in zip(offs, offs[1:] + [(lay["total"], "total")]):
+        assert a + sizes[ka] <= b
+
+
+def test_unsupported_shapes_say_why():
+    assert "M = 9" in KernelSpec.from_config(CONFIGS[0], 9).unsupported()
+    small = megapre.PreambleConfig(hidden_size=512, n_routed_experts=64, n_group=4, topk_group=2, top_k=4,
+                                   shared_intermediate_size=256)
+    assert KernelSpec.from_config(small, 2).unsupported() is not None
+
+
+def test_kernel_arguments_follow_the_manifest_order_and_check_alignment():
+    """fused._kernel_args builds the launch arguments by the parameter names the cubin's manifest lists (the
+    runtime never imports the DSL), and refuses misaligned inputs with a clear error."""
+    import torch
+    from megapre.host import fused
+    from megapre.host.plan import pack_table
+    cfg = CONFIGS[0]
+    w = megapre.PreambleWeights.random(cfg, seed=1)
+    out = megapre.PreambleOutput.empty(cfg, 2, "cpu")
+    hidden = torch.zeros(2, cfg.hidden_size, dtype=torch.bfloat16)
+    residual = torch.zeros_like(hidden)
+    spec = KernelSpec.from_config(cfg, 2)
+    ws = torch.zeros(spec.ws_layout()["total"], dtype=torch.uint8)
+    table = torch.tensor(pack_table(task_table(spec)), dtype=torch.int32)
+    params = ["hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
+              "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
+              "first_local", "mode", "prefetch_ctas", "prefetch_delay"]
+    args = fused._kernel_args({"params": params}, hidden, residual, w, out, ws, table, 3, 64)
+    assert args[0] == hidden.data_ptr() and args[5] == w.w13.data_ptr() and args[19] == ws.data_ptr()
+    assert args[21:] == (spec.n_tasks, cfg.first_local_expert, 3, 64, 0)
+    rev = fused._kernel_args({"params": params[::-1]}, hidden, residual, w, out, ws, table, 3, 64)
+    assert rev == args[::-1]
+    with pytest.raises(RuntimeError, match="rebuild"):
+        fused._kernel_args({"params": params + ["new_param"]}, hidden, residual, w, out, ws, table, 3, 64)
+    odd = torch.zeros(2 * cfg.hidden_size + 1, dtype=torch.bfloat16)[1:].view(2, cfg.hidden_size)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        fused._kernel_args({"params": params}, odd, residual, w, out, ws, table, -1, 64)
