@@ -69,10 +69,9 @@ def build_kernel(spec: KernelSpec):
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
     # the task slot SI_TASK + : 0 ticket (task index), 1 stage, 2 tile, 3 wait counter, 4 wait target, 5 signal
     # counter, 6 launch number (mod 2^32), 7 the next ticket when a terminal task took it early (-1: none),
-    # 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 11 the packed table word of the ticket
-    # in 7 (stream_weights; -1: none or past the table), 12-13 / 14-15 trace: when the task was taken / its
-    # inputs were ready
-    T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_NWORD, T_TAKEN, T_READY = 6, 7, 8, 10, 11, 12, 14
+    # 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 12-13 / 14-15 trace: when the task was
+    # taken / its inputs were ready
+    T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 7, 8, 10, 12, 14
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
@@ -81,15 +80,6 @@ def build_kernel(spec: KernelSpec):
     SORT8 = (((0, 2), (1, 3), (4, 6), (5, 7)), ((0, 4), (1, 5), (2, 6), (3, 7)), ((0, 1), (2, 3), (4, 5), (6, 7)),
              ((2, 4), (3, 5)), ((1, 4), (3, 6)), ((1, 2), (3, 4), (5, 6)))
     assert EPL == 8
-    # streamed FP8 weights (S.stream_weights): a two-slot ring in shared memory, per-thread counters
-    STREAM = S.stream_weights
-    B8 = KernelSpec.FP8_BATCH
-    PIECE_ROWS, PIECE_K, RING_ROW = KernelSpec.PIECE_ROWS, KernelSpec.PIECE_K, KernelSpec.RING_ROW
-    RING_SC = PIECE_ROWS * RING_ROW  # the block scales' offset inside a ring slot
-    RING_SLOT = KernelSpec.ring_slot_bytes()
-    RING_BAR = 2 * RING_SLOT  # the slots' mbarriers (8 bytes each) after the two slots
-    S_RING, S_RCTR = SL.get("ring", 0), SL.get("ring_ctr", 0)
-    N_DOWN_PIECES = KernelSpec.weight_pieces(S.down_rows, I)
 
     # ------------------------------------------------------------------------------------------------
     # stage: residual add + RMSNorm + MoE input quantization of one 1024-column chunk of one token (one
@@ -351,91 +341,6 @@ def build_kernel(spec: KernelSpec):
     B_DOWN = mma_batch(S.down_rows, S.inter, True)
 
     # ------------------------------------------------------------------------------------------------
-    # Streamed FP8 weights (S.stream_weights): a task's weights go to shared memory as "pieces" -- 64 weight
-    # rows x 1024 K columns (64 KB, one load batch of B8 chunks per warp) plus their 8 block scales -- in a
-    # two-slot ring. Warp 0 asks the TMA unit for the piece (cp.async.bulk, one 1-KB row per copy, rows
-    # RING_ROW bytes apart so that the threads' 16-byte reads of 8 rows fall in different banks); the copies
-    # complete on the slot's mbarrier, which every thread waits on before it reads the same 16-byte runs
-    # mma_issue would have loaded into its registers. Pieces are issued and consumed in order; every thread
-    # counts both in its own shared words (S_RCTR: issued, consumed): piece n lives in slot n % 2 and is that
-    # slot's (n // 2)-th phase. A slot is refilled only after a CTA barrier that follows every read of it.
-    # ------------------------------------------------------------------------------------------------
-    def ring_issue(w_ptr, ldw: int, row0, kcol0, scale_addr, sf, tid):
-        """Piece: rows row0 .. row0 + 63, columns kcol0 .. kcol0 + 1023 of w_ptr, 8 scales at scale_addr."""
-        ctr = sf + S_RCTR + tid * 8
-        n = P.lds_b32(ctr)
-        P.sts_b32(ctr, n + 1)
-        ring_copy(w_ptr, ldw, row0, kcol0, scale_addr, sf + S_RING + (n & 1) * RING_SLOT,
-                  sf + S_RING + RING_BAR + (n & 1) * 8, tid)
-
-    @cute.jit
-    def ring_copy(w_ptr: Int64, ldw: cutlass.Constexpr, row0: Int32, kcol0: Int32, scale_addr: Int64, slot: Int32,
-                  bar: Int32, tid: Int32):
-        if tid < 32:
-            if tid == 0:
-                P.mbar_arrive_expect_tx(bar, Int32(PIECE_ROWS * PIECE_K + 32))
-            P.syncwarp()
-            for j in cutlass.range_constexpr(PIECE_ROWS // 32):
-                r = tid + 32 * j
-                P.bulk_g2s(slot + r * RING_ROW, w_ptr + Int64(row0 + r) * ldw + Int64(kcol0), Int32(PIECE_K), bar)
-            if tid == 0:
-                P.bulk_g2s(slot + RING_SC, scale_addr, Int32(32), bar)
-
-    def ring_take(sf, warp, lane, tid, p: int):
-        """This thread's part of its next piece (piece p of a task of 64 rows) as (raw, scales), the form
-        mma_issue returns for chunks p * B8 .. p * B8 + B8 - 1."""
-        wr, wk, _ = mma_plan(PIECE_ROWS, PIECE_K)
-        g = lane >> 2
-        tq = lane & 3
-        ctr = sf + S_RCTR + tid * 8 + 4
-        n = P.lds_b32(ctr)
-        P.sts_b32(ctr, n + 1)
-        slot = sf + S_RING + (n & 1) * RING_SLOT
-        P.mbar_wait(sf + S_RING + RING_BAR + (n & 1) * 8, (n >> 1) & 1)
-        r = (warp % wr) * 16 + g
-        raw = []
-        scales = []
-        for i in range(B8):
-            c = chunk_of(warp, p * B8 + i, PIECE_ROWS, PIECE_K, True) - p * B8 * wk  # chunk inside the piece
-            raw.append((P.lds_v4(slot + r * RING_ROW + c * 64 + 16 * tq),
-                        P.lds_v4(slot + (r + 8) * RING_ROW + c * 64 + 16 * tq)))
-            scales.append(P.lds_f32(slot + RING_SC + (c // 2) * 4))
-        return raw, scales
-
-    def gu_piece(tile, w13, w13_s, sf, warp, lane, tid):
-        _, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
-        ring_issue(w13, H, row_base, k0, w13_s + Int64(row_base // 128 * NG + k0 // 128) * 4, sf, tid)
-
-    def down_piece(rt, p: int, w2, w2_s, sf, warp, lane, tid):
-        row_base = rt * S.down_rows
-        ring_issue(w2, I, row_base, Int32(p * PIECE_K),
-                   w2_s + Int64(row_base // 128 * (I // 128) + p * (PIECE_K // 128)) * 4, sf, tid)
-
-    @cute.jit
-    def issue_own_first(stage: cutlass.Constexpr, tile: Int32, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64,
-                        sf: Int32, tid: Int32):
-        """A GEMM task's first piece, unless the previous task of this CTA already issued it (issue_next)."""
-        warp, lane = tid >> 5, tid & 31
-        if P.lds_b32(sf + S_RCTR + tid * 8) == P.lds_b32(sf + S_RCTR + tid * 8 + 4):
-            if cutlass.const_expr(stage == GATE_UP):
-                gu_piece(tile, w13, w13_s, sf, warp, lane, tid)
-            else:
-                down_piece(tile, 0, w2, w2_s, sf, warp, lane, tid)
-
-    @cute.jit
-    def issue_next(w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, sf: Int32, si: Int32, tid: Int32):
-        """The first piece of the CTA's next task (wait_ready took its ticket) when it is a GEMM task."""
-        warp, lane = tid >> 5, tid & 31
-        word = P.lds_b32(si + (SI_TASK + T_NWORD) * 4)
-        if word >= 0:
-            nstage = word & 7
-            ntile = (word >> 6) & ((1 << TILE_BITS) - 1)
-            if nstage == GATE_UP:
-                gu_piece(ntile, w13, w13_s, sf, warp, lane, tid)
-            if nstage == DOWN:
-                down_piece(ntile, 0, w2, w2_s, sf, warp, lane, tid)
-
-    # ------------------------------------------------------------------------------------------------
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
     # ------------------------------------------------------------------------------------------------
     @cute.jit
@@ -493,20 +398,8 @@ def build_kernel(spec: KernelSpec):
             P.sts_b32(si + (SI_TASK + T_NEXT) * 4, ticket_index(t64, si))
 
     @cute.jit
-    def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32, st: Int32, ahead: cutlass.Constexpr):
-        """Wait until the task's wait counter reaches its target (thread 0 polls, then the CTA syncs).
-        ahead (stream_weights GEMM tasks in the queue): thread 0 also takes the CTA's next ticket now -- its
-        atomic's round trip overlaps the poll -- and leaves it in T_NEXT and its table word in T_NWORD, so that
-        the task can start the next task's weight copies (issue_next)."""
+    def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
         griddep_if_first(waits)
-        t_ahead = Int64(-1)
-        if cutlass.const_expr(ahead):
-            if tid == 0:
-                P.sts_b32(si + (SI_TASK + T_NWORD) * 4, Int32(-1))
-                if waits != 0:
-                    t_ahead = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
-                    if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
-                        learn_launch(t_ahead, si)  # a static first task: its launch from this ticket
         if waits != 0 and tid == 0:
             if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
                 # a static first task: the launch number from a plain read of the ticket counter (taking a
@@ -543,13 +436,6 @@ def build_kernel(spec: KernelSpec):
                             P.st_sys_b32(rec + 20, target)
                             P.fence_sys()
                             P.st_sys_b32(rec, task + 1)
-            if cutlass.const_expr(ahead):
-                nxt = ticket_index(t_ahead, si)
-                P.sts_b32(si + (SI_TASK + T_NEXT) * 4, nxt)
-                grid = cute.arch.grid_dim()[0]
-                t_abs = nxt + P.sel_i32(grid < NT, grid, Int32(NT))  # + n_static
-                if t_abs < NT:
-                    P.sts_b32(si + (SI_TASK + T_NWORD) * 4, P.lds_b32(st + t_abs * 4))
             if cutlass.const_expr(S.trace):
                 P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())
         cute.arch.sync_threads()
@@ -582,7 +468,7 @@ def build_kernel(spec: KernelSpec):
         kc = S.router_kc
         split, k0, row_base = split_k_tile(tile, S.router_splits, kc, S.router_rows)
         raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
-        wait_ready(waits, ws, si, tid, Int32(0), False)
+        wait_ready(waits, ws, si, tid)
         stamp(ROUTER, 0, tile, ws, tid)
         # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
         nvec = 8 * kc // 8
@@ -655,32 +541,21 @@ def build_kernel(spec: KernelSpec):
                 P.sts_f32(sf + S_AS + v * 4, sc)
 
     @cute.jit
-    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64,
-                      ws: Int64, sf: Int32, si: Int32, st: Int32, tid: Int32, waits: Int32):
+    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
+                      si: Int32, tid: Int32, waits: Int32):
         warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
-        if cutlass.const_expr(STREAM):
-            issue_own_first(GATE_UP, tile, w13, w13_s, w2, w2_s, sf, tid)
-            wait_ready(waits, ws, si, tid, st, True)
-            issue_next(w13, w13_s, w2, w2_s, sf, si, tid)
-        else:
-            raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
-            wait_ready(waits, ws, si, tid, Int32(0), False)
+        raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
+        wait_ready(waits, ws, si, tid)
         stamp(GATE_UP, 0, tile, ws, tid)
         stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
         cute.arch.sync_threads()
         stamp(GATE_UP, 1, tile, ws, tid)
-        if cutlass.const_expr(STREAM):
-            raw, sc = ring_take(sf, warp, lane, tid, 0)
-            acc = mma_consume([Float32(0.0)] * 4, raw, sc, True, S.gu_rows, kc, 0, sf + S_ACT, sf + S_AS, warp,
-                              lane)
-            outs = mma_reduce(acc, S.gu_rows, kc, sf + S_RED, warp, lane, tid)
-        else:
-            outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS,
-                            sf + S_RED, warp, lane, tid, raw0, sc0, B_GU)
+        outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
+                        warp, lane, tid, raw0, sc0, B_GU)
         stamp(GATE_UP, 2, tile, ws, tid)
         for r, n, val in outs:
             if n < M:
@@ -716,7 +591,7 @@ def build_kernel(spec: KernelSpec):
     def stage_act(g: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
         m = tid >> 5
         lane = tid & 31
-        wait_ready(waits, ws, si, tid, Int32(0), False)
+        wait_ready(waits, ws, si, tid)
         stamp(ACT, 0, g, ws, tid)
         if m < M:
             q, scale = act_group(m, g, lane, ws, g, tid)
@@ -768,31 +643,22 @@ def build_kernel(spec: KernelSpec):
     # stage: shared expert down GEMM (block-scaled FP8) -> shared_out bf16
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def stage_down(rt: Int32, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, sf: Int32,
-                   si: Int32, st: Int32, tid: Int32, waits: Int32):
+    def stage_down(rt: Int32, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32,
+                   waits: Int32):
         warp = tid >> 5
         lane = tid & 31
         row_base = rt * S.down_rows
-        if cutlass.const_expr(STREAM):
-            # the first piece (unless the previous task issued it), then the second: the ring is full until the
-            # first is consumed, so a two-piece task starts the next task's weights after that
-            issue_own_first(DOWN, rt, w2, w2_s, w2, w2_s, sf, tid)
-            if cutlass.const_expr(N_DOWN_PIECES == 2):
-                down_piece(rt, 1, w2, w2_s, sf, warp, lane, tid)
-            wait_ready(waits, ws, si, tid, st, True)
-            if cutlass.const_expr(N_DOWN_PIECES == 1):
-                issue_next(w13, w13_s, w2, w2_s, sf, si, tid)
-        elif cutlass.const_expr(S.fuse_act and M <= 2):
+        if cutlass.const_expr(S.fuse_act and M <= 2):
             # M <= 2: the weights after the wait, together with the act's loads (their latency hides behind the
             # act's math): issued before it, the dynamic down tasks' polls came back only ~1.2-1.6 us after the
             # task was taken, long after the last gate_up (8fb98a5's task-by-task trace; not w2 from HBM:
             # bdaddb5). Measured in one run (3cfc636 vs dbf5ac8): M = 1 / 2 -0.33 / -0.13 us, but M = 4 / 8
             # +0.6 / +0.7 (a longer act no longer hides the weights), so larger M keep the weights first.
-            wait_ready(waits, ws, si, tid, Int32(0), False)
+            wait_ready(waits, ws, si, tid)
             raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
         else:
             raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
-            wait_ready(waits, ws, si, tid, Int32(0), False)
+            wait_ready(waits, ws, si, tid)
         stamp(DOWN, 0, rt, ws, tid)
         if cutlass.const_expr(S.fuse_act):
             stage_act_to_smem(ws, sf, tid, rt)
@@ -802,28 +668,14 @@ def build_kernel(spec: KernelSpec):
             P.fence_proxy_async_smem()
         cute.arch.sync_threads()
         stamp(DOWN, 1, rt, ws, tid)
-        if cutlass.const_expr(STREAM):
-            acc = [Float32(0.0)] * 4
-            for p in cutlass.range_constexpr(N_DOWN_PIECES):
-                raw, sc = ring_take(sf, warp, lane, tid, p)
-                acc = mma_consume(acc, raw, sc, True, S.down_rows, I, p * B8, sf + S_ACT, sf + S_AS, warp, lane)
-                if p == 0 and N_DOWN_PIECES == 2:
-                    cute.arch.sync_threads()  # every warp has read the first piece: its slot can be refilled
-                    issue_next(w13, w13_s, w2, w2_s, sf, si, tid)
-            outs = mma_reduce(acc, S.down_rows, I, sf + S_RED, warp, lane, tid)
-            stamp(DOWN, 2, rt, ws, tid)
-            for r, n, val in outs:  # (the next ticket is already in T_NEXT: wait_ready took it)
-                if n < M:
-                    P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
-        else:
-            outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
-                            sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)
-            stamp(DOWN, 2, rt, ws, tid)
-            t_next = next_ticket_early(waits, ws, tid)
-            for r, n, val in outs:
-                if n < M:
-                    P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
-            keep_next_ticket(t_next, waits, si, tid)
+        outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
+                        sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)
+        stamp(DOWN, 2, rt, ws, tid)
+        t_next = next_ticket_early(waits, ws, tid)
+        for r, n, val in outs:
+            if n < M:
+                P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
+        keep_next_ticket(t_next, waits, si, tid)
 
     # ------------------------------------------------------------------------------------------------
     # stage: router scoring + grouped top-k for one token (one warp; expert e = lane * EPL + j)
@@ -851,7 +703,7 @@ def build_kernel(spec: KernelSpec):
         for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):  # -1: blocks past the end
             if tid + i * THREADS < S.max_blocks:
                 P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
-        wait_ready(waits, ws, si, tid, Int32(0), False)
+        wait_ready(waits, ws, si, tid)
         stamp(ROUTE, 0, Int32(0), ws, tid)
         if warp < M:
             lg = [Float32(0.0)] * EPL
@@ -1028,7 +880,7 @@ def build_kernel(spec: KernelSpec):
     def run_stage(stage: Int32, tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64,
                   bias: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64,
                   o_w: Int64, o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64,
-                  o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32, st: Int32,
+                  o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32,
                   tid: Int32, waits: Int32):
         """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0."""
         if stage == NORM:
@@ -1036,13 +888,13 @@ def build_kernel(spec: KernelSpec):
         if stage == ROUTER:
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, o_aq, o_as, w13, w13_s, w2, w2_s, ws, sf, si, st, tid, waits)
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
             stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:
             stage_act(tile, ws, si, tid, waits)
         if stage == DOWN:
-            stage_down(tile, w13, w13_s, w2, w2_s, o_shared, ws, sf, si, st, tid, waits)
+            stage_down(tile, w2, w2_s, o_shared, ws, sf, si, tid, waits)
 
     @cute.kernel
     def megapre_kernel(hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64, bias: Int64, w13: Int64,
@@ -1059,19 +911,11 @@ def build_kernel(spec: KernelSpec):
         si = Int32(s_i.iterator.toint())
         st = Int32(s_t.iterator.toint())
         ctr = ws + WS_COUNTERS * 4
-        if cutlass.const_expr(STREAM):  # this thread's ring counters (pieces issued, consumed), the mbarriers
-            P.sts_b32(sf + S_RCTR + tid * 8, Int32(0))
-            P.sts_b32(sf + S_RCTR + tid * 8 + 4, Int32(0))
-            if tid == 0:
-                P.mbar_init(sf + S_RING + RING_BAR)
-                P.mbar_init(sf + S_RING + RING_BAR + 8)
-                P.fence_mbar_init()
-            cute.arch.sync_threads()
         if mode >= 0:
             # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
             run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                      first_local, sf, si, st, tid, Int32(0))
+                      first_local, sf, si, tid, Int32(0))
         else:
             # PDL: the next kernel in the stream may be scheduled now; its CTAs take the SMs ours leave (one CTA
             # per SM fits) and start their weight prefetch and first weight loads while our last tasks run.
@@ -1163,7 +1007,7 @@ def build_kernel(spec: KernelSpec):
                     tile = P.lds_b32(si + (SI_TASK + 2) * 4)
                     run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
                               o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                              first_local, sf, si, st, tid, waits)
+                              first_local, sf, si, tid, waits)
                     waits = Int32(1)
                     cute.arch.sync_threads()
                     if tid == 0:

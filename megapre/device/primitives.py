@@ -132,51 +132,6 @@ def sts_f32(saddr: Int32, v: Float32):
     _asm([], [saddr, v], "st.shared.f32 [$0], $1;", "r,f", True)
 
 
-# ---- bulk copies global -> shared (the TMA unit) and their mbarriers -------------------------------------
-# The streamed weights (KernelSpec.stream_weights): one warp asks the TMA unit for a task's weight rows
-# (cp.async.bulk, 1 KB each) and the copies complete on an mbarrier that every reading thread waits on. (Per-
-# thread cp.async was measured first, c9e3bd3: its weight stream stayed near 2 TB/s on the H200 however much
-# was in flight, below the bursts of plain ld.global.)
-@cute.jit
-def mbar_init(saddr: Int32):
-    """An mbarrier expecting one arrival per phase (the issuing lane's arrive.expect_tx)."""
-    _asm([], [saddr], "mbarrier.init.shared::cta.b64 [$0], 1;", "r", True)
-
-
-def fence_mbar_init():
-    """mbarrier.init visible to the async proxy (the TMA unit); then bar.sync."""
-    _asm([], [], "fence.mbarrier_init.release.cluster;", "", True)
-
-
-@cute.jit
-def mbar_arrive_expect_tx(saddr: Int32, nbytes: Int32):
-    _asm([], [saddr, nbytes], "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", "r,r", True)
-
-
-@cute.jit
-def bulk_g2s(saddr: Int32, addr: Int64, nbytes: Int32, bar: Int32):
-    """Copy nbytes (a multiple of 16, both addresses 16-byte aligned) to shared memory; completes on bar."""
-    _asm([], [saddr, addr, nbytes, bar],
-         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];", "r,l,r,r", True)
-
-
-@cute.jit
-def mbar_wait(saddr: Int32, parity: Int32):
-    """Wait until the mbarrier's phase with this parity has completed."""
-    _asm([], [saddr, parity],
-         "{ .reg .pred P1; LAB_WAIT: mbarrier.try_wait.parity.shared::cta.b64 P1, [$0], $1; @P1 bra DONE; "
-         "bra LAB_WAIT; DONE: }", "r,r", True)
-
-
-def syncwarp():
-    _asm([], [], "bar.warp.sync 0xffffffff;", "", True)
-
-
-@cute.jit
-def lds_v4(saddr: Int32):
-    return _asm([Uint32] * 4, [saddr], "ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,r", True)
-
-
 # ---- conversions ----------------------------------------------------------------------------------------
 @cute.jit
 def bf16x2_to_f32(v: Uint32):

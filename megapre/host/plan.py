@@ -56,11 +56,6 @@ ERR_INTS = 8
 SMALL_SHARED_INTER = 256
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    v = os.environ.get(name)
-    return default if v in (None, "") else v not in ("0", "false", "no", "off")
-
-
 def _align(n: int, a: int = 256) -> int:
     return (n + a - 1) // a * a
 
@@ -100,12 +95,6 @@ class KernelSpec:
     # tokens from shared memory); "hmma" = mma.sync m16n8k16 on exact f16 codes of the e4m3 values (the
     # conversions cost issue slots). MEGAPRE_FP8_MMA selects it for builds and launches alike.
     fp8_mma: str = "qgmma"
-    # Streamed FP8 weights: gate_up and down tasks copy their weights into a two-slot ring in shared memory
-    # (cp.async) instead of registers, and take the CTA's next ticket when they start, so that the next task's
-    # weights are in flight while this one computes -- a CTA always has ~64 KB of the weight stream on its
-    # way. For shared experts too large to stream in one wave (TP1: 448 gate_up and 112 down tasks, ~4 per CTA).
-    # MEGAPRE_STREAM_WEIGHTS=0/1 overrides it (builds and launches alike).
-    stream_weights: bool = False
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
     trace: bool = False
 
@@ -118,8 +107,7 @@ class KernelSpec:
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
                    down_rows=128 if inter <= SMALL_SHARED_INTER else 64, fuse_act=inter * m <= 2048, trace=trace,
-                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"),
-                   stream_weights=_env_flag("MEGAPRE_STREAM_WEIGHTS", inter > SMALL_SHARED_INTER))
+                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
@@ -142,13 +130,6 @@ class KernelSpec:
         if self.fp8_mma == "qgmma" and (self.gu_rows % 64 or self.down_rows % 64 or any(
                 self.chunks_per_warp(r, k) % 2 for r, k in ((self.gu_rows, self.gu_kc), (self.down_rows, self.inter)))):
             return "FP8 GEMM tiles are not whole 64-row warpgroup tiles of whole 128-K blocks per K group (qgmma)"
-        if self.stream_weights and (self.fp8_mma != "qgmma" or self.gu_rows != self.PIECE_ROWS
-                                    or self.down_rows != self.PIECE_ROWS or self.gu_kc != self.PIECE_K
-                                    or self.inter % self.PIECE_K or self.inter > 2 * self.PIECE_K):
-            return ("streamed weights need QGMMA, 64-row gate_up / down tiles, 1024-column gate_up K splits and a "
-                    "shared intermediate of 1024 or 2048 (one or two 64-KB pieces per task)")
-        if self.smem_bytes() > self.SMEM_LIMIT:
-            return f"{self.smem_bytes()} bytes of shared memory per CTA (> {self.SMEM_LIMIT})"
         if self.m * self.top_k > 64:
             return "more than 64 (token, expert) pairs"
         if self.n_tasks >= 1 << TILE_BITS:  # (every stage's tile count, and so every wait target, is below it)
@@ -181,18 +162,6 @@ class KernelSpec:
     def chunks_per_warp(rows: int, kc: int) -> int:
         """64-K chunks per warp of a GEMM task: warps = (rows / 16 row blocks) x (K groups)."""
         return (kc // 64) // (WARPS // (rows // 16))
-
-    # FP8 weight loads go out in batches of at most this many 64-K chunks per warp (64 registers per thread;
-    # with stream_weights, one ring slot: a piece of PIECE_ROWS x PIECE_K bytes, 64 KB)
-    FP8_BATCH = 8
-    PIECE_ROWS = 64
-    PIECE_K = 1024
-    RING_ROW = PIECE_K + 16  # shared-memory row pitch of a piece (bank spread for the 16-byte reads)
-
-    @classmethod
-    def weight_pieces(cls, rows: int, kc: int) -> int:
-        """Load batches (ring slots with stream_weights) of one FP8 GEMM task."""
-        return -(-cls.chunks_per_warp(rows, kc) // cls.FP8_BATCH)
 
     def stage_tiles(self) -> dict[int, int]:
         return {
@@ -232,28 +201,12 @@ class KernelSpec:
         act = 8 * self.max_kc * 2
         ascale = 8 * (self.max_kc // QUANT_GROUP) * 4
         red = 4 * 32 * 8 * 4  # max over GEMMs of (K groups) x (rows) x 8 tokens x fp32
-        lay = {"act": 0, "ascale": act, "red": act + ascale}
-        end = act + ascale + red
-        if self.stream_weights:
-            # two ring slots, each: PIECE_ROWS rows of PIECE_K weight bytes (RING_ROW apart), then the piece's
-            # 8 block scales (fp32, padded to 128 bytes); the slots' two mbarriers; then two int32 counters per
-            # thread (pieces issued, pieces consumed)
-            lay["ring"] = end
-            end += 2 * self.ring_slot_bytes() + 16
-            lay["ring_ctr"] = end
-            end += THREADS * 8
-        lay["total"] = end
-        return lay
-
-    @classmethod
-    def ring_slot_bytes(cls) -> int:
-        return cls.PIECE_ROWS * cls.RING_ROW + 128
+        return {"act": 0, "ascale": act, "red": act + ascale, "total": act + ascale + red}
 
     def smem_floats(self) -> int:
         return self.smem_layout()["total"] // 4
 
     SMEM_INTS = 1280  # task slot, reduction scratch, token-sorting arrays
-    SMEM_LIMIT = 227 * 1024  # dynamic shared memory one CTA may have on sm_90
 
     @property
     def n_tasks(self) -> int:
