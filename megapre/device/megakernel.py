@@ -326,10 +326,10 @@ def build_kernel(spec: KernelSpec):
             acc = mma_consume(acc, raw, sc, fp8, rows, kc, first, s_act, s_as, warp, lane)
         return mma_reduce(acc, rows, kc, s_red, warp, lane, tid)
 
-    def mma_batch(rows: int, kc: int, fp8: bool) -> int:
-        """Chunks per load batch: at most 64 registers of weights in flight per thread."""
+    def mma_batch(rows: int, kc: int, fp8: bool, regs: int = 64) -> int:
+        """Chunks per load batch: at most ``regs`` registers of weights in flight per thread."""
         _, _, per_warp = mma_plan(rows, kc)
-        return max(1, min(per_warp, 64 // (8 if fp8 else 16)))
+        return max(1, min(per_warp, regs // (8 if fp8 else 16)))
 
     def split_k_tile(tile, splits: int, kc: int, rows: int):
         """A split-K GEMM task's (K split, first K column, first weight row): tile = row tile x splits + split."""
@@ -338,7 +338,7 @@ def build_kernel(spec: KernelSpec):
 
     B_ROUTER = mma_batch(S.router_rows, S.router_kc, False)
     B_GU = mma_batch(S.gu_rows, S.gu_kc, True)
-    B_DOWN = mma_batch(S.down_rows, S.inter, True)
+    B_DOWN = mma_batch(S.down_rows, S.inter, True, 128)
 
     # ------------------------------------------------------------------------------------------------
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
