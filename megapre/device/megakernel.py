@@ -648,12 +648,14 @@ def build_kernel(spec: KernelSpec):
         warp = tid >> 5
         lane = tid & 31
         row_base = rt * S.down_rows
-        if cutlass.const_expr(S.fuse_act and M <= 2):
+        if cutlass.const_expr(S.fuse_act and M <= 2 and S.small_shared):
             # M <= 2: the weights after the wait, together with the act's loads (their latency hides behind the
             # act's math): issued before it, the dynamic down tasks' polls came back only ~1.2-1.6 us after the
             # task was taken, long after the last gate_up (8fb98a5's task-by-task trace; not w2 from HBM:
             # bdaddb5). Measured in one run (3cfc636 vs dbf5ac8): M = 1 / 2 -0.33 / -0.13 us, but M = 4 / 8
-            # +0.6 / +0.7 (a longer act no longer hides the weights), so larger M keep the weights first.
+            # +0.6 / +0.7 (a longer act no longer hides the weights), so larger M keep the weights first. TP1
+            # (M = 1 fuses the act too) keeps them first: its 128 KB batch issued here delayed the act's loads
+            # by ~2 us (57b4106's trace), and its down tasks are taken long before they are ready.
             wait_ready(waits, ws, si, tid)
             raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
         else:
