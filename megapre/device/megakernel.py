@@ -67,11 +67,13 @@ def build_kernel(spec: KernelSpec):
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
-    # the task slot SI_TASK + : 0 ticket (task index), 1 stage, 2 tile, 3 wait counter, 4 wait target, 5 signal
-    # counter, 6 launch number (mod 2^32), 7 the next ticket when a terminal task took it early (-1: none),
-    # 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 12-13 / 14-15 trace: when the task was
-    # taken / its inputs were ready
-    T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 7, 8, 10, 12, 14
+    # the task slot SI_TASK + : 0 ticket (task index), 1 stage (= the counter it signals), 2 tile, 3 wait
+    # counter, 4 wait target, 5 whether this CTA had seen the norm complete before this task started (a copy of
+    # 11, taken when the task is decoded), 6 launch number (mod 2^32), 7 the next ticket when a terminal task took
+    # it early (-1: none), 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 11 whether a wait of
+    # this CTA has seen every norm task of this launch done, 12-13 / 14-15 trace: when the task was taken / its
+    # inputs were ready
+    T_NORM_AT_START, T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_NORM_SEEN, T_TAKEN, T_READY = 5, 6, 7, 8, 10, 11, 12, 14
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
@@ -338,7 +340,9 @@ def build_kernel(spec: KernelSpec):
 
     B_ROUTER = mma_batch(S.router_rows, S.router_kc, False)
     B_GU = mma_batch(S.gu_rows, S.gu_kc, True)
-    B_DOWN = mma_batch(S.down_rows, S.inter, True, 128)
+    # TP1's down tiles (64 x 2048) load their whole 128 KB at once where the act is a separate stage (57b4106:
+    # -0.3..-0.9 us at M = 2-8); with the act fused into them (M = 1) it was neutral and costs registers
+    B_DOWN = mma_batch(S.down_rows, S.inter, True, 64 if S.fuse_act else 128)
 
     # ------------------------------------------------------------------------------------------------
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
@@ -422,6 +426,8 @@ def build_kernel(spec: KernelSpec):
                         P.nanosleep(100)
                     seen = P.ld_acquire(addr) - base
                     spins = spins + 1
+                if wc == NORM and seen >= target and target == NORM_TASKS:
+                    P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(1))  # (the counters only grow in a launch)
                 if seen < target:
                     # A dependency never arrived: give up (never hang the GPU), record the first failure in the
                     # workspace and in the host-mapped record that megapre.run checks before its next launch.
@@ -500,9 +506,15 @@ def build_kernel(spec: KernelSpec):
         """Stage FP8 activations src[m, k0:k0+kc] for 8 token rows (zeros past M) -- e4m3 bytes in the wgmma B
         layout (qgmma) or f16 codes (hmma, exact) -- and their per-128 scales, applied per chunk after the
         tensor-core products."""
-        # Every global load first, then the shared stores: a store waits for its load, and a load issued after
-        # it (the scales) made a second L2 round trip (SASS at 7f71df0: gate_up's "a_q staged" 0.58 us against
-        # the router's one-trip 0.2).
+        codes, scales = fp8_acts_load(src, src_scale, ld_src, ld_scale, k0, kc, tid)
+        fp8_acts_store(codes, scales, kc, sf)
+
+    @cute.jit
+    def fp8_acts_load(src: Int64, src_scale: Int64, ld_src: cutlass.Constexpr, ld_scale: cutlass.Constexpr,
+                      k0: Int32, kc: cutlass.Constexpr, tid: Int32):
+        """stage_fp8_acts' global loads (this thread's codes and scales), all issued before any shared store: a
+        store waits for its load, and a load issued after it (the scales) made a second L2 round trip (SASS at
+        7f71df0: gate_up's "a_q staged" 0.58 us against the router's one-trip 0.2)."""
         nvec = 8 * kc // 8
         nsc = 8 * (kc // 128)
         codes = []
@@ -524,32 +536,62 @@ def build_kernel(spec: KernelSpec):
             if m < M:  # (v >= nsc gives m >= 8)
                 sc = P.ld_cg_f32(src_scale + Int64(m * ld_scale + k0 // 128 + kb) * 4)
             scales.append((v, sc))
+        return codes, scales
+
+    def fp8_acts_store(codes, scales, kc: int, sf):
+        """stage_fp8_acts' shared stores of what fp8_acts_load returned."""
         for v, kk, m, q0, q1 in codes:
-            if v < nvec:
-                if cutlass.const_expr(QGMMA):
-                    # e4m3 bytes in the wgmma B layout (qgmma_consume): physical K kk .. kk + 7 of a 64-K chunk
-                    # is K slots 4 tq .. of step t (bytes 0-3) and 16 + 4 tq .. (bytes 4-7, the next core matrix)
-                    p = kk % 64
-                    dst = sf + S_ACT + ((kk // 64) * 2 + (p % 16) // 8) * P.WGMMA_B_STEP + m * 16 + 4 * (p // 16)
-                    P.sts_b32(dst, Int32(q0))
-                    P.sts_b32(dst + 128, Int32(q1))
-                else:  # exact f16 codes (zero codes past M give zeros)
-                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0), P.e4m3x2_hi_to_f16x2(q0),
-                             P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
+            store_act_code(v, kk, m, q0, q1, kc, sf)
         for v, sc in scales:
-            if v < nsc:
-                P.sts_f32(sf + S_AS + v * 4, sc)
+            store_act_scale(v, sc, kc, sf)
+
+    @cute.jit
+    def store_act_code(v: Int32, kk: Int32, m: Int32, q0: Uint32, q1: Uint32, kc: cutlass.Constexpr, sf: Int32):
+        if v < 8 * kc // 8:
+            if cutlass.const_expr(QGMMA):
+                # e4m3 bytes in the wgmma B layout (qgmma_consume): physical K kk .. kk + 7 of a 64-K chunk
+                # is K slots 4 tq .. of step t (bytes 0-3) and 16 + 4 tq .. (bytes 4-7, the next core matrix)
+                p = kk % 64
+                dst = sf + S_ACT + ((kk // 64) * 2 + (p % 16) // 8) * P.WGMMA_B_STEP + m * 16 + 4 * (p // 16)
+                P.sts_b32(dst, Int32(q0))
+                P.sts_b32(dst + 128, Int32(q1))
+            else:  # exact f16 codes (zero codes past M give zeros)
+                P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, P.e4m3x2_lo_to_f16x2(q0), P.e4m3x2_hi_to_f16x2(q0),
+                         P.e4m3x2_lo_to_f16x2(q1), P.e4m3x2_hi_to_f16x2(q1))
+
+    @cute.jit
+    def store_act_scale(v: Int32, sc: Float32, kc: cutlass.Constexpr, sf: Int32):
+        if v < 8 * (kc // 128):
+            P.sts_f32(sf + S_AS + v * 4, sc)
 
     @cute.jit
     def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
                       si: Int32, tid: Int32, waits: Int32):
+        # A CTA that has already seen every norm task of this launch done (a router or gate_up task before this
+        # one waited for them) needs no poll: it loads this task's a_q slice first, then the weights, so the
+        # tokens are in shared memory when the weights land. Otherwise the weights go first (before the
+        # previous kernel has finished, for a CTA's first task) and the poll follows.
+        if waits == 1 and P.lds_b32(si + (SI_TASK + T_NORM_AT_START) * 4) != 0:
+            gate_up_task(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, True)
+        else:
+            gate_up_task(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, False)
+
+    @cute.jit
+    def gate_up_task(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
+                     si: Int32, tid: Int32, waits: Int32, norm_seen: cutlass.Constexpr):
         warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
-        raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
-        wait_ready(waits, ws, si, tid)
-        stamp(GATE_UP, 0, tile, ws, tid)
-        stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
+        if cutlass.const_expr(norm_seen):
+            codes, scales = fp8_acts_load(o_aq, o_as, H, NG, k0, kc, tid)
+            raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
+            stamp(GATE_UP, 0, tile, ws, tid)
+            fp8_acts_store(codes, scales, kc, sf)
+        else:
+            raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
+            wait_ready(waits, ws, si, tid)
+            stamp(GATE_UP, 0, tile, ws, tid)
+            stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
         cute.arch.sync_threads()
@@ -928,6 +970,7 @@ def build_kernel(spec: KernelSpec):
             n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
             if tid == 0:
                 P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
+                P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(0))
                 P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(-1))
                 # Weights and the norm's inputs do not depend on the previous kernel: ask L2 for them before it
                 # has finished. (A prefetch is only a hint -- L2 is where every SM's writes land, so hidden /
@@ -995,7 +1038,7 @@ def build_kernel(spec: KernelSpec):
                         P.sts_b32(si + (SI_TASK + 2) * 4, (word >> 6) & ((1 << TILE_BITS) - 1))  # tile
                         P.sts_b32(si + (SI_TASK + 3) * 4, ((word >> 3) & 7) - 1)  # wait counter (-1: none)
                         P.sts_b32(si + (SI_TASK + 4) * 4, (word >> 18) & ((1 << TARGET_BITS) - 1))  # wait target
-                        P.sts_b32(si + (SI_TASK + 5) * 4, word & 7)  # signal counter: the stage's own
+                        P.sts_b32(si + (SI_TASK + T_NORM_AT_START) * 4, P.lds_b32(si + (SI_TASK + T_NORM_SEEN) * 4))
                         if cutlass.const_expr(S.trace):
                             P.sts_u64(si + (SI_TASK + T_TAKEN) * 4, t_ticket)
                             P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())  # wait_ready overwrites
@@ -1015,7 +1058,7 @@ def build_kernel(spec: KernelSpec):
                     if tid == 0:
                         # bar.sync above + release: every thread's writes of this task are published. Stages no
                         # task waits on (route, down) skip it: the kernel's end publishes their outputs.
-                        sig = P.lds_b32(si + (SI_TASK + 5) * 4)
+                        sig = P.lds_b32(si + (SI_TASK + 1) * 4)  # the stage's own counter
                         waited = Int32(0)
                         for c in cutlass.range_constexpr(len(WAITED)):
                             waited = waited | P.sel_i32(sig == WAITED[c], 1, 0)
