@@ -388,8 +388,7 @@ def build_kernel(spec: KernelSpec):
         """Thread 0 of a terminal task (route, down), shortly before its last stores: the atomic for the CTA's
         next ticket, so that its round trip overlaps the stores instead of following the task -- the last
         CTA's exit (and with it the next kernel's griddepcontrol.wait) no longer waits for it. Late in the task
-        on purpose: a ticket taken early binds the next task to a CTA that is still busy (81da92b). (A gate_up
-        task that needs no poll takes it as soon as its weights are on their way: see gate_up_task.)"""
+        on purpose: a ticket taken early binds the next task to a CTA that is still busy (81da92b)."""
         t64 = Int64(-1)
         if waits != 0 and tid == 0:
             t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
@@ -586,10 +585,6 @@ def build_kernel(spec: KernelSpec):
         if cutlass.const_expr(norm_seen):
             codes, scales = fp8_acts_load(o_aq, o_as, H, NG, k0, kc, tid)
             raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
-            # ... and the CTA's next ticket, whose round trip now overlaps the weights' instead of opening the next
-            # task with the CTA's loads idle (a later gate_up, act or down task: the routing stages come earlier
-            # in the queue, so this cannot tie the route to a busy CTA as 81da92b did)
-            t_next = next_ticket_early(waits, ws, tid)
             stamp(GATE_UP, 0, tile, ws, tid)
             fp8_acts_store(codes, scales, kc, sf)
         else:
@@ -607,8 +602,6 @@ def build_kernel(spec: KernelSpec):
         for r, n, val in outs:
             if n < M:
                 P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
-        if cutlass.const_expr(norm_seen):
-            keep_next_ticket(t_next, waits, si, tid)
 
     # ------------------------------------------------------------------------------------------------
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
