@@ -27,7 +27,7 @@ def test_table_waits_only_on_earlier_tasks(cfg, m):
     assert [unpack_word(w) for w in pack_table(rows)] == [tuple(r[:4]) for r in rows]
     assert spec.n_tasks == len(rows)
     # act inside the down tasks exactly where the gate_up partials each down task reads stay small
-    assert spec.fuse_act == (cfg.shared_local_intermediate * m <= 2048)
+    assert spec.fuse_act == (cfg.shared_local_intermediate * m <= 2048 and spec.small_shared)
     down_wait = {r[2] for r in rows if r[0] == DOWN}
     assert down_wait == ({GATE_UP} if spec.fuse_act else {ACT})
     assert tiles[ACT] == (0 if spec.fuse_act else cfg.shared_local_intermediate // 128)

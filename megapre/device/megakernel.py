@@ -340,9 +340,8 @@ def build_kernel(spec: KernelSpec):
 
     B_ROUTER = mma_batch(S.router_rows, S.router_kc, False)
     B_GU = mma_batch(S.gu_rows, S.gu_kc, True)
-    # TP1's down tiles (64 x 2048) load their whole 128 KB at once where the act is a separate stage (57b4106:
-    # -0.3..-0.9 us at M = 2-8); with the act fused into them (M = 1) it was neutral and costs registers
-    B_DOWN = mma_batch(S.down_rows, S.inter, True, 64 if S.fuse_act else 128)
+    # TP1's down tiles (64 x 2048) load their whole 128 KB at once (57b4106: -0.3..-0.9 us at M = 2-8)
+    B_DOWN = mma_batch(S.down_rows, S.inter, True, 128)
 
     # ------------------------------------------------------------------------------------------------
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
@@ -690,14 +689,12 @@ def build_kernel(spec: KernelSpec):
         warp = tid >> 5
         lane = tid & 31
         row_base = rt * S.down_rows
-        if cutlass.const_expr(S.fuse_act and M <= 2 and S.small_shared):
+        if cutlass.const_expr(S.fuse_act and M <= 2):
             # M <= 2: the weights after the wait, together with the act's loads (their latency hides behind the
             # act's math): issued before it, the dynamic down tasks' polls came back only ~1.2-1.6 us after the
             # task was taken, long after the last gate_up (8fb98a5's task-by-task trace; not w2 from HBM:
             # bdaddb5). Measured in one run (3cfc636 vs dbf5ac8): M = 1 / 2 -0.33 / -0.13 us, but M = 4 / 8
-            # +0.6 / +0.7 (a longer act no longer hides the weights), so larger M keep the weights first. TP1
-            # (M = 1 fuses the act too) keeps them first: its 128 KB batch issued here delayed the act's loads
-            # by ~2 us (57b4106's trace), and its down tasks are taken long before they are ready.
+            # +0.6 / +0.7 (a longer act no longer hides the weights), so larger M keep the weights first.
             wait_ready(waits, ws, si, tid)
             raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
         else:

@@ -89,7 +89,9 @@ class KernelSpec:
     gu_splits: int = 7  # TP8: 8 row tiles x 7 splits (1024 each) = 56 tasks, all in the first wave; TP1: 448
     down_rows: int = 64  # TP8 (K = 256): 128 rows, 56 tasks, so more CTAs finish early (PDL: the next call starts)
     # SiLU-and-mul + quantization inside every down task (no act stage, one dependency hop less), where the
-    # gate_up partials each down task then reads stay small: inter x M <= 2048 (TP8, every M)
+    # gate_up partials each down task then reads stay small: a TP8-sized shared expert (inter x M <= 2048 at
+    # every M). TP1 at M = 1 (also 2048) has 112 down tasks each reading 114 KB of partials: measured 1.7 us
+    # slower than its own M = 2 with the act stage (448c4e8), so it takes the act stage too.
     fuse_act: bool = False
     # FP8 GEMM instruction: "qgmma" = warpgroup MMA m64n8k32 on e4m3 (QGMMA in SASS; weights from registers, the
     # tokens from shared memory); "hmma" = mma.sync m16n8k16 on exact f16 codes of the e4m3 values (the
@@ -106,7 +108,8 @@ class KernelSpec:
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
-                   down_rows=128 if inter <= SMALL_SHARED_INTER else 64, fuse_act=inter * m <= 2048, trace=trace,
+                   down_rows=128 if inter <= SMALL_SHARED_INTER else 64,
+                   fuse_act=inter * m <= 2048 and inter <= SMALL_SHARED_INTER, trace=trace,
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
