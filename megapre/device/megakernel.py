@@ -59,8 +59,7 @@ def build_kernel(spec: KernelSpec):
     LPG = S.experts_per_group // EPL  # lanes per group
     P_PAIRS = M * S.top_k
     SF = S.smem_floats()
-    NCHUNK = NG // WARPS  # 1024-column chunks per token: one 128-group per warp
-    NORM_CPT = NCHUNK if S.norm_whole_row else 1  # chunks per norm task
+    NCHUNK = NG // WARPS  # norm tasks per token: one 128-group per warp
     SL = S.smem_layout()
     NT = S.n_tasks
     WAITED = S.waited_counters()  # counters some task waits on; the other stages signal nothing
@@ -91,11 +90,11 @@ def build_kernel(spec: KernelSpec):
     # made each task's norm take ~2 us instead of ~1.4, and the call got slower: 9.75 / 11.28 us at M = 1 / 2.)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def norm_row(m: Int32, si: Int32, hidden: Int64, residual: Int64, tid: Int32, trace_tile: Int32, ws: Int64):
-        """Token m: this thread's residual-added values (4 columns of each of its warp's NCHUNK 128-groups: group
-        warp + WARPS i in list entry i) and the row's rstd, all threads of the CTA. Every task reads the whole row
-        for the sum of squares (L2 serves the repeats when a token has one task per chunk); the sum is taken in a
-        fixed order (lanes, butterfly, then warps), so every task gets the same rstd bits."""
+    def norm_values(m: Int32, c: Int32, sf: Int32, hidden: Int64, residual: Int64, si: Int32,
+                    tid: Int32, trace_tile: Int32, ws: Int64):
+        """Token m, this thread's 4 columns of chunk c: (residual out v0..v3, x0..x3), all threads of the CTA.
+        Every chunk reads the whole row for the sum of squares (L2 serves the repeats); the sum is taken in a
+        fixed order (lanes, butterfly, then warps), so every chunk gets the same rstd bits."""
         warp = tid >> 5
         lane = tid & 31
         mine = []
@@ -125,16 +124,17 @@ def build_kernel(spec: KernelSpec):
             tot = tot + P.lds_f32(si + (SI_RED + w) * 4)
         cute.arch.sync_threads()  # SI_RED is free again (the next token's sum may follow)
         rstd = P.rms_rstd(tot, H, S.eps)  # = 1 / sqrt(tot / H + eps) with IEEE fp32 roundings, branch-free
-        return mine, rstd
-
-    def norm_x(v, rstd, sf, slot, tid):
-        """x = bf16(bf16(v * rstd) * weight) for 4 columns, the norm weights parked in shared-memory slot ``slot``
-        by stage_norm."""
-        w0, w1 = P.lds_v2(sf + S_ACT + (slot * THREADS + tid) * 8)
+        # the loop above loaded group warp + 8 i in iteration i; this chunk's group is iteration c
+        v = [Float32(0.0)] * 4
+        for i in cutlass.range_constexpr(NCHUNK):
+            for j in cutlass.range_constexpr(4):
+                v[j] = P.sel_f32(c == i, mine[i][j], v[j])
+        w0, w1 = P.lds_v2(sf + S_ACT + tid * 8)  # this thread's norm weights (stage_norm)
         wa, wb = P.bf16x2_to_f32(w0)
         wc, wd = P.bf16x2_to_f32(w1)
         wv = [wa, wb, wc, wd]
-        return [P.round_bf16(P.round_bf16(v[j] * rstd) * wv[j]) for j in range(4)]
+        x = [P.round_bf16(P.round_bf16(v[j] * rstd) * wv[j]) for j in range(4)]
+        return v[0], v[1], v[2], v[3], x[0], x[1], x[2], x[3]
 
     @cute.jit
     def quant_group(x0: Float32, x1: Float32, x2: Float32, x3: Float32):
@@ -149,41 +149,29 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def stage_norm(tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
                    o_as: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
-        """Task (token m, NORM_CPT 1024-column chunks from c0): residual out, x (bf16, workspace), a_q / a_scale."""
-        m = tile // (NCHUNK // NORM_CPT)
-        c0 = (tile % (NCHUNK // NORM_CPT)) * NORM_CPT
+        """Task (token m, chunk c of 1024 columns): residual out, x (bf16, workspace), a_q / a_scale."""
+        m = tile // NCHUNK
+        c = tile % NCHUNK
         warp = tid >> 5
         lane = tid & 31
         # the norm weights are the only load from HBM here (a new weight set every layer): issue them first,
         # before the previous kernel has finished (PDL) when this is the CTA's first task
+        col = (c * WARPS + warp) * 128 + lane * 4
+        w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
         # ... and park them in shared memory: ptxas sinks a read-only (.nc) load that is only used after a
         # bar.sync to below it, where its latency under the weight stream (~1 us at M = 1, 9411fc1's timeline)
         # adds to the task; a shared store cannot cross the barrier, so the load stays up here
-        for j in cutlass.range_constexpr(NORM_CPT):
-            col = ((c0 + j) * WARPS + warp) * 128 + lane * 4
-            w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
-            P.sts_v2(sf + S_ACT + (j * THREADS + tid) * 8, w0, w1)
+        P.sts_v2(sf + S_ACT + tid * 8, w0, w1)
         griddep_if_first(waits)  # hidden and residual come from the previous kernel
         stamp(NORM, 0, tile, ws, tid)
-        mine, rstd = norm_row(m, si, hidden, residual, tid, tile, ws)
-        for j in cutlass.range_constexpr(NORM_CPT):
-            if cutlass.const_expr(NORM_CPT == NCHUNK):
-                v = mine[j]  # the whole row: chunk j is the row loop's iteration j
-            else:
-                # the row loop loaded group warp + 8 i in iteration i; this chunk's group is iteration c0
-                v = [Float32(0.0)] * 4
-                for i in cutlass.range_constexpr(NCHUNK):
-                    for q in cutlass.range_constexpr(4):
-                        v[q] = P.sel_f32(c0 == i, mine[i][q], v[q])
-            x = norm_x(v, rstd, sf, j, tid)
-            col = ((c0 + j) * WARPS + warp) * 128 + lane * 4
-            off = Int64(m * H + col) * 2
-            P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
-            P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x[0], x[1]), P.f32x2_to_bf16x2(x[2], x[3]))
-            q, scale = quant_group(x[0], x[1], x[2], x[3])
-            P.st_b32(o_aq + Int64(m * H + col), q)
-            if lane == 0:
-                P.st_f32(o_as + Int64(m * NG + (c0 + j) * WARPS + warp) * 4, scale)
+        v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(m, c, sf, hidden, residual, si, tid, tile, ws)
+        off = Int64(m * H + col) * 2
+        P.st_v2(o_res + off, P.f32x2_to_bf16x2(v0, v1), P.f32x2_to_bf16x2(v2, v3))
+        P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x0, x1), P.f32x2_to_bf16x2(x2, x3))
+        q, scale = quant_group(x0, x1, x2, x3)
+        P.st_b32(o_aq + Int64(m * H + col), q)
+        if lane == 0:
+            P.st_f32(o_as + Int64(m * NG + c * WARPS + warp) * 4, scale)
         stamp(NORM, 2, tile, ws, tid)
 
     # ------------------------------------------------------------------------------------------------

@@ -56,11 +56,6 @@ ERR_INTS = 8
 SMALL_SHARED_INTER = 256
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    v = os.environ.get(name)
-    return default if v in (None, "") else v not in ("0", "false", "no", "off")
-
-
 def _align(n: int, a: int = 256) -> int:
     return (n + a - 1) // a * a
 
@@ -98,10 +93,6 @@ class KernelSpec:
     # every M). TP1 at M = 1 (also 2048) has 112 down tasks each reading 114 KB of partials: measured 1.7 us
     # slower than its own M = 2 with the act stage (448c4e8), so it takes the act stage too.
     fuse_act: bool = False
-    # One norm task per token (the whole row) instead of one per 1024-column chunk: fewer norm tasks, so more of
-    # the GEMM tasks are static first tasks whose weights load under PDL before the previous kernel has ended;
-    # each norm task does 7x the math. MEGAPRE_NORM_WHOLE_ROW=0/1 overrides the default (builds and launches).
-    norm_whole_row: bool = False
     # FP8 GEMM instruction: "qgmma" = warpgroup MMA m64n8k32 on e4m3 (QGMMA in SASS; weights from registers, the
     # tokens from shared memory); "hmma" = mma.sync m16n8k16 on exact f16 codes of the e4m3 values (the
     # conversions cost issue slots). MEGAPRE_FP8_MMA selects it for builds and launches alike.
@@ -119,7 +110,6 @@ class KernelSpec:
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
                    down_rows=128 if inter <= SMALL_SHARED_INTER else 64,
                    fuse_act=inter * m <= 2048 and inter <= SMALL_SHARED_INTER, trace=trace,
-                   norm_whole_row=_env_flag("MEGAPRE_NORM_WHOLE_ROW", m >= 4),
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
@@ -178,8 +168,7 @@ class KernelSpec:
 
     def stage_tiles(self) -> dict[int, int]:
         return {
-            # (token, 1024-column chunk), or (token) with norm_whole_row
-            NORM: self.m * (1 if self.norm_whole_row else self.hidden // (QUANT_GROUP * WARPS)),
+            NORM: self.m * (self.hidden // (QUANT_GROUP * WARPS)),  # (token, 1024-column chunk)
             ROUTER: (self.experts // self.router_rows) * self.router_splits,
             GATE_UP: (2 * self.inter // self.gu_rows) * self.gu_splits,
             ROUTE: 1,  # top-k of every token (a warp each) + token sorting
