@@ -75,6 +75,7 @@ def build_kernel(spec: KernelSpec):
     # inputs were ready
     T_NORM_AT_START, T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_NORM_SEEN, T_TAKEN, T_READY = 5, 6, 7, 8, 10, 11, 12, 14
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
+    RELEASER = 32  # the thread that signals a finished task's counter (warp 1: not the ticket-taking thread 0)
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
     assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
@@ -1051,23 +1052,30 @@ def build_kernel(spec: KernelSpec):
                               o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
                               first_local, sf, si, tid, waits)
                     waits = Int32(1)
+                    t_taken = Int64(0)
+                    t_ready = Int64(0)
+                    if cutlass.const_expr(S.trace):  # (read before the barrier: thread 0 rewrites them after it)
+                        t_taken = P.lds_u64(si + (SI_TASK + T_TAKEN) * 4)
+                        t_ready = P.lds_u64(si + (SI_TASK + T_READY) * 4)
                     cute.arch.sync_threads()
-                    if tid == 0:
+                    if tid == RELEASER:
                         # bar.sync above + release: every thread's writes of this task are published. Stages no
-                        # task waits on (route, down) skip it: the kernel's end publishes their outputs.
-                        sig = P.lds_b32(si + (SI_TASK + 1) * 4)  # the stage's own counter
+                        # task waits on (route, down) skip it: the kernel's end publishes their outputs. Not thread
+                        # 0: the release's fence waits for the task's stores to land (~0.3-0.5 us), and thread 0
+                        # meanwhile takes the CTA's next ticket, so the next task's weight loads go out that much
+                        # sooner. (`stage` is this task's: thread 0 may already be decoding the next one.)
                         waited = Int32(0)
                         for c in cutlass.range_constexpr(len(WAITED)):
-                            waited = waited | P.sel_i32(sig == WAITED[c], 1, 0)
+                            waited = waited | P.sel_i32(stage == WAITED[c], 1, 0)
                         if waited != 0:
-                            P.red_release_add(ctr + Int64(sig) * 4, Int32(1))
+                            P.red_release_add(ctr + Int64(stage) * 4, Int32(1))
                         if cutlass.const_expr(S.trace):
                             # (written here, after the stage's griddepcontrol.wait: the previous launch on this
                             # workspace may have been tracing into the same records)
                             rec = ws + OFF_TR + Int64(task) * (TRACE_INTS * 8)
                             P.st_u64(rec, Int64(bid))
-                            P.st_u64(rec + 8, P.lds_u64(si + (SI_TASK + T_TAKEN) * 4))
-                            P.st_u64(rec + 16, P.lds_u64(si + (SI_TASK + T_READY) * 4))
+                            P.st_u64(rec + 8, t_taken)
+                            P.st_u64(rec + 16, t_ready)
                             P.st_u64(rec + 24, P.globaltimer())
 
     megapre_kernel.set_name_prefix("megapre_preamble", remove_cutlass_symbol=True, keep_mangled_name=False)
