@@ -611,32 +611,18 @@ def build_kernel(spec: KernelSpec):
         """One warp: token m, h columns g*128 .. g*128+127 (4 per lane) = bf16(sum of the gate_up partials in
         split order), SiLU-and-mul with vLLM's bf16 roundings, FP8 quantization with the group's scale.
         Returns (4 e4m3 codes packed, scale)."""
-        gt, up = act_sums(act_loads(m, g, lane, ws))
-        stamp(ACT, 1, trace_tile, ws, tid)
-        return act_math(gt, up)
-
-    def act_loads(m, g, lane, ws):
-        """act_group's loads: this lane's 4 gate and 4 up columns of every split's partials."""
         c = g * 128 + lane * 4
-        vals = []
-        for s in range(S.gu_splits):
-            base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
-            vals.append((P.ld_cg_v4f(base), P.ld_cg_v4f(base + I * 4)))
-        return vals
-
-    def act_sums(vals):
-        """The partials summed in split order (fp32): (gate, up), 4 columns each."""
         gt = [Float32(0.0)] * 4
         up = [Float32(0.0)] * 4
-        for a, b in vals:
-            gt = [gt[j] + a[j] for j in range(4)]
-            up = [up[j] + b[j] for j in range(4)]
-        return gt, up
-
-    def act_math(gt, up):
-        """bf16(gate), bf16(up) -> h = bf16(bf16(silu(gate)) * up) -> FP8 codes and the group's scale."""
+        for s in cutlass.range_constexpr(S.gu_splits):
+            base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
+            a0, a1, a2, a3 = P.ld_cg_v4f(base)
+            b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
+            gt = [gt[0] + a0, gt[1] + a1, gt[2] + a2, gt[3] + a3]
+            up = [up[0] + b0, up[1] + b1, up[2] + b2, up[3] + b3]
+        stamp(ACT, 1, trace_tile, ws, tid)
         h = []
-        for j in range(4):
+        for j in cutlass.range_constexpr(4):
             gj = P.round_bf16(gt[j])
             uj = P.round_bf16(up[j])
             act = P.round_bf16(P.div_exact(gj, Float32(1.0) + P.exp_f32(-gj)))
@@ -657,41 +643,28 @@ def build_kernel(spec: KernelSpec):
         stamp(ACT, 2, g, ws, tid)
 
     @cute.jit
-    def store_act_unit(u: Int32, m: Int32, g: Int32, q: Uint32, scale: Float32, lane: Int32, sf: Int32):
-        """Unit u's h codes and scale, staged for the down GEMM (units past M x G: nothing)."""
-        G = I // 128
-        if u < M * G:
-            kk = g * 128 + lane * 4
-            if cutlass.const_expr(QGMMA):
-                # the wgmma B layout (see stage_fp8_acts): word w = lane % 4 of the 16-byte run of tq
-                w = lane & 3
-                P.sts_b32(sf + S_ACT + ((kk // 64) * 2 + w // 2) * P.WGMMA_B_STEP + (w % 2) * 128 + m * 16
-                          + 4 * ((lane & 15) >> 2), Int32(q))
-            else:
-                P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
-            if lane == 0:
-                P.sts_f32(sf + S_AS + (m * G + g) * 4, scale)
-
-    @cute.jit
     def stage_act_to_smem(ws: Int64, sf: Int32, tid: Int32, trace_tile: Int32):
         """Fused act (S.fuse_act): the down task computes h itself, warp u = (token u // G, group u % G), and
         stages it for the down GEMM as stage_fp8_acts would have from h_q / h_scale (rows past M zero)."""
         G = I // 128
         warp = tid >> 5
         lane = tid & 31
-        # Every unit's partial loads first (a warp has two units at M > 4), then the math: one L2 round trip per
-        # warp instead of one per unit. Warps without a unit load a real unit's partials (clamped) and discard.
-        units = []
         for r in cutlass.range_constexpr((M * G + WARPS - 1) // WARPS):
             u = warp + WARPS * r
-            uc = P.sel_i32(u < M * G, u, Int32(M * G - 1))
-            units.append((u, uc // G, uc % G, act_loads(uc // G, uc % G, lane, ws)))
-        for r in cutlass.range_constexpr(len(units)):
-            u, m, g, vals = units[r]
-            gt, up = act_sums(vals)
-            stamp(ACT, 1, trace_tile + r, ws, tid)
-            q, scale = act_math(gt, up)
-            store_act_unit(u, m, g, q, scale, lane, sf)
+            if u < M * G:
+                m = u // G
+                g = u % G
+                q, scale = act_group(m, g, lane, ws, trace_tile + r, tid)
+                kk = g * 128 + lane * 4
+                if cutlass.const_expr(QGMMA):
+                    # the wgmma B layout (see stage_fp8_acts): word w = lane % 4 of the 16-byte run of tq
+                    w = lane & 3
+                    P.sts_b32(sf + S_ACT + ((kk // 64) * 2 + w // 2) * P.WGMMA_B_STEP + (w % 2) * 128 + m * 16
+                              + 4 * ((lane & 15) >> 2), Int32(q))
+                else:
+                    P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
+                if lane == 0:
+                    P.sts_f32(sf + S_AS + (m * G + g) * 4, scale)
         if cutlass.const_expr(QGMMA):
             # zero rows M .. 7: 16 bytes per (k32 step, core matrix, row)
             RZ = 8 - M
