@@ -340,7 +340,9 @@ def build_kernel(spec: KernelSpec):
         return split, split * kc, (tile // splits) * rows
 
     B_ROUTER = mma_batch(S.router_rows, S.router_kc, False)
-    B_GU = mma_batch(S.gu_rows, S.gu_kc, True)
+    # TP1's gate_up tiles (128 x 1024) issue their whole 128 KB at once: twice the bytes in flight per SM of
+    # the 64-row tiles, whose CTAs alternated between loading and computing with nothing in flight
+    B_GU = mma_batch(S.gu_rows, S.gu_kc, True, 64 if S.small_shared else 128)
     # TP1's down tiles (64 x 2048) load their whole 128 KB at once (57b4106: -0.3..-0.9 us at M = 2-8)
     B_DOWN = mma_batch(S.down_rows, S.inter, True, 128)
 

@@ -85,7 +85,7 @@ class KernelSpec:
     # (row blocks) x (K groups); K groups are summed through shared memory in a fixed order.
     router_rows: int = 32  # 2 row blocks x 4 K groups; 8 row tiles x 7 K splits (1024 each) = 56 tasks
     router_splits: int = 7
-    gu_rows: int = 64  # 4 row blocks x 2 K groups
+    gu_rows: int = 64  # TP8: 4 row blocks x 2 K groups; TP1: 128 (8 row blocks, 128 KB of weights per task)
     gu_splits: int = 7  # TP8: 8 row tiles x 7 splits (1024 each) = 56 tasks, all in the first wave; TP1: 448
     down_rows: int = 64  # TP8 (K = 256): 128 rows, 56 tasks, so more CTAs finish early (PDL: the next call starts)
     # SiLU-and-mul + quantization inside every down task (no act stage, one dependency hop less), where the
@@ -109,6 +109,7 @@ class KernelSpec:
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
                    down_rows=128 if inter <= SMALL_SHARED_INTER else 64,
+                   gu_rows=64 if inter <= SMALL_SHARED_INTER else 128,
                    fuse_act=inter * m <= 2048 and inter <= SMALL_SHARED_INTER, trace=trace,
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
 
