@@ -417,10 +417,10 @@ def build_kernel(spec: KernelSpec):
             if wc >= 0:
                 addr = ws + WS_COUNTERS * 4 + Int64(wc) * 4
                 # the counter holds (earlier launches) x (its stage's tiles) + this launch's signals
-                per_launch = Int32(0)
+                tiles_per_launch = Int32(0)
                 for c in cutlass.range_constexpr(N_COUNTERS):
-                    per_launch = per_launch + P.sel_i32(wc == c, Int32(TILES[c]), 0)
-                base = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) * per_launch
+                    tiles_per_launch = tiles_per_launch + P.sel_i32(wc == c, Int32(TILES[c]), 0)
+                base = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) * tiles_per_launch
                 seen = P.ld_acquire(addr) - base
                 spins = Int32(0)
                 while seen < target and spins < SPIN_LIMIT:
