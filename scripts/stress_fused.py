@@ -6,12 +6,12 @@ import collections, os, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import megapre
+from megapre.config import SHAPE_PRESETS
 from megapre.host.reference import reference
 from tests.compare import check_output
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 m = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-from megapre.config import SHAPE_PRESETS
 cfg = SHAPE_PRESETS[sys.argv[3] if len(sys.argv) > 3 else "ep8"]()
 w = megapre.PreambleWeights.random(cfg, seed=7, device="cuda")
 

@@ -329,10 +329,12 @@ def build_kernel(spec: KernelSpec):
             acc = mma_consume(acc, raw, sc, fp8, rows, kc, first, s_act, s_as, warp, lane)
         return mma_reduce(acc, rows, kc, s_red, warp, lane, tid)
 
-    def mma_batch(rows: int, kc: int, fp8: bool, regs: int = 64) -> int:
-        """Chunks per load batch: at most ``regs`` registers of weights in flight per thread."""
+    def mma_batch(rows: int, kc: int, fp8: bool) -> int:
+        """Chunks per load batch: at most 128 registers of weights in flight per thread (a whole task's weights
+        for every tile of both presets: the router's 4 chunks, TP8's 8, TP1's 16 -- 128 KB per CTA on TP1, where
+        64-register batches left each CTA computing with nothing in flight: 57b4106, 8c7d4e3)."""
         _, _, per_warp = mma_plan(rows, kc)
-        return max(1, min(per_warp, regs // (8 if fp8 else 16)))
+        return max(1, min(per_warp, 128 // (8 if fp8 else 16)))
 
     def split_k_tile(tile, splits: int, kc: int, rows: int):
         """A split-K GEMM task's (K split, first K column, first weight row): tile = row tile x splits + split."""
@@ -340,11 +342,8 @@ def build_kernel(spec: KernelSpec):
         return split, split * kc, (tile // splits) * rows
 
     B_ROUTER = mma_batch(S.router_rows, S.router_kc, False)
-    # TP1's gate_up tiles (128 x 1024) issue their whole 128 KB at once: twice the bytes in flight per SM of
-    # the 64-row tiles, whose CTAs alternated between loading and computing with nothing in flight
-    B_GU = mma_batch(S.gu_rows, S.gu_kc, True, 64 if S.small_shared else 128)
-    # TP1's down tiles (64 x 2048) load their whole 128 KB at once (57b4106: -0.3..-0.9 us at M = 2-8)
-    B_DOWN = mma_batch(S.down_rows, S.inter, True, 128)
+    B_GU = mma_batch(S.gu_rows, S.gu_kc, True)
+    B_DOWN = mma_batch(S.down_rows, S.inter, True)
 
     # ------------------------------------------------------------------------------------------------
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs

@@ -103,14 +103,14 @@ class KernelSpec:
     @classmethod
     def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False) -> "KernelSpec":
         inter = cfg.shared_local_intermediate
+        small = inter <= SMALL_SHARED_INTER
         return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
                    topk_group=cfg.topk_group, top_k=cfg.top_k, inter=inter,
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
-                   down_rows=128 if inter <= SMALL_SHARED_INTER else 64,
-                   gu_rows=64 if inter <= SMALL_SHARED_INTER else 128,
-                   fuse_act=inter * m <= 2048 and inter <= SMALL_SHARED_INTER, trace=trace,
+                   down_rows=128 if small else 64, gu_rows=64 if small else 128,
+                   fuse_act=inter * m <= 2048 and small, trace=trace,
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
