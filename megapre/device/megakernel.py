@@ -8,8 +8,7 @@ kernel drains, its weight loads first, griddepcontrol.wait only before it touche
 write -- and ``prefetch_ctas`` CTAs after the norm CTAs ask L2 for the weights at their start; 0 turns that
 off):
 
-    norm     (tokens x 1024 cols)  residual add, RMSNorm (whole rows), x (bf16, workspace), a_q / a_scale;
-                                   spec.norm_tokens tokens per task (all first-wave tasks fit the grid)
+    norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale
     router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
     gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace)
     route    (one task)            warp m: logits = sum of partials, sigmoid, grouped top-k, weights of token m;
@@ -60,8 +59,7 @@ def build_kernel(spec: KernelSpec):
     LPG = S.experts_per_group // EPL  # lanes per group
     P_PAIRS = M * S.top_k
     SF = S.smem_floats()
-    NCHUNK = NG // WARPS  # 1024-column chunks of a row (norm tasks per token block): one 128-group per warp
-    TPN = S.norm_tokens  # tokens per norm task
+    NCHUNK = NG // WARPS  # norm tasks per token: one 128-group per warp
     SL = S.smem_layout()
     NT = S.n_tasks
     WAITED = S.waited_counters()  # counters some task waits on; the other stages signal nothing
@@ -80,7 +78,7 @@ def build_kernel(spec: KernelSpec):
     RELEASER = 32  # the thread that signals a finished task's counter (warp 1: not the ticket-taking thread 0)
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
-    assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS and SI_RED + TPN * WARPS <= SI_PAD
+    assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
     # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
     SORT8 = (((0, 2), (1, 3), (4, 6), (5, 7)), ((0, 4), (1, 5), (2, 6), (3, 7)), ((0, 1), (2, 3), (4, 5), (6, 7)),
              ((2, 4), (3, 5)), ((1, 4), (3, 6)), ((1, 2), (3, 4), (5, 6)))
@@ -93,68 +91,51 @@ def build_kernel(spec: KernelSpec):
     # made each task's norm take ~2 us instead of ~1.4, and the call got slower: 9.75 / 11.28 us at M = 1 / 2.)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def norm_values(m0: Int32, c: Int32, sf: Int32, hidden: Int64, residual: Int64, si: Int32,
+    def norm_values(m: Int32, c: Int32, sf: Int32, hidden: Int64, residual: Int64, si: Int32,
                     tid: Int32, trace_tile: Int32, ws: Int64):
-        """Tokens m0 .. m0 + TPN - 1, this thread's 4 columns of chunk c, all threads of the CTA: per token
-        (residual out v0..v3, x0..x3), flattened. Every chunk reads the whole rows for the sums of squares (L2
-        serves the repeats); each token's sum is taken in a fixed order (lanes, butterfly, then warps), so every
-        chunk gets the same rstd bits. The tokens of a block share every latency: all their rows are loaded
-        before any math, and one pair of barriers serves all their sums. A block past M (M % TPN != 0) reads
-        token M - 1 again; stage_norm stores nothing for it."""
+        """Token m, this thread's 4 columns of chunk c: (residual out v0..v3, x0..x3), all threads of the CTA.
+        Every chunk reads the whole row for the sum of squares (L2 serves the repeats); the sum is taken in a
+        fixed order (lanes, butterfly, then warps), so every chunk gets the same rstd bits."""
         warp = tid >> 5
         lane = tid & 31
-        rows = []
-        for t in cutlass.range_constexpr(TPN):
-            m = m0 + t
-            if cutlass.const_expr(M % TPN != 0):
-                m = P.sel_i32(m < M, m, Int32(M - 1))
-            loads = []
-            for i in cutlass.range_constexpr(NCHUNK):
-                g = warp + WARPS * i
-                off = Int64(m * H + g * 128 + lane * 4) * 2
-                # coherent loads (not .nc): the previous kernel writes these, and ptxas moves .nc loads above
-                # griddepcontrol.wait (seen in the SASS at ec53080)
-                loads.append((P.ld_cg_v2(hidden + off), P.ld_cg_v2(residual + off)))
-            rows.append(loads)
-        chunk_v = []
-        for t in cutlass.range_constexpr(TPN):
-            ss = Float32(0.0)
-            # the loop loads group warp + 8 i in iteration i; this chunk's group is iteration c
-            v = [Float32(0.0)] * 4
-            for i in cutlass.range_constexpr(NCHUNK):
-                (h0, h1), (r0, r1) = rows[t][i]
-                ha, hb = P.bf16x2_to_f32(h0)
-                hc, hd = P.bf16x2_to_f32(h1)
-                ra, rb = P.bf16x2_to_f32(r0)
-                rc, rd = P.bf16x2_to_f32(r1)
-                vi = [P.round_bf16(ha + ra), P.round_bf16(hb + rb), P.round_bf16(hc + rc), P.round_bf16(hd + rd)]
-                for j in cutlass.range_constexpr(4):
-                    ss = ss + vi[j] * vi[j]
-                    v[j] = P.sel_f32(c == i, vi[j], v[j])
-            ss = P.warp_sum_f32(ss)
-            if lane == 0:
-                P.sts_f32(si + (SI_RED + t * WARPS + warp) * 4, ss)
-            chunk_v.append(v)
+        mine = []
+        ss = Float32(0.0)
+        for i in cutlass.range_constexpr(NCHUNK):
+            g = warp + WARPS * i
+            off = Int64(m * H + g * 128 + lane * 4) * 2
+            # coherent loads (not .nc): the previous kernel writes these, and ptxas moves .nc loads above
+            # griddepcontrol.wait (seen in the SASS at ec53080)
+            h0, h1 = P.ld_cg_v2(hidden + off)
+            r0, r1 = P.ld_cg_v2(residual + off)
+            ha, hb = P.bf16x2_to_f32(h0)
+            hc, hd = P.bf16x2_to_f32(h1)
+            ra, rb = P.bf16x2_to_f32(r0)
+            rc, rd = P.bf16x2_to_f32(r1)
+            v = [P.round_bf16(ha + ra), P.round_bf16(hb + rb), P.round_bf16(hc + rc), P.round_bf16(hd + rd)]
+            for j in cutlass.range_constexpr(4):
+                ss = ss + v[j] * v[j]
+            mine.append(v)
+        ss = P.warp_sum_f32(ss)
+        if lane == 0:
+            P.sts_f32(si + (SI_RED + warp) * 4, ss)
         cute.arch.sync_threads()
         stamp(NORM, 1, trace_tile, ws, tid)
-        tots = []
-        for t in cutlass.range_constexpr(TPN):
-            tot = Float32(0.0)
-            for w in cutlass.range_constexpr(WARPS):
-                tot = tot + P.lds_f32(si + (SI_RED + t * WARPS + w) * 4)
-            tots.append(tot)
-        cute.arch.sync_threads()  # SI_RED is free again
+        tot = Float32(0.0)
+        for w in cutlass.range_constexpr(WARPS):
+            tot = tot + P.lds_f32(si + (SI_RED + w) * 4)
+        cute.arch.sync_threads()  # SI_RED is free again (the next token's sum may follow)
+        rstd = P.rms_rstd(tot, H, S.eps)  # = 1 / sqrt(tot / H + eps) with IEEE fp32 roundings, branch-free
+        # the loop above loaded group warp + 8 i in iteration i; this chunk's group is iteration c
+        v = [Float32(0.0)] * 4
+        for i in cutlass.range_constexpr(NCHUNK):
+            for j in cutlass.range_constexpr(4):
+                v[j] = P.sel_f32(c == i, mine[i][j], v[j])
         w0, w1 = P.lds_v2(sf + S_ACT + tid * 8)  # this thread's norm weights (stage_norm)
         wa, wb = P.bf16x2_to_f32(w0)
         wc, wd = P.bf16x2_to_f32(w1)
         wv = [wa, wb, wc, wd]
-        out = []
-        for t in cutlass.range_constexpr(TPN):
-            rstd = P.rms_rstd(tots[t], H, S.eps)  # = 1 / sqrt(tot / H + eps) with IEEE fp32 roundings, branch-free
-            v = chunk_v[t]
-            x = [P.round_bf16(P.round_bf16(v[j] * rstd) * wv[j]) for j in range(4)]
-            out.extend(v + x)
-        return tuple(out)
+        x = [P.round_bf16(P.round_bf16(v[j] * rstd) * wv[j]) for j in range(4)]
+        return v[0], v[1], v[2], v[3], x[0], x[1], x[2], x[3]
 
     @cute.jit
     def quant_group(x0: Float32, x1: Float32, x2: Float32, x3: Float32):
@@ -169,9 +150,8 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def stage_norm(tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
                    o_as: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
-        """Task (token block b, chunk c of 1024 columns): residual out, x (bf16, workspace), a_q / a_scale of
-        tokens b * TPN .. b * TPN + TPN - 1."""
-        m0 = (tile // NCHUNK) * TPN
+        """Task (token m, chunk c of 1024 columns): residual out, x (bf16, workspace), a_q / a_scale."""
+        m = tile // NCHUNK
         c = tile % NCHUNK
         warp = tid >> 5
         lane = tid & 31
@@ -185,21 +165,7 @@ def build_kernel(spec: KernelSpec):
         P.sts_v2(sf + S_ACT + tid * 8, w0, w1)
         griddep_if_first(waits)  # hidden and residual come from the previous kernel
         stamp(NORM, 0, tile, ws, tid)
-        vals = norm_values(m0, c, sf, hidden, residual, si, tid, tile, ws)
-        for t in cutlass.range_constexpr(TPN):
-            v0, v1, v2, v3, x0, x1, x2, x3 = vals[8 * t: 8 * t + 8]
-            if cutlass.const_expr(M % TPN != 0):
-                if m0 + t < M:
-                    norm_store(m0 + t, col, c, warp, lane, v0, v1, v2, v3, x0, x1, x2, x3, o_res, o_aq, o_as, ws)
-            else:
-                norm_store(m0 + t, col, c, warp, lane, v0, v1, v2, v3, x0, x1, x2, x3, o_res, o_aq, o_as, ws)
-        stamp(NORM, 2, tile, ws, tid)
-
-    @cute.jit
-    def norm_store(m: Int32, col: Int32, c: Int32, warp: Int32, lane: Int32, v0: Float32, v1: Float32,
-                   v2: Float32, v3: Float32, x0: Float32, x1: Float32, x2: Float32, x3: Float32, o_res: Int64,
-                   o_aq: Int64, o_as: Int64, ws: Int64):
-        """Token m's outputs of this thread's 4 columns: residual out, x, and the warp's FP8 group."""
+        v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(m, c, sf, hidden, residual, si, tid, tile, ws)
         off = Int64(m * H + col) * 2
         P.st_v2(o_res + off, P.f32x2_to_bf16x2(v0, v1), P.f32x2_to_bf16x2(v2, v3))
         P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x0, x1), P.f32x2_to_bf16x2(x2, x3))
@@ -207,6 +173,7 @@ def build_kernel(spec: KernelSpec):
         P.st_b32(o_aq + Int64(m * H + col), q)
         if lane == 0:
             P.st_f32(o_as + Int64(m * NG + c * WARPS + warp) * 4, scale)
+        stamp(NORM, 2, tile, ws, tid)
 
     # ------------------------------------------------------------------------------------------------
     # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem

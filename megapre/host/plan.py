@@ -97,11 +97,6 @@ class KernelSpec:
     # tokens from shared memory); "hmma" = mma.sync m16n8k16 on exact f16 codes of the e4m3 values (the
     # conversions cost issue slots). MEGAPRE_FP8_MMA selects it for builds and launches alike.
     fp8_mma: str = "qgmma"
-    # Tokens per norm task (a task is (token block, 1024-column chunk)): ceil(M / 2), so there are at most 14 norm
-    # tasks and every EP8 task of the first wave (norm + 56 router + route + 56 gate_up) has its own SM -- at
-    # M = 8, 56 one-token norm tasks left 37 gate_up tasks to be taken after the norm, their weights issued only
-    # then. The tokens of a task share every latency of the norm (one load round trip, one pair of barriers).
-    norm_tokens: int = 1
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
     trace: bool = False
 
@@ -115,7 +110,7 @@ class KernelSpec:
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
                    down_rows=128 if small else 64, gu_rows=64 if small else 128,
-                   fuse_act=inter * m <= 2048 and small, norm_tokens=(m + 1) // 2, trace=trace,
+                   fuse_act=inter * m <= 2048 and small, trace=trace,
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
@@ -139,8 +134,6 @@ class KernelSpec:
         if self.fp8_mma == "qgmma" and (self.gu_rows % 64 or self.down_rows % 64 or any(
                 self.chunks_per_warp(r, k) % 2 for r, k in ((self.gu_rows, self.gu_kc), (self.down_rows, self.inter)))):
             return "FP8 GEMM tiles are not whole 64-row warpgroup tiles of whole 128-K blocks per K group (qgmma)"
-        if not 1 <= self.norm_tokens <= self.m:
-            return f"{self.norm_tokens} tokens per norm task at M = {self.m}"
         if self.m * self.top_k > 64:
             return "more than 64 (token, expert) pairs"
         if self.n_tasks >= 1 << TILE_BITS:  # (every stage's tile count, and so every wait target, is below it)
@@ -176,7 +169,7 @@ class KernelSpec:
 
     def stage_tiles(self) -> dict[int, int]:
         return {
-            NORM: -(-self.m // self.norm_tokens) * (self.hidden // (QUANT_GROUP * WARPS)),  # (token block, 1024 cols)
+            NORM: self.m * (self.hidden // (QUANT_GROUP * WARPS)),  # (token, 1024-column chunk)
             ROUTER: (self.experts // self.router_rows) * self.router_splits,
             GATE_UP: (2 * self.inter // self.gu_rows) * self.gu_splits,
             ROUTE: 1,  # top-k of every token (a warp each) + token sorting
