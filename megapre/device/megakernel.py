@@ -1049,9 +1049,14 @@ def build_kernel(spec: KernelSpec):
                 else:
                     stage = P.lds_b32(si + (SI_TASK + 1) * 4)
                     tile = P.lds_b32(si + (SI_TASK + 2) * 4)
+                    tid_task = tid
+                    if cutlass.const_expr(not S.small_shared):
+                        # TP1 runs at 255 registers: thread-index arithmetic that ptxas hoisted out of this loop
+                        # stayed live across every task and spilled (8c7d4e3); read per task, it is recomputed
+                        tid_task = P.thread_idx_opaque()
                     run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
                               o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                              first_local, sf, si, tid, waits)
+                              first_local, sf, si, tid_task, waits)
                     waits = Int32(1)
                     t_taken = Int64(0)
                     t_ready = Int64(0)
