@@ -67,8 +67,6 @@ def build_kernel(spec: KernelSpec):
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
-    SI_CHAIN = 88  # gate_up_chain: the next task (-1: none), its tile, when it was decoded (u64, trace builds)
-    assert SI_RED + WARPS <= SI_CHAIN and SI_CHAIN + 4 <= SI_PAD and SI_CHAIN % 2 == 0
     # the task slot SI_TASK + : 0 ticket (task index), 1 stage (= the counter it signals), 2 tile, 3 wait
     # counter, 4 wait target, 5 whether this CTA had seen the norm complete before this task started (a copy of
     # 11, taken when the task is decoded), 6 launch number (mod 2^32), 7 the next ticket when a terminal task took
@@ -346,8 +344,6 @@ def build_kernel(spec: KernelSpec):
     B_ROUTER = mma_batch(S.router_rows, S.router_kc, False)
     B_GU = mma_batch(S.gu_rows, S.gu_kc, True)
     B_DOWN = mma_batch(S.down_rows, S.inter, True)
-    # TP1's poll-free gate_up tasks run as a chain (gate_up_chain): whole tasks of 2 x 64 registers of weights
-    GU_CHAIN = QGMMA and not S.small_shared and B_GU == KernelSpec.chunks_per_warp(S.gu_rows, S.gu_kc) and B_GU % 4 == 0
 
     # ------------------------------------------------------------------------------------------------
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
@@ -571,16 +567,13 @@ def build_kernel(spec: KernelSpec):
 
     @cute.jit
     def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
-                      si: Int32, st: Int32, n_static: Int32, n_tasks: Int32, tid: Int32, waits: Int32):
+                      si: Int32, tid: Int32, waits: Int32):
         # A CTA that has already seen every norm task of this launch done (a router or gate_up task before this
         # one waited for them) needs no poll: it loads this task's a_q slice first, then the weights, so the
         # tokens are in shared memory when the weights land. Otherwise the weights go first (before the
         # previous kernel has finished, for a CTA's first task) and the poll follows.
         if waits == 1 and P.lds_b32(si + (SI_TASK + T_NORM_AT_START) * 4) != 0:
-            if cutlass.const_expr(GU_CHAIN):
-                gate_up_chain(tile, o_aq, o_as, w13, w13_s, ws, sf, si, st, n_static, n_tasks, tid)
-            else:
-                gate_up_task(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, True)
+            gate_up_task(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, True)
         else:
             gate_up_task(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, False)
 
@@ -610,119 +603,6 @@ def build_kernel(spec: KernelSpec):
         for r, n, val in outs:
             if n < M:
                 P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
-
-    # ------------------------------------------------------------------------------------------------
-    # TP1: poll-free gate_up tasks back to back, the next task's first half of weights in flight during this
-    # task's math. A task's 128 rows x 1024 K are two K halves (8 chunks of 64 per warp each, 64 registers);
-    # the queue hands this CTA its next ticket while the first half is being multiplied, and if that is a gate_up
-    # task too its first half is issued before the second half of this one is consumed -- so the CTA always has
-    # 64-128 KB in flight instead of 128 KB followed by ~1 us of math with nothing (the waves of 8c7d4e3's
-    # gate_up phase). The first half lives in a register tensor (constant indices only: promoted to registers).
-    # ------------------------------------------------------------------------------------------------
-    GU_HALF = B_GU // 2
-
-    def gu_issue_half(frag, fsc, tile, w13, w13_s, warp, lane):
-        """The first half of gate_up tile `tile`'s weights (and block scales) into the register tensors."""
-        _, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
-        raw, sc = mma_issue(w13, H, True, row_base, k0, S.gu_rows, S.gu_kc, w13_s, NG, warp, lane, 0, GU_HALF)
-        for j in range(GU_HALF):
-            lo, hi = raw[j]
-            for q in range(4):
-                frag[8 * j + q] = lo[q]
-                frag[8 * j + 4 + q] = hi[q]
-            fsc[j] = sc[j]
-
-    def gu_half_from(frag, fsc):
-        raw = [([frag[8 * j + q] for q in range(4)], [frag[8 * j + 4 + q] for q in range(4)]) for j in range(GU_HALF)]
-        return raw, [fsc[j] for j in range(GU_HALF)]
-
-    @cute.jit
-    def gate_up_chain(tile0: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
-                      si: Int32, st: Int32, n_static: Int32, n_tasks: Int32, tid: Int32):
-        """Poll-free gate_up tasks from tile0 on, while the next ticket is a gate_up task. Leaves the first
-        ticket that is not in T_NEXT (the queue loop decodes it) and the last task's index in the task slot (the
-        queue loop releases it)."""
-        kc = S.gu_kc
-        frag = cute.make_rmem_tensor(8 * GU_HALF, Uint32)
-        fsc = cute.make_rmem_tensor(GU_HALF, Float32)
-        gu_issue_half(frag, fsc, tile0, w13, w13_s, tid >> 5, tid & 31)
-        tile = tile0
-        more = Int32(1)
-        while more != 0:
-            # threadIdx read again in every task, as in the queue loop: the arithmetic on it is not hoisted out of
-            # this loop and kept live across it (at 255 registers it spilled)
-            tid_t = P.thread_idx_opaque()
-            warp, lane = tid_t >> 5, tid_t & 31
-            split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
-            codes, scales = fp8_acts_load(o_aq, o_as, H, NG, k0, kc, tid_t)
-            raw_b, sc_b = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, GU_HALF,
-                                    GU_HALF)
-            stamp(GATE_UP, 0, tile, ws, tid_t)
-            fp8_acts_store(codes, scales, kc, sf)
-            P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
-            cute.arch.sync_threads()
-            stamp(GATE_UP, 1, tile, ws, tid_t)
-            t64 = Int64(0)
-            if tid_t == 0:
-                t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))  # the next ticket, during the math
-            raw_a, sc_a = gu_half_from(frag, fsc)
-            acc = mma_consume([Float32(0.0)] * 4, raw_a, sc_a, True, S.gu_rows, kc, 0, sf + S_ACT, sf + S_AS, warp,
-                              lane)
-            if tid_t == 0:
-                idx = ticket_index(t64, si)
-                nxt = n_static + idx
-                nstage = Int32(-1)
-                ntile = Int32(0)
-                if nxt < n_tasks:
-                    word = P.lds_b32(st + nxt * 4)
-                    nstage = word & 7
-                    ntile = (word >> 6) & ((1 << TILE_BITS) - 1)
-                if nstage == GATE_UP:
-                    P.sts_b32(si + SI_CHAIN * 4, nxt)
-                    P.sts_b32(si + (SI_CHAIN + 1) * 4, ntile)
-                else:
-                    P.sts_b32(si + SI_CHAIN * 4, Int32(-1))
-                    P.sts_b32(si + (SI_TASK + T_NEXT) * 4, idx)  # the queue loop's next task
-                if cutlass.const_expr(S.trace):
-                    P.sts_u64(si + (SI_CHAIN + 2) * 4, P.globaltimer())
-            cute.arch.sync_threads()
-            nxt_task = P.lds_b32(si + SI_CHAIN * 4)
-            ntile = P.lds_b32(si + (SI_CHAIN + 1) * 4)
-            if nxt_task >= 0:
-                gu_issue_half(frag, fsc, ntile, w13, w13_s, warp, lane)
-            acc = mma_consume(acc, raw_b, sc_b, True, S.gu_rows, kc, GU_HALF, sf + S_ACT, sf + S_AS, warp, lane)
-            outs = mma_reduce(acc, S.gu_rows, kc, sf + S_RED, warp, lane, tid_t)
-            stamp(GATE_UP, 2, tile, ws, tid_t)
-            for r, n, val in outs:
-                if n < M:
-                    P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
-            if nxt_task >= 0:
-                # the task is done: release it here (the queue loop releases only the chain's last task)
-                t_taken = Int64(0)
-                t_ready = Int64(0)
-                task = P.lds_b32(si + SI_TASK * 4)
-                if cutlass.const_expr(S.trace):
-                    t_taken = P.lds_u64(si + (SI_TASK + T_TAKEN) * 4)
-                    t_ready = P.lds_u64(si + (SI_TASK + T_READY) * 4)
-                cute.arch.sync_threads()
-                if tid_t == RELEASER:
-                    P.red_release_add(ws + WS_COUNTERS * 4 + Int64(GATE_UP) * 4, Int32(1))
-                    if cutlass.const_expr(S.trace):
-                        rec = ws + OFF_TR + Int64(task) * (TRACE_INTS * 8)
-                        P.st_u64(rec, Int64(cute.arch.block_idx()[0]))
-                        P.st_u64(rec + 8, t_taken)
-                        P.st_u64(rec + 16, t_ready)
-                        P.st_u64(rec + 24, P.globaltimer())
-                if tid_t == 0:
-                    P.sts_b32(si + SI_TASK * 4, nxt_task)  # the task slot follows the chain (trace, errors)
-                    if cutlass.const_expr(S.trace):
-                        tt = P.lds_u64(si + (SI_CHAIN + 2) * 4)
-                        P.sts_u64(si + (SI_TASK + T_TAKEN) * 4, tt)
-                        P.sts_u64(si + (SI_TASK + T_READY) * 4, tt)
-                cute.arch.sync_threads()
-                tile = ntile
-            else:
-                more = Int32(0)
 
     # ------------------------------------------------------------------------------------------------
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
@@ -1043,15 +923,15 @@ def build_kernel(spec: KernelSpec):
     def run_stage(stage: Int32, tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, gate_w: Int64,
                   bias: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64,
                   o_w: Int64, o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64,
-                  o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32, st: Int32,
-                  n_static: Int32, n_tasks: Int32, tid: Int32, waits: Int32):
+                  o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32,
+                  tid: Int32, waits: Int32):
         """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0."""
         if stage == NORM:
             stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, sf, si, tid, waits)
         if stage == ROUTER:
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, st, n_static, n_tasks, tid, waits)
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
             stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:
@@ -1078,7 +958,7 @@ def build_kernel(spec: KernelSpec):
             # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
             run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                      first_local, sf, si, st, Int32(0), n_tasks, tid, Int32(0))
+                      first_local, sf, si, tid, Int32(0))
         else:
             # PDL: the next kernel in the stream may be scheduled now; its CTAs take the SMs ours leave (one CTA
             # per SM fits) and start their weight prefetch and first weight loads while our last tasks run.
@@ -1169,17 +1049,10 @@ def build_kernel(spec: KernelSpec):
                 else:
                     stage = P.lds_b32(si + (SI_TASK + 1) * 4)
                     tile = P.lds_b32(si + (SI_TASK + 2) * 4)
-                    tid_task = tid
-                    if cutlass.const_expr(not S.small_shared):
-                        # TP1 runs at 255 registers: thread-index arithmetic that ptxas hoisted out of this loop
-                        # stayed live across every task and spilled (8c7d4e3); read per task, it is recomputed
-                        tid_task = P.thread_idx_opaque()
                     run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
                               o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                              first_local, sf, si, st, n_static, n_tasks, tid_task, waits)
+                              first_local, sf, si, tid, waits)
                     waits = Int32(1)
-                    if cutlass.const_expr(GU_CHAIN and S.trace):
-                        task = P.lds_b32(si + SI_TASK * 4)  # a gate_up chain ends on a later task than it began
                     t_taken = Int64(0)
                     t_ready = Int64(0)
                     if cutlass.const_expr(S.trace):  # (read before the barrier: thread 0 rewrites them after it)

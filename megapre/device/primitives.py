@@ -291,13 +291,6 @@ def prefetch_l2_bulk(addr: Int64, nbytes: Int32):
 
 
 @cute.jit
-def thread_idx_opaque() -> Int32:
-    """threadIdx.x that the compiler must read again where it is used (a volatile read): values derived from it
-    are recomputed there instead of being hoisted out of the task loop and kept live (or spilled) across it."""
-    return _asm([Int32], [], "mov.u32 $0, %tid.x;", "=r", True)
-
-
-@cute.jit
 def globaltimer() -> Int64:
     return _asm([Int64], [], "mov.u64 $0, %globaltimer;", "=l", True)
 
