@@ -83,7 +83,11 @@ class KernelSpec:
     # reads of the activations; the task counts keep ~1 task per SM for each GEMM at EP8 shapes.
     # A task's rows are split into 16-row blocks (one tensor-core tile each) and the 8 warps into
     # (row blocks) x (K groups); K groups are summed through shared memory in a fixed order.
-    router_rows: int = 32  # 2 row blocks x 4 K groups; 8 row tiles x 7 K splits (1024 each) = 56 tasks
+    # router: 2 row blocks x 4 K groups; 8 row tiles x 7 K splits (1024 each) = 56 tasks. EP8 at M >= 3: 64 rows
+    # (4 row blocks x 2 K groups, 128 KB per task, 28 tasks), so that the first wave -- 7 M norm tasks, the router,
+    # the route and 56 gate_up tasks -- fits 132 SMs at M <= 4 and leaves 9 late gate_up tasks at M = 8 instead of
+    # 37 (a late task issues its weights only when it is taken): M = 4 / 8 -0.35 / -0.25 us (H200, d9c7db6's log)
+    router_rows: int = 32
     router_splits: int = 7
     gu_rows: int = 64  # TP8: 4 row blocks x 2 K groups; TP1: 128 (8 row blocks, 128 KB of weights per task)
     gu_splits: int = 7  # TP8: 8 row tiles x 7 splits (1024 each) = 56 tasks, all in the first wave; TP1: 448
@@ -110,6 +114,7 @@ class KernelSpec:
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
                    down_rows=128 if small else 64, gu_rows=64 if small else 128,
+                   router_rows=64 if small and m >= 3 else 32,
                    fuse_act=inter * m <= 2048 and small, trace=trace,
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
 
