@@ -83,10 +83,11 @@ class KernelSpec:
     # reads of the activations; the task counts keep ~1 task per SM for each GEMM at EP8 shapes.
     # A task's rows are split into 16-row blocks (one tensor-core tile each) and the 8 warps into
     # (row blocks) x (K groups); K groups are summed through shared memory in a fixed order.
-    # router: 2 row blocks x 4 K groups; 8 row tiles x 7 K splits (1024 each) = 56 tasks. EP8 at M >= 3: 64 rows
-    # (4 row blocks x 2 K groups, 128 KB per task, 28 tasks), so that the first wave -- 7 M norm tasks, the router,
-    # the route and 56 gate_up tasks -- fits 132 SMs at M <= 4 and leaves 9 late gate_up tasks at M = 8 instead of
-    # 37 (a late task issues its weights only when it is taken): M = 4 / 8 -0.35 / -0.25 us (H200, d9c7db6's log)
+    # router: 2 row blocks x 4 K groups; 8 row tiles x 7 K splits (1024 each) = 56 tasks. EP8 at M >= 3: 4 K splits
+    # of 1792 (32 tasks of 114 KB, 7 chunks per warp), so that the first wave -- 7 M norm tasks, the router, the route
+    # and 56 gate_up tasks -- fits 132 SMs up to M = 6 (a late task issues its weights only when it is taken), and
+    # the route sums 4 splits of partials instead of 7 (it is the longer chain at M = 4). Measured on the H200 against
+    # 7 splits of 64-row tiles (c9a0a41: M = 4 / 8 -0.35 / -0.25 us against 56 tasks): M = 3 / 4 -0.1 us more.
     router_rows: int = 32
     router_splits: int = 7
     gu_rows: int = 64  # TP8: 4 row blocks x 2 K groups; TP1: 128 (8 row blocks, 128 KB of weights per task)
@@ -114,7 +115,7 @@ class KernelSpec:
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
                    down_rows=128 if small else 64, gu_rows=64 if small else 128,
-                   router_rows=64 if small and m >= 3 else 32,
+                   router_splits=4 if small and m >= 3 else 7,
                    fuse_act=inter * m <= 2048 and small, trace=trace,
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
 
