@@ -1,7 +1,8 @@
 """Read bandwidth of FP8 weight tiles by access pattern (GPU machine, Triton): each program reads one tile of
 ROWS x KC bytes of a [rows, hidden] matrix -- strided (ROWS runs of KC bytes at the row stride, as the
 megakernel's gate_up tasks read w13) or the same bytes contiguous (a pre-tiled layout) -- over a 235 MB buffer
-(8 layers of TP1 w13) in one launch, so that HBM, not L2 or the launch, sets the time.
+(8 layers of TP1 w13) in one launch, so that HBM, not L2 or the launch, sets the time; then a copy and a
+read-only torch reduction of the same buffer as references.
 Usage: python3 scripts/diag_tile_bandwidth.py"""
 import torch
 import triton
@@ -46,6 +47,15 @@ def main():
     y.copy_(buf); torch.cuda.synchronize()
     s.record(); y.copy_(buf); e.record(); e.synchronize()
     print(f"copy: {2 * nbytes / (s.elapsed_time(e) * 1e-3) / 1e12:.2f} TB/s (read + write)")
+    # a read-only reference from a library kernel: is the tiles' ~3 TB/s a property of the pattern or of reads on
+    # this card? (torch's reduction reads the buffer once, contiguously, with its own vector width)
+    wide = buf.view(torch.int32)
+    wide.amax(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(7):
+        s.record(); wide.amax(); e.record(); e.synchronize()
+        ts.append(s.elapsed_time(e))
+    print(f"torch amax (read only): {nbytes / (sorted(ts)[len(ts) // 2] * 1e-3) / 1e12:.2f} TB/s")
 
 
 if __name__ == "__main__":
