@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 import megapre
-from megapre.host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, ROUTER, STAGE_NAMES, KernelSpec, check_table,
-                               pack_table, task_table, unpack_word)
+from megapre.host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, ROUTE, ROUTER, STAGE_NAMES, KernelSpec,
+                               check_table, pack_table, task_table, unpack_word)
 
 CONFIGS = [megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=r) for r in (0, 7)] + [megapre.PreambleConfig.deepseek_v3()]
 
@@ -32,7 +32,7 @@ def test_table_waits_only_on_earlier_tasks(cfg, m):
     assert down_wait == ({GATE_UP} if spec.fuse_act else {ACT})
     assert tiles[ACT] == (0 if spec.fuse_act else cfg.shared_local_intermediate // 128)
     if spec.small_shared and m <= 6:  # EP8: the first wave (norm, router, route, gate_up) fits a 132-SM grid
-        assert tiles[NORM] + tiles[ROUTER] + 1 + tiles[GATE_UP] <= 132
+        assert tiles[NORM] + tiles[ROUTER] + tiles[ROUTE] + tiles[GATE_UP] <= 132
 
 
 def test_check_table_catches_a_forward_wait():
