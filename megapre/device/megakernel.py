@@ -546,14 +546,20 @@ def build_kernel(spec: KernelSpec):
         for v, sc in scales:
             store_act_scale(v, sc, kc, sf)
 
+    def act_word(sf, k, m):
+        """Shared address of token m's 4 e4m3 codes at physical K k .. k + 3 (k % 4 == 0) in the wgmma B layout
+        (qgmma_consume): a thread's 16-byte weight run tq = (k % 64) // 16 of 64-K chunk k // 64 holds words
+        w = (k % 16) // 4; word w is k32 step w // 2 of the chunk, core matrix w % 2 (128 bytes on), token row m."""
+        w = (k % 16) // 4
+        return sf + S_ACT + ((k // 64) * 2 + w // 2) * P.WGMMA_B_STEP + (w % 2) * 128 + m * 16 + 4 * ((k % 64) // 16)
+
     @cute.jit
     def store_act_code(v: Int32, kk: Int32, m: Int32, q0: Uint32, q1: Uint32, kc: cutlass.Constexpr, sf: Int32):
         if v < 8 * kc // 8:
             if cutlass.const_expr(QGMMA):
-                # e4m3 bytes in the wgmma B layout (qgmma_consume): physical K kk .. kk + 7 of a 64-K chunk
-                # is K slots 4 tq .. of step t (bytes 0-3) and 16 + 4 tq .. (bytes 4-7, the next core matrix)
-                p = kk % 64
-                dst = sf + S_ACT + ((kk // 64) * 2 + (p % 16) // 8) * P.WGMMA_B_STEP + m * 16 + 4 * (p // 16)
+                # e4m3 bytes in the wgmma B layout: kk % 8 == 0, so bytes 0-3 are an even word and bytes 4-7 the
+                # odd word after it, the next core matrix of the same k32 step
+                dst = act_word(sf, kk, m)
                 P.sts_b32(dst, Int32(q0))
                 P.sts_b32(dst + 128, Int32(q1))
             else:  # exact f16 codes (zero codes past M give zeros)
@@ -658,10 +664,7 @@ def build_kernel(spec: KernelSpec):
                 q, scale = act_group(m, g, lane, ws, trace_tile + r, tid)
                 kk = g * 128 + lane * 4
                 if cutlass.const_expr(QGMMA):
-                    # the wgmma B layout (see stage_fp8_acts): word w = lane % 4 of the 16-byte run of tq
-                    w = lane & 3
-                    P.sts_b32(sf + S_ACT + ((kk // 64) * 2 + w // 2) * P.WGMMA_B_STEP + (w % 2) * 128 + m * 16
-                              + 4 * ((lane & 15) >> 2), Int32(q))
+                    P.sts_b32(act_word(sf, kk, m), Int32(q))  # the wgmma B layout, as stage_fp8_acts stores it
                 else:
                     P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
                 if lane == 0:
