@@ -4,8 +4,11 @@ of each stage (megakernel.py's stamp calls). GPU machine; needs traced cubins (p
 Usage: python3 scripts/trace_fused.py [--graph] [--dump=STAGE ...] [shape:M ...]   (default ep8:1 ep8:4 ep8:8 tp1:8)
 --dump=STAGE: also list that stage's tasks one by one (CTA, the stage of the CTA's previous task, times).
 --json=PATH: also write every run's task records and stamped points to PATH (one JSON object per run).
---graph: trace the last call of a replayed CUDA graph of 16 calls (the bench's steady state: under PDL each
-call's CTAs start while the previous call's last tasks run, so the first "taken" can precede its end);
+--graph: trace the 16th call of a replayed CUDA graph of 16 traced calls and 2 untraced ones after them (the
+bench's steady state: under PDL each call's CTAs start while the previous call's last tasks run, so the first
+"taken" can precede its end; the untraced successors, another cubin with its own workspace, make the traced
+call's tail run beside the next call's weight loads, as every call but the last of a graph does -- a trace
+of the graph's last call missed that and showed tails up to ~1 us shorter than the per-call time implies);
 without it, the last of 20 eager calls, each of which finds the GPU idle."""
 import os, sys
 import torch
@@ -36,14 +39,20 @@ for name, m in runs:
     if GRAPH:
         stream = torch.cuda.Stream()  # the only stream this spec runs on here (read_trace takes its workspace)
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        succ_out = megapre.PreambleOutput.empty(cfg, m, "cuda")
+
+        def calls():
             for i in range(16):
                 fused.run_fused(h, r, ws[i % 8], out, trace=True)
+            for i in range(2):  # successors: the traced call's tail overlaps the next call's start (PDL)
+                fused.run_fused(h, r, ws[(16 + i) % 8], succ_out)
+
+        with torch.cuda.stream(stream):
+            calls()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-            for i in range(16):
-                fused.run_fused(h, r, ws[i % 8], out, trace=True)
+            calls()
         for _ in range(5):
             graph.replay()
     else:

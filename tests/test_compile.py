@@ -13,7 +13,7 @@ pytestmark = pytest.mark.compile
 cutlass = pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
 
 
-@pytest.mark.parametrize("shape,m", [("ep8", 4), ("tp1", 1)])
+@pytest.mark.parametrize("shape,m", [("ep8", 1), ("ep8", 4), ("tp1", 1)])  # (ep8 M = 1: M <= 2 code paths)
 def test_megakernel_compiles_with_manifest(tmp_path, shape, m):
     cfg = megapre.config.SHAPE_PRESETS[shape]()
     spec = KernelSpec.from_config(cfg, m)

@@ -157,13 +157,17 @@ def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
     the H200: TP8 is 0.2-0.3 us faster with every CTA taking a slice (earlier sessions), ~0.2 us slower with none
     (b70c2ad). TP1 (47 MB of weights, about what L2 holds) was ~1.3 us faster with 64 while CTAs took every task
     from the queue; since CTAs start on static tasks whose weight loads go out under PDL (b70c2ad), TP1 M = 1 is
-    fastest with no prefetch at all: 25.9 us against 26.5 (64 CTAs) and 28.1 (all)."""
+    fastest with no prefetch at all: 25.9 us against 26.5 (64 CTAs) and 28.1 (all). Since the router's weights
+    are no longer prefetched (session 13), TP8 is fastest with 64: EP8 M = 1 / 2 -0.08..-0.1 us against every CTA,
+    M = 4 / 8 even; 40 lost 0.2-0.3 at M = 4 / 8 (H200, one call, two rounds). The CTAs that start late -- on the
+    SMs the previous call's last tasks hold, ~57 of 132 at M = 1 -- then prefetch nothing they would need sooner
+    than they could load it themselves."""
     v = os.environ.get("MEGAPRE_PREFETCH_CTAS")
     if os.environ.get("MEGAPRE_NO_PREFETCH") == "1":
         return 0
     if v is not None:
         return max(0, min(int(v), num_sms))
-    return num_sms if spec.small_shared else 0
+    return min(64, num_sms) if spec.small_shared else 0
 
 
 def _prefetch_delay_ns() -> int:
