@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from .host.plan import WHATIF_VARIANTS
+
 
 def _device(arg: str | None) -> torch.device:
     return torch.device(arg or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -97,8 +99,10 @@ def main(argv=None) -> int:
     b.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8])
     b.add_argument("--shapes", nargs="+", default=["ep8", "tp1"], choices=["ep8", "tp1"])
     b.add_argument("--backends", nargs="+", default=["unfused", "fused", "fused-nopdl"],
-                   choices=["unfused", "fused", "fused-nopdl", "reference"],
-                   help="fused-nopdl: the fused kernel without programmatic dependent launch")
+                   choices=["unfused", "fused", "fused-nopdl", "reference", *WHATIF_VARIANTS],
+                   help="fused-nopdl: the fused kernel without programmatic dependent launch; fused-no-* / "
+                        "fused-skeleton / fused-queue / fused-launch: what-if builds with parts of the work left "
+                        "out (wrong outputs, timing only; build them with `build --whatif`)")
     b.add_argument("--replays", type=int, default=50)
     b.add_argument("--device", default=None)
     b.add_argument("--json", default=None, help="where to write the JSON (default profiles/bench.json)")
@@ -107,6 +111,8 @@ def main(argv=None) -> int:
     bl.add_argument("--m", type=int, nargs="+", default=list(range(1, 9)))
     bl.add_argument("--shapes", nargs="+", default=["ep8", "tp1"])
     bl.add_argument("--trace", action="store_true", help="the timeline-recording variant (scripts/trace_fused.py)")
+    bl.add_argument("--whatif", action="store_true",
+                    help="the bench's what-if variants (fused-no-norm ... fused-launch) instead of the real kernel")
     bl.set_defaults(fn=cmd_build)
     pr = sub.add_parser("profile", help="kernels of one call of each backend under Nsight Systems (else the torch "
                                         "profiler): tables, timeline PNG, markdown, JSON")

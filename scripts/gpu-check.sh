@@ -2,7 +2,7 @@
 # One call on the lent GPU machine runs everything that needs the GPU and leaves logs + JSON under $OUT:
 #   tests (GPU tests included), the benchmark table, and (when asked) the Nsight Systems profile.
 # Usage (from the repository root, on the GPU machine):
-#   bash scripts/gpu-check.sh [tests] [bench] [bench-hmma] [ab] [demo] [trace] [sass] [profile] [reliability]
+#   bash scripts/gpu-check.sh [tests] [bench] [bench-hmma] [ab] [whatif] [demo] [trace] [sass] [profile] [reliability]
 # The GPU machine cannot install packages: megapre runs from the source tree (PYTHONPATH) with its torch,
 # triton and cuda-bindings; fused-kernel cubins come prebuilt in .megapre-cache/ (carried, see README).
 set -uo pipefail
@@ -30,6 +30,11 @@ for step in $steps; do
       abcache="$PWD/.ab/.megapre-cache"; [ -d "$abcache" ] || abcache="$PWD/.megapre-cache"
       (cd .ab && MEGAPRE_CACHE="$abcache" PYTHONPATH="$PWD" python3 -m megapre bench --json "$OUT/bench-ab.json") \
         2>&1 | tee "$OUT/bench-ab.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
+    whatif)  # where the per-call time goes: the fused kernel with parts of its work left out (EP8; needs
+             # `python -m megapre build --whatif --shapes ep8 --m 1 2 4 8` cubins carried; outputs wrong, timing only)
+      python3 -m megapre bench --shapes ep8 --backends fused fused-no-norm fused-no-route fused-no-act \
+        fused-no-weights fused-skeleton fused-queue fused-launch --json "$OUT/bench-whatif.json" 2>&1 \
+        | tee "$OUT/bench-whatif.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     demo)
       python3 -m megapre demo 2>&1 | tee "$OUT/demo.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     profile)

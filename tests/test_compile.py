@@ -35,6 +35,19 @@ def test_megakernel_compiles_with_manifest(tmp_path, shape, m):
     assert build.load_entry(spec, cache_dir=tmp_path)[0] == cubin
 
 
+def test_whatif_variant_compiles(tmp_path, monkeypatch):
+    """The bench's smallest what-if build (fused-launch: no work, no waits) compiles, under its own cache key."""
+    from megapre.host.plan import WHATIF_VARIANTS
+    cfg = megapre.config.SHAPE_PRESETS["ep8"]()
+    base = KernelSpec.from_config(cfg, 1)
+    monkeypatch.setenv("MEGAPRE_WHATIF", ",".join(WHATIF_VARIANTS["fused-launch"]))
+    spec = KernelSpec.from_config(cfg, 1)
+    assert spec.whatif and spec.unsupported() is None
+    out = build.compile_spec(spec, cache_dir=tmp_path)
+    assert (out / "megapre.cubin").read_bytes()[:4] == b"\x7fELF"
+    assert build.load_entry(base, cache_dir=tmp_path) is None  # a different key from the real kernel's
+
+
 def test_cache_key_depends_on_shape_and_sources():
     a = KernelSpec.from_config(megapre.PreambleConfig.deepseek_v3_ep8(), 4)
     b = KernelSpec.from_config(megapre.PreambleConfig.deepseek_v3_ep8(), 5)

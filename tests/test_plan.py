@@ -87,3 +87,30 @@ def test_kernel_arguments_follow_the_manifest_order_and_check_alignment():
     odd = torch.zeros(2 * cfg.hidden_size + 1, dtype=torch.bfloat16)[1:].view(2, cfg.hidden_size)
     with pytest.raises(ValueError, match="16-byte aligned"):
         fused._kernel_args({"params": params}, odd, residual, w, out, ws, table, -1, 64)
+
+
+def test_whatif_specs(monkeypatch):
+    """What-if builds (bench only): parts named in MEGAPRE_WHATIF, validated; "waits" empties every wait; a
+    what-if spec refuses to launch outside the bench (wrong outputs), before touching any device."""
+    from megapre.host import fused
+    from megapre.host.plan import WHATIF_PARTS, WHATIF_VARIANTS
+    cfg = CONFIGS[0]
+    assert KernelSpec.from_config(cfg, 1).whatif == ()
+    assert all(set(parts) <= set(WHATIF_PARTS) for parts in WHATIF_VARIANTS.values())
+    monkeypatch.setenv("MEGAPRE_WHATIF", "route, norm,route")
+    spec = KernelSpec.from_config(cfg, 1)
+    assert spec.whatif == ("norm", "route") and spec.unsupported() is None
+    assert spec != KernelSpec.from_config(cfg, 1, trace=True)
+    monkeypatch.setenv("MEGAPRE_WHATIF", "waits")
+    rows = task_table(KernelSpec.from_config(cfg, 4))
+    check_table(rows)
+    assert all(r[2] == -1 and r[3] == 0 for r in rows)
+    monkeypatch.setenv("MEGAPRE_WHATIF", "everything")
+    assert "MEGAPRE_WHATIF" in KernelSpec.from_config(cfg, 1).unsupported()
+    monkeypatch.setenv("MEGAPRE_WHATIF", "norm")
+    monkeypatch.delenv("MEGAPRE_WHATIF_BENCH", raising=False)
+    import torch
+    w = megapre.PreambleWeights.random(cfg, seed=1)
+    h = torch.zeros(1, cfg.hidden_size, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="wrong outputs"):
+        fused.run_fused(h, h.clone(), w, megapre.PreambleOutput.empty(cfg, 1, "cpu"))

@@ -62,6 +62,8 @@ def build_kernel(spec: KernelSpec):
     NCHUNK = NG // WARPS  # norm tasks per token: one 128-group per warp
     SL = S.smem_layout()
     NT = S.n_tasks
+    WHATIF = set(S.whatif)  # what-if builds (bench only): work left out, see plan.WHATIF_PARTS
+    WHATIF_NO_WEIGHTS = "weights" in WHATIF
     WAITED = S.waited_counters()  # counters some task waits on; the other stages signal nothing
     TILES = [S.stage_tiles()[c] for c in range(N_COUNTERS)]  # signals per launch on each counter
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
@@ -165,6 +167,8 @@ def build_kernel(spec: KernelSpec):
         P.sts_v2(sf + S_ACT + tid * 8, w0, w1)
         griddep_if_first(waits)  # hidden and residual come from the previous kernel
         stamp(NORM, 0, tile, ws, tid)
+        if cutlass.const_expr("norm" in WHATIF):
+            return
         v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(m, c, sf, hidden, residual, si, tid, tile, ws)
         off = Int64(m * H + col) * 2
         P.st_v2(o_res + off, P.f32x2_to_bf16x2(v0, v1), P.f32x2_to_bf16x2(v2, v3))
@@ -212,7 +216,12 @@ def build_kernel(spec: KernelSpec):
         for i in range(first, first + count):
             k_chunk = k0 + chunk_of(warp, i, rows, kc, fp8) * 64
             col = k_chunk + 16 * tq
-            if fp8:
+            if "weights" in WHATIF:  # what-if: no weight traffic, the mma on constants (0x38 = e4m3 1.0)
+                c4 = [Uint32(0x38383838)] * 4
+                raw.append((c4, c4) if fp8 else (c4 + c4, c4 + c4))
+                if fp8:
+                    scales.append(Float32(1.0))
+            elif fp8:
                 lo = P.ld_nc_v4(w_ptr + Int64(row) * ldw + Int64(col))
                 hi = P.ld_nc_v4(w_ptr + Int64(row + 8) * ldw + Int64(col))
                 raw.append((lo, hi))
@@ -471,6 +480,9 @@ def build_kernel(spec: KernelSpec):
     # ------------------------------------------------------------------------------------------------
     @cute.jit
     def stage_router(tile: Int32, gate_w: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
+        if cutlass.const_expr("gemm" in WHATIF):
+            wait_ready(waits, ws, si, tid)
+            return
         warp, lane = tid >> 5, tid & 31
         kc = S.router_kc
         split, k0, row_base = split_k_tile(tile, S.router_splits, kc, S.router_rows)
@@ -574,6 +586,9 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
                       si: Int32, tid: Int32, waits: Int32):
+        if cutlass.const_expr("gemm" in WHATIF):
+            wait_ready(waits, ws, si, tid)
+            return
         # A CTA that has already seen every norm task of this launch done (a router or gate_up task before this
         # one waited for them) needs no poll: it loads this task's a_q slice first, then the weights, so the
         # tokens are in shared memory when the weights land. Otherwise the weights go first (before the
@@ -642,6 +657,8 @@ def build_kernel(spec: KernelSpec):
         lane = tid & 31
         wait_ready(waits, ws, si, tid)
         stamp(ACT, 0, g, ws, tid)
+        if cutlass.const_expr("act" in WHATIF):
+            return
         if m < M:
             q, scale = act_group(m, g, lane, ws, g, tid)
             P.st_b32(ws + OFF_HQ + Int64(m * I + g * 128 + lane * 4), q)
@@ -653,6 +670,8 @@ def build_kernel(spec: KernelSpec):
     def stage_act_to_smem(ws: Int64, sf: Int32, tid: Int32, trace_tile: Int32):
         """Fused act (S.fuse_act): the down task computes h itself, warp u = (token u // G, group u % G), and
         stages it for the down GEMM as stage_fp8_acts would have from h_q / h_scale (rows past M zero)."""
+        if cutlass.const_expr("act" in WHATIF):
+            return
         G = I // 128
         warp = tid >> 5
         lane = tid & 31
@@ -691,6 +710,9 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def stage_down(rt: Int32, w2: Int64, w2_s: Int64, o_shared: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32,
                    waits: Int32):
+        if cutlass.const_expr("gemm" in WHATIF):
+            wait_ready(waits, ws, si, tid)
+            return
         warp = tid >> 5
         lane = tid & 31
         row_base = rt * S.down_rows
@@ -751,6 +773,8 @@ def build_kernel(spec: KernelSpec):
                 P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
         wait_ready(waits, ws, si, tid)
         stamp(ROUTE, 0, Int32(0), ws, tid)
+        if cutlass.const_expr("route" in WHATIF):
+            return
         if warp < M:
             lg = [Float32(0.0)] * EPL
             for s in cutlass.range_constexpr(S.router_splits):
@@ -1000,7 +1024,7 @@ def build_kernel(spec: KernelSpec):
                         pass
                     k = bid - n_norm
                     n_pf = P.sel_i32(prefetch_ctas < grid - n_norm, prefetch_ctas, grid - n_norm)
-                    if k < n_pf:
+                    if k < n_pf and not WHATIF_NO_WEIGHTS:
                         prefetch_slice(w13, 2 * I * H, k, n_pf)
                         prefetch_slice(w2, H * I, k, n_pf)
             # The task table (one packed word per task, uploaded before any launch that uses it) into shared

@@ -21,13 +21,18 @@ from ..api import run
 from ..config import SHAPE_PRESETS, PreambleConfig
 from ..output import PreambleOutput
 from ..weights import PreambleWeights
+from .plan import WHATIF_BENCH_ENV, WHATIF_ENV, WHATIF_VARIANTS
 
 CALLS_PER_GRAPH = 16
 WEIGHT_SETS = 8
 # Bench-only variants of a backend: (backend, environment while capturing). fused-nopdl is the fused kernel
 # launched cooperatively without programmatic dependent launch, i.e. without any overlap with the kernel
 # before it (in the graph: the previous call), which shows what PDL contributes.
+# The what-if variants (plan.WHATIF_VARIANTS) are the fused kernel with parts of its work left out -- wrong
+# outputs, timing only -- from cubins built with `python -m megapre build --whatif`.
 VARIANTS = {"fused-nopdl": ("fused", {"MEGAPRE_PDL": "0"})}
+VARIANTS.update({name: ("fused", {WHATIF_ENV: ",".join(parts), WHATIF_BENCH_ENV: "1"})
+                 for name, parts in WHATIF_VARIANTS.items()})
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ import torch
 from ..output import PreambleOutput
 from ..weights import PreambleWeights
 from . import build, launch
-from .plan import ERR_INTS, STAGE_NAMES, WS_ERROR, WS_ERRPTR, KernelSpec, check_table, pack_table, task_table
+from .plan import (ERR_INTS, STAGE_NAMES, WHATIF_BENCH_ENV, WHATIF_ENV, WS_ERROR, WS_ERRPTR, KernelSpec, check_table,
+                   pack_table, task_table)
 
 
 class MegapreKernelError(RuntimeError):
@@ -215,6 +216,9 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
     why = spec.unsupported()
     if why:
         raise ValueError(f"backend='fused' cannot run this shape: {why}")
+    if spec.whatif and os.environ.get(WHATIF_BENCH_ENV) != "1":
+        raise ValueError(f"{WHATIF_ENV}={','.join(spec.whatif)} is set: that build leaves work out and computes wrong "
+                         f"outputs; only the bench's what-if backends run it (unset {WHATIF_ENV})")
     device = hidden.device
     cubin, manifest, key = _entry(spec)
     kernel = launch.get_kernel(cubin, manifest, key, device)

@@ -51,6 +51,33 @@ WS_COUNTERS = 16
 ERR_INTS = 8
 
 
+# What-if parts (KernelSpec.whatif): norm / route / act = that stage's work after its wait; weights = every GEMM
+# weight load (the mma runs on constants) and the L2 weight prefetch; gemm = the router, gate_up and down tasks
+# reduced to their wait; waits = no task waits on another.
+WHATIF_PARTS = ("norm", "route", "act", "weights", "gemm", "waits")
+
+
+# The bench's what-if backends (python -m megapre bench --backends ...; built by python -m megapre build --whatif):
+# each leaves out the listed parts. Together they split the per-call time into the launch and its ticket queue,
+# the dependency waits, the GEMM tasks' staging and math, and the rest (docs/performance.md).
+WHATIF_VARIANTS = {
+    "fused-no-norm": ("norm",),
+    "fused-no-route": ("route",),
+    "fused-no-act": ("act",),
+    "fused-no-weights": ("weights",),
+    "fused-skeleton": ("norm", "route", "act", "weights"),  # launch, tickets, waits, GEMM staging + math
+    "fused-queue": ("norm", "route", "act", "weights", "gemm"),  # launch, tickets, waits
+    "fused-launch": ("norm", "route", "act", "weights", "gemm", "waits"),  # launch, tickets
+}
+# what a bench variant sets while it runs; a what-if spec refuses to launch without the second one
+WHATIF_ENV, WHATIF_BENCH_ENV = "MEGAPRE_WHATIF", "MEGAPRE_WHATIF_BENCH"
+
+
+def whatif_from_env() -> tuple:
+    v = os.environ.get(WHATIF_ENV, "")
+    return tuple(sorted({p.strip() for p in v.split(",") if p.strip()}))
+
+
 # A shared expert this small per rank (DeepSeek-V3's 2048 at TP8) is a few MB: 128-row down tiles (56 tasks),
 # and every CTA takes a slice of the L2 prefetch (fused._prefetch_ctas); larger ones (TP1) are tiled finer.
 SMALL_SHARED_INTER = 256
@@ -104,6 +131,9 @@ class KernelSpec:
     fp8_mma: str = "qgmma"
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
     trace: bool = False
+    # What-if builds, for the bench only (their outputs are wrong): parts of the work taken out of the kernel, to
+    # measure what the rest costs per call (MEGAPRE_WHATIF, comma-separated WHATIF_PARTS; bench.VARIANTS).
+    whatif: tuple = ()
 
     @classmethod
     def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False) -> "KernelSpec":
@@ -117,7 +147,7 @@ class KernelSpec:
                    down_rows=128 if small else 64, gu_rows=64 if small else 128,
                    router_splits=4 if small and m >= 3 else 7,
                    fuse_act=inter * m <= 2048 and small, trace=trace,
-                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"))
+                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"), whatif=whatif_from_env())
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
@@ -135,6 +165,8 @@ class KernelSpec:
             return f"hidden_size {h} does not split into the GEMM K chunks"
         if (2 * self.inter) % self.gu_rows or h % self.down_rows or self.inter % QUANT_GROUP:
             return f"shared intermediate {self.inter} does not tile"
+        if set(self.whatif) - set(WHATIF_PARTS):
+            return f"MEGAPRE_WHATIF={','.join(self.whatif)!r} (parts: {', '.join(WHATIF_PARTS)})"
         if self.fp8_mma not in ("qgmma", "hmma"):
             return f"MEGAPRE_FP8_MMA={self.fp8_mma!r} (qgmma or hmma)"
         if self.fp8_mma == "qgmma" and (self.gu_rows % 64 or self.down_rows % 64 or any(
@@ -247,7 +279,7 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
     }
     rows = []
     for stage in QUEUE_ORDER:
-        ctr, target = waits[stage]
+        ctr, target = (-1, 0) if "waits" in spec.whatif else waits[stage]
         for tile in range(tiles[stage]):
             rows.append([stage, tile, ctr, target, stage])
     return rows
