@@ -1098,7 +1098,10 @@ def build_kernel(spec: KernelSpec):
                         for c in cutlass.range_constexpr(len(WAITED)):
                             waited = waited | P.sel_i32(stage == WAITED[c], 1, 0)
                         if waited != 0:
-                            P.red_release_add(ctr + Int64(stage) * 4, Int32(1))
+                            if cutlass.const_expr("fence" in WHATIF):  # what-if: the signal without its fence
+                                P.red_relaxed_add(ctr + Int64(stage) * 4, Int32(1))
+                            else:
+                                P.red_release_add(ctr + Int64(stage) * 4, Int32(1))
                         if cutlass.const_expr(S.trace):
                             # (written here, after the stage's griddepcontrol.wait: the previous launch on this
                             # workspace may have been tracing into the same records)

@@ -253,6 +253,12 @@ def red_release_add(addr: Int64, v: Int32):
 
 
 @cute.jit
+def red_relaxed_add(addr: Int64, v: Int32):
+    """No ordering: only the what-if build "fence" uses it, to time the release's fence (wrong under load)."""
+    _asm([], [addr, v], "red.relaxed.gpu.global.add.u32 [$0], $1;", "l,r", True)
+
+
+@cute.jit
 def nanosleep(ns: int):
     _asm([], [], f"nanosleep.u32 {ns};", "", True)
 
