@@ -100,6 +100,7 @@ def test_whatif_specs(monkeypatch):
     monkeypatch.setenv("MEGAPRE_WHATIF", "route, norm,route")
     spec = KernelSpec.from_config(cfg, 1)
     assert spec.whatif == ("norm", "route") and spec.unsupported() is None
+    assert KernelSpec.from_config(cfg, 1, whatif=("route", "norm")) == spec  # (build --whatif passes them)
     assert spec != KernelSpec.from_config(cfg, 1, trace=True)
     monkeypatch.setenv("MEGAPRE_WHATIF", "waits")
     rows = task_table(KernelSpec.from_config(cfg, 4))

@@ -154,29 +154,20 @@ def dsl_available() -> bool:
 def main(args) -> int:
     """python -m megapre build: fill the cache for the presets and M values (--whatif: the bench's what-if
     variants of them instead)."""
-    from .plan import WHATIF_ENV, WHATIF_VARIANTS
+    from .plan import WHATIF_VARIANTS
     n = 0
     variants = list(WHATIF_VARIANTS.items()) if getattr(args, "whatif", False) else [("", None)]
     for name, parts in variants:
-        old = os.environ.get(WHATIF_ENV)
-        if parts is not None:  # KernelSpec.from_config reads the parts from the environment, as launches do
-            os.environ[WHATIF_ENV] = ",".join(parts)
-        try:
-            for shape in args.shapes:
-                for m in args.m:
-                    spec = KernelSpec.from_config(SHAPE_PRESETS[shape](), m, trace=getattr(args, "trace", False))
-                    out = compile_spec(spec, verbose=True)
-                    man = json.loads((out / "manifest.json").read_text())
-                    res = man.get("resources") or {}
-                    print(f"  {shape} M={m}{' ' + name if name else ''}: registers {res.get('registers')}, spills "
-                          f"{res.get('spill_stores')}/{res.get('spill_loads')} B, shared memory "
-                          f"{man['dyn_smem_bytes']} B, workspace {man['ws_layout']['total']} B")
-                    n += 1
-        finally:
-            if parts is not None:
-                if old is None:
-                    os.environ.pop(WHATIF_ENV, None)
-                else:
-                    os.environ[WHATIF_ENV] = old
+        for shape in args.shapes:
+            for m in args.m:
+                spec = KernelSpec.from_config(SHAPE_PRESETS[shape](), m, trace=getattr(args, "trace", False),
+                                              whatif=parts)
+                out = compile_spec(spec, verbose=True)
+                man = json.loads((out / "manifest.json").read_text())
+                res = man.get("resources") or {}
+                print(f"  {shape} M={m}{' ' + name if name else ''}: registers {res.get('registers')}, spills "
+                      f"{res.get('spill_stores')}/{res.get('spill_loads')} B, shared memory "
+                      f"{man['dyn_smem_bytes']} B, workspace {man['ws_layout']['total']} B")
+                n += 1
     print(f"{n} kernels in {default_cache_dir()}")
     return 0

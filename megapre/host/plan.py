@@ -139,7 +139,8 @@ class KernelSpec:
     whatif: tuple = ()
 
     @classmethod
-    def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False) -> "KernelSpec":
+    def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False, whatif=None) -> "KernelSpec":
+        """whatif: the what-if parts to leave out (None: MEGAPRE_WHATIF's, as launches read them)."""
         inter = cfg.shared_local_intermediate
         small = inter <= SMALL_SHARED_INTER
         return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
@@ -150,7 +151,7 @@ class KernelSpec:
                    down_rows=128 if small else 64, gu_rows=64 if small else 128,
                    router_splits=4 if small and m >= 3 else 7,
                    fuse_act=inter * m <= 2048 and small, trace=trace,
-                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"), whatif=whatif_from_env())
+                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"), whatif=whatif_from_env() if whatif is None else tuple(sorted(set(whatif))))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
