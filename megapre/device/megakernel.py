@@ -1121,13 +1121,7 @@ def build_kernel(spec: KernelSpec):
                prefetch_delay: Int32, grid: Int32):
         megapre_kernel(hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res, o_logits, o_w, o_ids,
                        o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws, tasks, n_tasks, first_local,
-                       mode, prefetch_ctas, prefetch_delay).launch(
-                           grid=[grid, 1, 1], block=[THREADS, 1, 1],
-                           # .minnctapersm only when asked for (1 would still be a hint that ptxas may act on).
-                           # The DSL asks the GPU for its shared memory per SM when min_blocks_per_mp > 1 unless a
-                           # carveout is given; megapre launches the cubin itself, so that value is never used.
-                           min_blocks_per_mp=S.ctas_per_sm if S.ctas_per_sm > 1 else 0,
-                           preferred_smem_carveout=100 if S.ctas_per_sm > 1 else None)
+                       mode, prefetch_ctas, prefetch_delay).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
 
     return megapre_kernel, launch
 

@@ -132,10 +132,6 @@ class KernelSpec:
     # tokens from shared memory); "hmma" = mma.sync m16n8k16 on exact f16 codes of the e4m3 values (the
     # conversions cost issue slots). MEGAPRE_FP8_MMA selects it for builds and launches alike.
     fp8_mma: str = "qgmma"
-    # CTAs of this kernel that fit on one SM (ptxas caps the registers at 65536 / (256 * ctas_per_sm)): with 2, the
-    # next call's CTAs (PDL) start beside this call's last ones instead of waiting for their SMs, so every CTA's
-    # static first task issues its weights early. MEGAPRE_CTAS_PER_SM selects it for builds and launches alike.
-    ctas_per_sm: int = 1
     # in-kernel timeline: every task records (cta, ticket time, dependencies met, done) in the workspace
     trace: bool = False
     # What-if builds, for the bench only (their outputs are wrong): parts of the work taken out of the kernel, to
@@ -155,8 +151,7 @@ class KernelSpec:
                    down_rows=128 if small else 64, gu_rows=64 if small else 128,
                    router_splits=4 if small and m >= 3 else 7,
                    fuse_act=inter * m <= 2048 and small, trace=trace,
-                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"),
-                   ctas_per_sm=int(os.environ.get("MEGAPRE_CTAS_PER_SM", "1")), whatif=whatif_from_env() if whatif is None else tuple(sorted(set(whatif))))
+                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"), whatif=whatif_from_env() if whatif is None else tuple(sorted(set(whatif))))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
@@ -176,8 +171,6 @@ class KernelSpec:
             return f"shared intermediate {self.inter} does not tile"
         if set(self.whatif) - set(WHATIF_PARTS):
             return f"MEGAPRE_WHATIF={','.join(self.whatif)!r} (parts: {', '.join(WHATIF_PARTS)})"
-        if self.ctas_per_sm not in (1, 2):
-            return f"MEGAPRE_CTAS_PER_SM={self.ctas_per_sm} (1 or 2)"
         if self.fp8_mma not in ("qgmma", "hmma"):
             return f"MEGAPRE_FP8_MMA={self.fp8_mma!r} (qgmma or hmma)"
         if self.fp8_mma == "qgmma" and (self.gu_rows % 64 or self.down_rows % 64 or any(
