@@ -59,7 +59,8 @@ def build_kernel(spec: KernelSpec):
     LPG = S.experts_per_group // EPL  # lanes per group
     P_PAIRS = M * S.top_k
     SF = S.smem_floats()
-    NCHUNK = NG // WARPS  # norm tasks per token: one 128-group per warp
+    NCHUNK = NG // S.norm_groups  # norm tasks per token, each norm_groups 128-groups: one or two per warp
+    ROW_ITERS = NG // WARPS  # a norm task reads its token's whole row: group warp + 8 i in iteration i
     SL = S.smem_layout()
     NT = S.n_tasks
     WHATIF = set(S.whatif)  # what-if builds (bench only): work left out, see plan.WHATIF_PARTS
@@ -87,22 +88,22 @@ def build_kernel(spec: KernelSpec):
     assert EPL == 8
 
     # ------------------------------------------------------------------------------------------------
-    # stage: residual add + RMSNorm + MoE input quantization of one 1024-column chunk of one token (one
-    # 128-group per warp, 4 columns per lane). (Running this inside every router and gate_up task at M <= 2,
+    # stage: residual add + RMSNorm + MoE input quantization of one chunk of one token (norm_groups 128-groups:
+    # one or two per warp, 4 columns per lane). (Running this inside every router and gate_up task at M <= 2,
     # which removes the norm stage and its hop, was measured at 009b80a: 112 CTAs re-reading the rows at once
     # made each task's norm take ~2 us instead of ~1.4, and the call got slower: 9.75 / 11.28 us at M = 1 / 2.)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def norm_values(m: Int32, c: Int32, sf: Int32, hidden: Int64, residual: Int64, si: Int32,
-                    tid: Int32, trace_tile: Int32, ws: Int64):
-        """Token m, this thread's 4 columns of chunk c: (residual out v0..v3, x0..x3), all threads of the CTA.
-        Every chunk reads the whole row for the sum of squares (L2 serves the repeats); the sum is taken in a
-        fixed order (lanes, butterfly, then warps), so every chunk gets the same rstd bits."""
+    def norm_row(m: Int32, hidden: Int64, residual: Int64, si: Int32, tid: Int32, trace_tile: Int32, ws: Int64):
+        """Token m's whole row, all threads of the CTA: (this thread's residual values -- group warp + 8 i, 4
+        columns, for every i --, rstd). Every norm task reads the whole row for the sum of squares (L2 serves the
+        repeats); the sum is taken in a fixed order (lanes, butterfly, then warps), so every task gets the same
+        rstd bits."""
         warp = tid >> 5
         lane = tid & 31
         mine = []
         ss = Float32(0.0)
-        for i in cutlass.range_constexpr(NCHUNK):
+        for i in cutlass.range_constexpr(ROW_ITERS):
             g = warp + WARPS * i
             off = Int64(m * H + g * 128 + lane * 4) * 2
             # coherent loads (not .nc): the previous kernel writes these, and ptxas moves .nc loads above
@@ -127,17 +128,28 @@ def build_kernel(spec: KernelSpec):
             tot = tot + P.lds_f32(si + (SI_RED + w) * 4)
         cute.arch.sync_threads()  # SI_RED is free again (the next token's sum may follow)
         rstd = P.rms_rstd(tot, H, S.eps)  # = 1 / sqrt(tot / H + eps) with IEEE fp32 roundings, branch-free
-        # the loop above loaded group warp + 8 i in iteration i; this chunk's group is iteration c
+        return mine, rstd
+
+    def norm_group_out(mine, rstd, g, w_smem: Int32, m: Int32, o_res: Int64, o_aq: Int64, ws: Int64, lane: Int32):
+        """Group g of token m (this warp's: g = warp + 8 i for a dynamic i): residual out, x (bf16, workspace),
+        a_q, with the norm weights parked at w_smem; returns the group's scale."""
+        warp_i = g >> 3  # = i
         v = [Float32(0.0)] * 4
-        for i in cutlass.range_constexpr(NCHUNK):
-            for j in cutlass.range_constexpr(4):
-                v[j] = P.sel_f32(c == i, mine[i][j], v[j])
-        w0, w1 = P.lds_v2(sf + S_ACT + tid * 8)  # this thread's norm weights (stage_norm)
+        for i in range(ROW_ITERS):
+            for j in range(4):
+                v[j] = P.sel_f32(warp_i == i, mine[i][j], v[j])
+        w0, w1 = P.lds_v2(w_smem)
         wa, wb = P.bf16x2_to_f32(w0)
         wc, wd = P.bf16x2_to_f32(w1)
         wv = [wa, wb, wc, wd]
         x = [P.round_bf16(P.round_bf16(v[j] * rstd) * wv[j]) for j in range(4)]
-        return v[0], v[1], v[2], v[3], x[0], x[1], x[2], x[3]
+        col = g * 128 + lane * 4
+        off = Int64(m * H + col) * 2
+        P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
+        P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x[0], x[1]), P.f32x2_to_bf16x2(x[2], x[3]))
+        q, scale = quant_group(x[0], x[1], x[2], x[3])
+        P.st_b32(o_aq + Int64(m * H + col), q)
+        return scale  # (stored by lane 0: the caller, where control flow may depend on the lane)
 
     @cute.jit
     def quant_group(x0: Float32, x1: Float32, x2: Float32, x3: Float32):
@@ -152,31 +164,39 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def stage_norm(tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
                    o_as: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
-        """Task (token m, chunk c of 1024 columns): residual out, x (bf16, workspace), a_q / a_scale."""
+        """Task (token m, chunk c of norm_groups 128-groups): residual out, x (bf16, workspace), a_q / a_scale.
+        Warp w takes the chunk's groups g = w (mod 8): one when norm_groups = 8, one or two when 9..16."""
+        G = S.norm_groups
         m = tile // NCHUNK
         c = tile % NCHUNK
         warp = tid >> 5
         lane = tid & 31
+        g1 = c * G + ((warp - c * G) & (WARPS - 1))  # this warp's first group of the chunk (= c * 8 + warp at G = 8)
         # the norm weights are the only load from HBM here (a new weight set every layer): issue them first,
         # before the previous kernel has finished (PDL) when this is the CTA's first task
-        col = (c * WARPS + warp) * 128 + lane * 4
-        w0, w1 = P.ld_nc_v2(norm_w + Int64(col) * 2)
+        w0, w1 = P.ld_nc_v2(norm_w + Int64(g1 * 128 + lane * 4) * 2)
         # ... and park them in shared memory: ptxas sinks a read-only (.nc) load that is only used after a
         # bar.sync to below it, where its latency under the weight stream (~1 us at M = 1, 9411fc1's timeline)
         # adds to the task; a shared store cannot cross the barrier, so the load stays up here
         P.sts_v2(sf + S_ACT + tid * 8, w0, w1)
+        if cutlass.const_expr(G > WARPS):
+            if g1 + WARPS < (c + 1) * G:
+                w2, w3 = P.ld_nc_v2(norm_w + Int64((g1 + WARPS) * 128 + lane * 4) * 2)
+                P.sts_v2(sf + S_ACT + (THREADS + tid) * 8, w2, w3)
         griddep_if_first(waits)  # hidden and residual come from the previous kernel
         stamp(NORM, 0, tile, ws, tid)
         if cutlass.const_expr("norm" in WHATIF):
             return
-        v0, v1, v2, v3, x0, x1, x2, x3 = norm_values(m, c, sf, hidden, residual, si, tid, tile, ws)
-        off = Int64(m * H + col) * 2
-        P.st_v2(o_res + off, P.f32x2_to_bf16x2(v0, v1), P.f32x2_to_bf16x2(v2, v3))
-        P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x0, x1), P.f32x2_to_bf16x2(x2, x3))
-        q, scale = quant_group(x0, x1, x2, x3)
-        P.st_b32(o_aq + Int64(m * H + col), q)
+        mine, rstd = norm_row(m, hidden, residual, si, tid, tile, ws)
+        scale = norm_group_out(mine, rstd, g1, sf + S_ACT + tid * 8, m, o_res, o_aq, ws, lane)
         if lane == 0:
-            P.st_f32(o_as + Int64(m * NG + c * WARPS + warp) * 4, scale)
+            P.st_f32(o_as + Int64(m * NG + g1) * 4, scale)
+        if cutlass.const_expr(G > WARPS):
+            if g1 + WARPS < (c + 1) * G:
+                scale2 = norm_group_out(mine, rstd, g1 + WARPS, sf + S_ACT + (THREADS + tid) * 8, m, o_res, o_aq, ws,
+                                        lane)
+                if lane == 0:
+                    P.st_f32(o_as + Int64(m * NG + g1 + WARPS) * 4, scale2)
         stamp(NORM, 2, tile, ws, tid)
 
     # ------------------------------------------------------------------------------------------------

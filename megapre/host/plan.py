@@ -128,6 +128,12 @@ class KernelSpec:
     # every M). TP1 at M = 1 (also 2048) has 112 down tasks each reading 114 KB of partials: measured 1.7 us
     # slower than its own M = 2 with the act stage (448c4e8), so it takes the act stage too.
     fuse_act: bool = False
+    # 128-groups per norm task (the task reads its token's whole row either way, for the sum of squares): 8 =
+    # 1024 columns, one group per warp, 7 tasks per token. EP8 at M >= 7: 14 (1792 columns, 4 tasks per token,
+    # one or two groups per warp), so that the first wave -- the norm, the router, the route and the gate_up
+    # tasks -- fits 132 SMs (M = 8: 32 + 32 + 1 + 56 = 121 instead of 145); with 7 tasks per token 13 gate_up
+    # tasks came from the queue after the norm and issued their weights only then (session 14's traces).
+    norm_groups: int = 8
     # FP8 GEMM instruction: "qgmma" = warpgroup MMA m64n8k32 on e4m3 (QGMMA in SASS; weights from registers, the
     # tokens from shared memory); "hmma" = mma.sync m16n8k16 on exact f16 codes of the e4m3 values (the
     # conversions cost issue slots). MEGAPRE_FP8_MMA selects it for builds and launches alike.
@@ -151,6 +157,7 @@ class KernelSpec:
                    down_rows=128 if small else 64, gu_rows=64 if small else 128,
                    router_splits=4 if small and m >= 3 else 7,
                    fuse_act=inter * m <= 2048 and small, trace=trace,
+                   norm_groups=14 if small and m >= 7 and (cfg.hidden_size // QUANT_GROUP) % 14 == 0 else 8,
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"), whatif=whatif_from_env() if whatif is None else tuple(sorted(set(whatif))))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
@@ -169,6 +176,8 @@ class KernelSpec:
             return f"hidden_size {h} does not split into the GEMM K chunks"
         if (2 * self.inter) % self.gu_rows or h % self.down_rows or self.inter % QUANT_GROUP:
             return f"shared intermediate {self.inter} does not tile"
+        if not WARPS <= self.norm_groups <= 2 * WARPS or self.hidden_groups % self.norm_groups:
+            return f"{self.norm_groups} groups per norm task (8..16, dividing hidden_size / {QUANT_GROUP})"
         if set(self.whatif) - set(WHATIF_PARTS):
             return f"MEGAPRE_WHATIF={','.join(self.whatif)!r} (parts: {', '.join(WHATIF_PARTS)})"
         if self.fp8_mma not in ("qgmma", "hmma"):
@@ -211,7 +220,7 @@ class KernelSpec:
 
     def stage_tiles(self) -> dict[int, int]:
         return {
-            NORM: self.m * (self.hidden // (QUANT_GROUP * WARPS)),  # (token, 1024-column chunk)
+            NORM: self.m * (self.hidden_groups // self.norm_groups),  # (token, chunk of norm_groups 128-groups)
             ROUTER: (self.experts // self.router_rows) * self.router_splits,
             GATE_UP: (2 * self.inter // self.gu_rows) * self.gu_splits,
             ROUTE: 1,  # top-k of every token (a warp each) + token sorting
