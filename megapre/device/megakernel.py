@@ -797,8 +797,11 @@ def build_kernel(spec: KernelSpec):
         # memory), so that the route's long unrolled selection code is in this SM's instruction cache when the
         # real logits arrive; pass 1 is the task. (Session 13: with the next call's weights streaming, the
         # register-only phases of the route ran 2.6 us against 1.0 in an idle trace; instruction fetches that
-        # miss to L2 behind that stream are the suspect.) A stage run alone (waits == 0) makes one pass.
-        for p in cutlass.range(P.sel_i32(waits == 0, 1, 0), 2, 1, unroll=1):
+        # miss to L2 behind that stream are the suspect.) A stage run alone (waits == 0) makes one pass, and so does
+        # TP1, whose route does not end its calls (session 14, H100: EP8 -0.1..-0.5 us with the warm-up and the
+        # 1792-column norm tasks, TP1 -0.2..+0.3).
+        first_pass = P.sel_i32(waits == 0, 1, 0) if cutlass.const_expr(S.small_shared) else Int32(1)
+        for p in cutlass.range(first_pass, 2, 1, unroll=1):
             real_waits = P.sel_i32(p == 1, waits, 0)  # pass 0 takes no ticket
             for w in cutlass.range_constexpr(PAIR_WARPS):  # per-warp pair counts of the token sort
                 if tid < S.n_local:
