@@ -819,6 +819,7 @@ def build_kernel(spec: KernelSpec):
         first_pass = P.sel_i32(waits == 0, 1, 0) if cutlass.const_expr(S.small_shared) else Int32(1)
         for p in cutlass.range(first_pass, 2, 1, unroll=1):
             real_waits = P.sel_i32(p == 1, waits, 0)  # pass 0 takes no ticket
+            stamp_tile = P.sel_i32(p == 1, 0, -1)  # ... and records no phase (trace builds: before the PDL wait)
             for w in cutlass.range_constexpr(PAIR_WARPS):  # per-warp pair counts of the token sort
                 if tid < S.n_local:
                     P.sts_b32(si + (SI_CNT + w * THREADS + tid) * 4, Int32(0))
@@ -846,7 +847,7 @@ def build_kernel(spec: KernelSpec):
                     for v in cutlass.range_constexpr(EPL // 4):
                         P.st_v4f(o_logits + Int64(m * E + e0 + 4 * v) * 4, lg[4 * v], lg[4 * v + 1], lg[4 * v + 2],
                                  lg[4 * v + 3])
-                stamp(ROUTE, 1, Int32(0), ws, tid)
+                stamp(ROUTE, 1, stamp_tile, ws, tid)
                 sc = []
                 bs = []
                 for v in cutlass.range_constexpr(EPL // 4):
@@ -884,7 +885,7 @@ def build_kernel(spec: KernelSpec):
                 # expert keys: kept groups by biased score; other groups below any kept one (INT_MIN marks an
                 # exhausted list slot, below every real key)
                 keys = [P.sel_i32(kept, P.sortable_key(bs[j]), Int32(INT_MIN + 1)) for j in range(EPL)]
-                stamp(ROUTE, 2, Int32(0), ws, tid)
+                stamp(ROUTE, 2, stamp_tile, ws, tid)
                 # Each lane sorts its EPL candidates once (19-comparator network, descending key, lower expert
                 # first on equal keys); then every pick is one warp max over the lanes' heads, and the lowest
                 # lane holding that max (= the lowest expert index among equal keys) pops its head.
@@ -897,7 +898,7 @@ def build_kernel(spec: KernelSpec):
                         ia, ib = P.sel_i32(better, ids_l[b], ids_l[a]), P.sel_i32(better, ids_l[a], ids_l[b])
                         sa, sb = P.sel_f32(better, sc_l[b], sc_l[a]), P.sel_f32(better, sc_l[a], sc_l[b])
                         keys[a], keys[b], ids_l[a], ids_l[b], sc_l[a], sc_l[b] = ka, kb, ia, ib, sa, sb
-                stamp(ROUTE, 3, Int32(0), ws, tid)
+                stamp(ROUTE, 3, stamp_tile, ws, tid)
                 my_id = Int32(0)
                 my_w = Float32(0.0)
                 tot = Float32(0.0)
@@ -915,7 +916,7 @@ def build_kernel(spec: KernelSpec):
                         ids_l[j] = P.sel_i32(pop, ids_l[j + 1], ids_l[j])
                         sc_l[j] = P.sel_f32(pop, sc_l[j + 1], sc_l[j])
                     keys[EPL - 1] = P.sel_i32(pop, Int32(INT_MIN), keys[EPL - 1])
-                stamp(ROUTE, 4, Int32(0), ws, tid)
+                stamp(ROUTE, 4, stamp_tile, ws, tid)
                 inv = P.rcp_approx(tot + Float32(1e-20))
                 # lane k < top_k stores pick k
                 wk = P.sel_f32(any_finite, my_w * inv, Float32(1.0 / S.top_k))
@@ -928,7 +929,7 @@ def build_kernel(spec: KernelSpec):
                         P.st_b32(o_ids + Int64(m * S.top_k + lane) * 4, Uint32(idk))
                     P.sts_b32(si + (SI_TOPK + m * S.top_k + lane) * 4, idk)
             cute.arch.sync_threads()
-            stamp(ROUTE, 5, Int32(0), ws, tid)
+            stamp(ROUTE, 5, stamp_tile, ws, tid)
 
             # ---- token sorting (moe_align_block_size over the local experts), whole CTA
             BS = S.block_size
@@ -947,7 +948,7 @@ def build_kernel(spec: KernelSpec):
                 if below == 0 and lid >= 0:
                     P.sts_b32(si + (SI_CNT + warp * THREADS + lid) * 4, P.popc(same))
             cute.arch.sync_threads()
-            stamp(ROUTE, 6, Int32(0), ws, tid)
+            stamp(ROUTE, 6, stamp_tile, ws, tid)
             for w in cutlass.range_constexpr(PAIR_WARPS - 1):
                 if warp > w and lid >= 0:
                     rank = rank + P.lds_b32(si + (SI_CNT + w * THREADS + lid) * 4)
@@ -1003,7 +1004,7 @@ def build_kernel(spec: KernelSpec):
             if tid == 0 and p == 1:
                 P.st_b32(o_ntpp, Uint32(total))
             keep_next_ticket(t_next, real_waits, si, tid)
-            stamp(ROUTE, 7, Int32(0), ws, tid)
+            stamp(ROUTE, 7, stamp_tile, ws, tid)
 
     # ------------------------------------------------------------------------------------------------
     @cute.jit
