@@ -785,6 +785,17 @@ def build_kernel(spec: KernelSpec):
     # stage: router scoring + grouped top-k for one token (one warp; expert e = lane * EPL + j)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
+    def route_fills(o_sorted: Int64, o_eids: Int64, tid: Int32):
+        """The token sort's fills, before the route's wait: the sentinel (pair count) in every padding slot of
+        sorted_token_ids, -1 in every expert_ids block past the end; the task overwrites the used ones."""
+        for i in cutlass.range_constexpr((S.max_padded + THREADS - 1) // THREADS):
+            if tid + i * THREADS < S.max_padded:
+                P.st_b32(o_sorted + Int64(tid + i * THREADS) * 4, Uint32(P_PAIRS))
+        for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):
+            if tid + i * THREADS < S.max_blocks:
+                P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
+
+    @cute.jit
     def stage_route(bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, o_sorted: Int64, o_eids: Int64,
                     o_ntpp: Int64, first_local: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
         """Routing in one task: warp m scores token m (sigmoid, grouped top-k, weights), then the whole CTA
@@ -799,12 +810,7 @@ def build_kernel(spec: KernelSpec):
             cbias.extend([c0, c1, c2, c3])
         if cutlass.const_expr("route" in WHATIF):  # what-if: the route's fills and wait, none of its work
             griddep_if_first(waits)
-            for i in cutlass.range_constexpr((S.max_padded + THREADS - 1) // THREADS):
-                if tid + i * THREADS < S.max_padded:
-                    P.st_b32(o_sorted + Int64(tid + i * THREADS) * 4, Uint32(P_PAIRS))
-            for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):
-                if tid + i * THREADS < S.max_blocks:
-                    P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
+            route_fills(o_sorted, o_eids, tid)
             wait_ready(waits, ws, si, tid)
             stamp(ROUTE, 0, Int32(0), ws, tid)
             return
@@ -826,12 +832,7 @@ def build_kernel(spec: KernelSpec):
             cute.arch.sync_threads()  # (pass 0's token sort has read them)
             if p == 1:
                 griddep_if_first(waits)  # the previous kernel may still read the outputs written below (PDL)
-                for i in cutlass.range_constexpr((S.max_padded + THREADS - 1) // THREADS):  # sentinel: padding
-                    if tid + i * THREADS < S.max_padded:
-                        P.st_b32(o_sorted + Int64(tid + i * THREADS) * 4, Uint32(P_PAIRS))
-                for i in cutlass.range_constexpr((S.max_blocks + THREADS - 1) // THREADS):  # -1: past the end
-                    if tid + i * THREADS < S.max_blocks:
-                        P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
+                route_fills(o_sorted, o_eids, tid)
                 wait_ready(waits, ws, si, tid)  # (its barrier orders the fills before the pair stores below)
                 stamp(ROUTE, 0, Int32(0), ws, tid)
             if warp < M:

@@ -158,7 +158,8 @@ class KernelSpec:
                    router_splits=4 if small and m >= 3 else 7,
                    fuse_act=inter * m <= 2048 and small, trace=trace,
                    norm_groups=14 if small and m >= 7 and (cfg.hidden_size // QUANT_GROUP) % 14 == 0 else 8,
-                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"), whatif=whatif_from_env() if whatif is None else tuple(sorted(set(whatif))))
+                   fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"),
+                   whatif=whatif_from_env() if whatif is None else tuple(sorted(set(whatif))))
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
