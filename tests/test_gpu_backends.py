@@ -71,6 +71,47 @@ def test_matches_reference(backend, shape, m):
     assert torch.equal(hidden, h0) and torch.equal(residual, r0), "inputs were modified"
 
 
+@pytest.mark.parametrize("backend", ["unfused", "fused"])
+@pytest.mark.parametrize("shape", list(CONFIGS))
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_inplace_residual_in_a_graph(backend, shape, m):
+    """out.residual = residual (vLLM's in-place fused_add_rms_norm): every task that reads the residual input
+    must have read it before any of it is overwritten. Four layers chained in one graph, each updating the same
+    residual in place (the next layer's input), against the reference applied layer by layer."""
+    w = _weights(shape)
+    _skip_unless_available(backend, w.config, m)
+    seed = int.from_bytes(os.urandom(4), "little")
+    hiddens = [_inputs(m, w.config.hidden_size, seed + i)[0] for i in range(4)]
+    residual = _inputs(m, w.config.hidden_size, seed + 9)[1]
+    r_start = residual.clone()
+    outs = [megapre.PreambleOutput.empty(w.config, m, "cuda") for _ in hiddens]
+    for o in outs:
+        o.residual = residual
+
+    def layers():
+        for h, o in zip(hiddens, outs):
+            megapre.run(h, residual, w, backend=backend, out=o)
+
+    layers()  # (first calls upload the task table: outside the capture)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        layers()
+    for _ in range(2):
+        for o in outs:
+            o.poison()  # (residual too: it is every out.residual)
+        residual.copy_(r_start)
+        g.replay()
+        torch.cuda.synchronize()
+        r = r_start.clone()
+        for h in hiddens:
+            want = reference(h, r, w)
+            r = want.residual
+        print(f"seed={seed} {backend} {shape} M={m}")
+        assert torch.equal(residual, r), "in-place residual chain differs from the reference's"
+        check_output(outs[-1], want, w)  # the last layer's outputs, from the in-place updated residual
+
+
 @pytest.mark.parametrize("pdl", ["1", "0"])
 @pytest.mark.parametrize("m", [1, 8])
 def test_fused_with_and_without_pdl_in_a_graph_of_back_to_back_calls(monkeypatch, pdl, m):

@@ -146,15 +146,23 @@ def build_kernel(spec: KernelSpec):
         q, scale = quant_group(x[0], x[1], x[2], x[3])
         return v, x, q, scale
 
-    def norm_group_store(vals, g, m: Int32, o_res: Int64, o_aq: Int64, ws: Int64, lane: Int32):
+    def norm_group_store(vals, g, m: Int32, o_aq: Int64, ws: Int64, lane: Int32):
         """... its stores but the scale (lane 0 stores that: the caller, where control flow may depend on the
-        lane)."""
+        lane) and the residual output (norm_group_store_res)."""
         v, x, q, _ = vals
         col = g * 128 + lane * 4
         off = Int64(m * H + col) * 2
-        P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
         P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x[0], x[1]), P.f32x2_to_bf16x2(x[2], x[3]))
         P.st_b32(o_aq + Int64(m * H + col), q)
+
+    def norm_group_store_res(vals, g, m: Int32, o_res: Int64, lane: Int32):
+        """The group's residual output: only when the stage runs alone. In the queue the gate_up tasks write it
+        (gate_up_residual_*), once every norm task has read its rows: out.residual may be the residual input (an
+        in-place update, vLLM's habit), and a norm task reads its token's whole row while the token's other norm
+        tasks would be writing their chunks of it."""
+        v = vals[0]
+        P.st_v2(o_res + Int64(m * H + g * 128 + lane * 4) * 2, P.f32x2_to_bf16x2(v[0], v[1]),
+                P.f32x2_to_bf16x2(v[2], v[3]))
 
     @cute.jit
     def quant_group(x0: Float32, x1: Float32, x2: Float32, x3: Float32):
@@ -205,12 +213,16 @@ def build_kernel(spec: KernelSpec):
         r2 = r1
         if cutlass.const_expr(G > WARPS):
             r2 = norm_group_math(mine, rstd, g2, sf + S_ACT + (THREADS + tid) * 8)
-        norm_group_store(r1, g1, m, o_res, o_aq, ws, lane)
+        norm_group_store(r1, g1, m, o_aq, ws, lane)
+        if waits == 0:
+            norm_group_store_res(r1, g1, m, o_res, lane)
         if lane == 0:
             P.st_f32(o_as + Int64(m * NG + g1) * 4, r1[3])
         if cutlass.const_expr(G > WARPS):
             if two != 0:
-                norm_group_store(r2, g2, m, o_res, o_aq, ws, lane)
+                norm_group_store(r2, g2, m, o_aq, ws, lane)
+                if waits == 0:
+                    norm_group_store_res(r2, g2, m, o_res, lane)
                 if lane == 0:
                     P.st_f32(o_as + Int64(m * NG + g2) * 4, r2[3])
         stamp(NORM, 2, tile, ws, tid)
@@ -619,9 +631,45 @@ def build_kernel(spec: KernelSpec):
         if v < 8 * (kc // 128):
             P.sts_f32(sf + S_AS + v * 4, sc)
 
+    # The residual output, in the queue: each gate_up task writes GU_RES columns of its K chunk (its row tile's
+    # share) for every token. A gate_up task starts after every norm task has finished, so after every read of the
+    # residual input -- which out.residual may be (an in-place update). Loaded with the task's a_q, stored once
+    # the tokens are staged (the stores drain during the mma, before the task's release).
+    GU_RES = S.gu_kc // (2 * I // S.gu_rows)  # columns per gate_up task (TP8: 128, TP1: 32)
+
     @cute.jit
-    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
-                      si: Int32, tid: Int32, waits: Int32):
+    def gate_up_residual_load(tile: Int32, hidden: Int64, residual: Int64, tid: Int32):
+        split, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
+        L = GU_RES // 4  # threads per token (4 columns each)
+        m = tid // L
+        off = Int64(m * H + k0 + (row_base // S.gu_rows) * GU_RES + (tid - m * L) * 4) * 2
+        h0 = Uint32(0)
+        h1 = Uint32(0)
+        r0 = Uint32(0)
+        r1 = Uint32(0)
+        if m < M:
+            h0, h1 = P.ld_cg_v2(hidden + off)
+            r0, r1 = P.ld_cg_v2(residual + off)
+        return h0, h1, r0, r1
+
+    @cute.jit
+    def gate_up_residual_store(h0: Uint32, h1: Uint32, r0: Uint32, r1: Uint32, tile: Int32, o_res: Int64, tid: Int32):
+        """residual = bf16(hidden + residual), as the norm computes it."""
+        split, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
+        L = GU_RES // 4
+        m = tid // L
+        if m < M:
+            ha, hb = P.bf16x2_to_f32(h0)
+            hc, hd = P.bf16x2_to_f32(h1)
+            ra, rb = P.bf16x2_to_f32(r0)
+            rc, rd = P.bf16x2_to_f32(r1)
+            P.st_v2(o_res + Int64(m * H + k0 + (row_base // S.gu_rows) * GU_RES + (tid - m * L) * 4) * 2,
+                    P.f32x2_to_bf16x2(P.round_bf16(ha + ra), P.round_bf16(hb + rb)),
+                    P.f32x2_to_bf16x2(P.round_bf16(hc + rc), P.round_bf16(hd + rd)))
+
+    @cute.jit
+    def stage_gate_up(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, o_aq: Int64, o_as: Int64, w13: Int64,
+                      w13_s: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
         if cutlass.const_expr("gemm" in WHATIF):
             wait_ready(waits, ws, si, tid)
             return
@@ -630,18 +678,20 @@ def build_kernel(spec: KernelSpec):
         # tokens are in shared memory when the weights land. Otherwise the weights go first (before the
         # previous kernel has finished, for a CTA's first task) and the poll follows.
         if waits == 1 and P.lds_b32(si + (SI_TASK + T_NORM_AT_START) * 4) != 0:
-            gate_up_task(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, True)
+            gate_up_task(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, True)
         else:
-            gate_up_task(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, False)
+            gate_up_task(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, False)
 
     @cute.jit
-    def gate_up_task(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
-                     si: Int32, tid: Int32, waits: Int32, norm_seen: cutlass.Constexpr):
+    def gate_up_task(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, o_aq: Int64, o_as: Int64, w13: Int64,
+                     w13_s: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32,
+                     norm_seen: cutlass.Constexpr):
         warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
         if cutlass.const_expr(norm_seen):
             codes, scales = fp8_acts_load(o_aq, o_as, H, NG, k0, kc, tid)
+            res = gate_up_residual_load(tile, hidden, residual, tid)
             raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
             stamp(GATE_UP, 0, tile, ws, tid)
             fp8_acts_store(codes, scales, kc, sf)
@@ -649,7 +699,11 @@ def build_kernel(spec: KernelSpec):
             raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
             wait_ready(waits, ws, si, tid)
             stamp(GATE_UP, 0, tile, ws, tid)
-            stage_fp8_acts(o_aq, o_as, H, NG, k0, kc, sf, tid)
+            codes, scales = fp8_acts_load(o_aq, o_as, H, NG, k0, kc, tid)
+            res = gate_up_residual_load(tile, hidden, residual, tid)
+            fp8_acts_store(codes, scales, kc, sf)
+        if waits != 0:  # (run alone, the norm stage writes it)
+            gate_up_residual_store(res[0], res[1], res[2], res[3], tile, o_res, tid)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
         cute.arch.sync_threads()
@@ -1020,7 +1074,7 @@ def build_kernel(spec: KernelSpec):
         if stage == ROUTER:
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
+            stage_gate_up(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
             stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:

@@ -179,6 +179,9 @@ class KernelSpec:
             return f"shared intermediate {self.inter} does not tile"
         if not WARPS <= self.norm_groups <= 2 * WARPS or self.hidden_groups % self.norm_groups:
             return f"{self.norm_groups} groups per norm task (8..16, dividing hidden_size / {QUANT_GROUP})"
+        row_tiles = 2 * self.inter // self.gu_rows
+        if self.gu_kc % (4 * row_tiles) or self.m * (self.gu_kc // row_tiles // 4) > THREADS:
+            return "the gate_up tasks do not split the residual output (K chunk / row tiles columns, 4 per thread)"
         if set(self.whatif) - set(WHATIF_PARTS):
             return f"MEGAPRE_WHATIF={','.join(self.whatif)!r} (parts: {', '.join(WHATIF_PARTS)})"
         if self.fp8_mma not in ("qgmma", "hmma"):
