@@ -10,7 +10,8 @@ off):
 
     norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale
     router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
-    gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace)
+    gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace); its share of the
+                                   residual output (the norm writes it only when run alone: in-place updates)
     route    (one task)            warp m: logits = sum of partials, sigmoid, grouped top-k, weights of token m;
                                    then the CTA: moe_align_block_size over the local experts
     act      (one task per 128 h)  TP1 only: gate_up = bf16(sum of partials); h = silu(gate) * up; FP8 of h
