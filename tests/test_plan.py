@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 import megapre
-from megapre.host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, ROUTE, ROUTER, STAGE_NAMES, KernelSpec,
-                               check_table, pack_table, task_table, unpack_word)
+from megapre.host.plan import (ACT, DOWN, FIRST_WAVE_SMS, GATE_UP, N_COUNTERS, NORM, ROUTE, ROUTER, STAGE_NAMES,
+                               KernelSpec, check_table, pack_table, task_table, unpack_word)
 
 CONFIGS = [megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=r) for r in (0, 7)] + [megapre.PreambleConfig.deepseek_v3()]
 
@@ -31,8 +31,10 @@ def test_table_waits_only_on_earlier_tasks(cfg, m):
     down_wait = {r[2] for r in rows if r[0] == DOWN}
     assert down_wait == ({GATE_UP} if spec.fuse_act else {ACT})
     assert tiles[ACT] == (0 if spec.fuse_act else cfg.shared_local_intermediate // 128)
-    if spec.small_shared:  # EP8: the first wave (norm, router, route, gate_up) fits a 132-SM grid (every M)
-        assert tiles[NORM] + tiles[ROUTER] + tiles[ROUTE] + tiles[GATE_UP] <= 132
+    if spec.small_shared:  # EP8: the first wave (norm, router, route, gate_up) fits a 132-SM grid (every M) ...
+        assert tiles[NORM] + tiles[ROUTER] + tiles[ROUTE] + tiles[GATE_UP] <= FIRST_WAVE_SMS == 132
+        # ... with the largest tasks that fit: 7 router K splits and 1024-column norm tasks wherever they do
+        assert (spec.router_splits == 7) == (m <= 2) and (spec.norm_groups == 8) == (m <= 6)
 
 
 def test_check_table_catches_a_forward_wait():

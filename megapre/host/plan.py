@@ -84,6 +84,9 @@ def whatif_from_env() -> tuple:
 # A shared expert this small per rank (DeepSeek-V3's 2048 at TP8) is a few MB: 128-row down tiles (56 tasks),
 # and every CTA takes a slice of the L2 prefetch (fused._prefetch_ctas); larger ones (TP1) are tiled finer.
 SMALL_SHARED_INTER = 256
+# The SMs a TP8 first wave of static tasks is sized for (H100 / H200 SXM: 132). The launch's grid is the device's
+# SM count; on a smaller part the last first-wave tasks come from the queue (correct, a little later).
+FIRST_WAVE_SMS = 132
 
 
 def _align(n: int, a: int = 256) -> int:
@@ -149,15 +152,28 @@ class KernelSpec:
         """whatif: the what-if parts to leave out (None: MEGAPRE_WHATIF's, as launches read them)."""
         inter = cfg.shared_local_intermediate
         small = inter <= SMALL_SHARED_INTER
+        gu_rows = 64 if small else 128
+        # TP8: the first wave -- norm, router, route and gate_up tasks -- must fit FIRST_WAVE_SMS CTAs (a task past
+        # it issues its weights only when a CTA has finished another). Where 7 router K splits do not fit, 4
+        # (M >= 3); where the norm's 1024-column tasks then still do not, 1792-column ones (M >= 7).
+        groups = cfg.hidden_size // QUANT_GROUP
+        router_splits, norm_groups = 7, 8
+
+        def first_wave(splits: int, norm_groups: int) -> int:
+            return (m * (groups // norm_groups) + (cfg.n_routed_experts // cls.router_rows) * splits + 1
+                    + (2 * inter // gu_rows) * cls.gu_splits)
+
+        if small and first_wave(router_splits, norm_groups) > FIRST_WAVE_SMS:
+            router_splits = 4
+        if small and first_wave(router_splits, norm_groups) > FIRST_WAVE_SMS and groups % 14 == 0:
+            norm_groups = 14
         return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
                    topk_group=cfg.topk_group, top_k=cfg.top_k, inter=inter,
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
                    fold_scaling=cfg.fold_routed_scaling, scaling=cfg.routed_scaling_factor,
                    max_padded=cfg.max_num_tokens_padded(m), max_blocks=cfg.max_num_blocks(m),
-                   down_rows=128 if small else 64, gu_rows=64 if small else 128,
-                   router_splits=4 if small and m >= 3 else 7,
-                   fuse_act=inter * m <= 2048 and small, trace=trace,
-                   norm_groups=14 if small and m >= 7 and (cfg.hidden_size // QUANT_GROUP) % 14 == 0 else 8,
+                   down_rows=128 if small else 64, gu_rows=gu_rows, router_splits=router_splits,
+                   fuse_act=inter * m <= 2048 and small, trace=trace, norm_groups=norm_groups,
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"),
                    whatif=whatif_from_env() if whatif is None else tuple(sorted(set(whatif))))
 
