@@ -94,6 +94,14 @@ def build_kernel(spec: KernelSpec):
     # which removes the norm stage and its hop, was measured at 009b80a: 112 CTAs re-reading the rows at once
     # made each task's norm take ~2 us instead of ~1.4, and the call got slower: 9.75 / 11.28 us at M = 1 / 2.)
     # ------------------------------------------------------------------------------------------------
+    def residual_add(h0, h1, r0, r1):
+        """4 columns of residual = bf16(hidden + residual) (two packed bf16 pairs of each), as fp32 values."""
+        ha, hb = P.bf16x2_to_f32(h0)
+        hc, hd = P.bf16x2_to_f32(h1)
+        ra, rb = P.bf16x2_to_f32(r0)
+        rc, rd = P.bf16x2_to_f32(r1)
+        return [P.round_bf16(ha + ra), P.round_bf16(hb + rb), P.round_bf16(hc + rc), P.round_bf16(hd + rd)]
+
     @cute.jit
     def norm_row(m: Int32, hidden: Int64, residual: Int64, si: Int32, tid: Int32, trace_tile: Int32, ws: Int64):
         """Token m's whole row, all threads of the CTA: (this thread's residual values -- group warp + 8 i, 4
@@ -111,11 +119,7 @@ def build_kernel(spec: KernelSpec):
             # griddepcontrol.wait (seen in the SASS at ec53080)
             h0, h1 = P.ld_cg_v2(hidden + off)
             r0, r1 = P.ld_cg_v2(residual + off)
-            ha, hb = P.bf16x2_to_f32(h0)
-            hc, hd = P.bf16x2_to_f32(h1)
-            ra, rb = P.bf16x2_to_f32(r0)
-            rc, rd = P.bf16x2_to_f32(r1)
-            v = [P.round_bf16(ha + ra), P.round_bf16(hb + rb), P.round_bf16(hc + rc), P.round_bf16(hd + rd)]
+            v = residual_add(h0, h1, r0, r1)
             for j in cutlass.range_constexpr(4):
                 ss = ss + v[j] * v[j]
             mine.append(v)
@@ -639,8 +643,9 @@ def build_kernel(spec: KernelSpec):
     GU_RES = S.gu_kc // (2 * I // S.gu_rows)  # columns per gate_up task (TP8: 128, TP1: 32)
 
     @cute.jit
-    def gate_up_residual_load(tile: Int32, hidden: Int64, residual: Int64, tid: Int32):
-        split, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
+    def gate_up_residual_load(k0: Int32, row_base: Int32, hidden: Int64, residual: Int64, tid: Int32):
+        """This thread's 4 columns (token tid // (GU_RES / 4)): (byte offset, the packed hidden and residual
+        values; zeros for a thread past the tokens)."""
         L = GU_RES // 4  # threads per token (4 columns each)
         m = tid // L
         off = Int64(m * H + k0 + (row_base // S.gu_rows) * GU_RES + (tid - m * L) * 4) * 2
@@ -651,22 +656,14 @@ def build_kernel(spec: KernelSpec):
         if m < M:
             h0, h1 = P.ld_cg_v2(hidden + off)
             r0, r1 = P.ld_cg_v2(residual + off)
-        return h0, h1, r0, r1
+        return off, h0, h1, r0, r1
 
     @cute.jit
-    def gate_up_residual_store(h0: Uint32, h1: Uint32, r0: Uint32, r1: Uint32, tile: Int32, o_res: Int64, tid: Int32):
-        """residual = bf16(hidden + residual), as the norm computes it."""
-        split, k0, row_base = split_k_tile(tile, S.gu_splits, S.gu_kc, S.gu_rows)
-        L = GU_RES // 4
-        m = tid // L
-        if m < M:
-            ha, hb = P.bf16x2_to_f32(h0)
-            hc, hd = P.bf16x2_to_f32(h1)
-            ra, rb = P.bf16x2_to_f32(r0)
-            rc, rd = P.bf16x2_to_f32(r1)
-            P.st_v2(o_res + Int64(m * H + k0 + (row_base // S.gu_rows) * GU_RES + (tid - m * L) * 4) * 2,
-                    P.f32x2_to_bf16x2(P.round_bf16(ha + ra), P.round_bf16(hb + rb)),
-                    P.f32x2_to_bf16x2(P.round_bf16(hc + rc), P.round_bf16(hd + rd)))
+    def gate_up_residual_store(off: Int64, h0: Uint32, h1: Uint32, r0: Uint32, r1: Uint32, o_res: Int64, tid: Int32):
+        """... and its store: residual = bf16(hidden + residual), as the norm computes it."""
+        if tid // (GU_RES // 4) < M:
+            v = residual_add(h0, h1, r0, r1)
+            P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
 
     @cute.jit
     def stage_gate_up(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, o_aq: Int64, o_as: Int64, w13: Int64,
@@ -692,7 +689,7 @@ def build_kernel(spec: KernelSpec):
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
         if cutlass.const_expr(norm_seen):
             codes, scales = fp8_acts_load(o_aq, o_as, H, NG, k0, kc, tid)
-            res = gate_up_residual_load(tile, hidden, residual, tid)
+            res = gate_up_residual_load(k0, row_base, hidden, residual, tid)
             raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
             stamp(GATE_UP, 0, tile, ws, tid)
             fp8_acts_store(codes, scales, kc, sf)
@@ -701,10 +698,10 @@ def build_kernel(spec: KernelSpec):
             wait_ready(waits, ws, si, tid)
             stamp(GATE_UP, 0, tile, ws, tid)
             codes, scales = fp8_acts_load(o_aq, o_as, H, NG, k0, kc, tid)
-            res = gate_up_residual_load(tile, hidden, residual, tid)
+            res = gate_up_residual_load(k0, row_base, hidden, residual, tid)
             fp8_acts_store(codes, scales, kc, sf)
         if waits != 0:  # (run alone, the norm stage writes it)
-            gate_up_residual_store(res[0], res[1], res[2], res[3], tile, o_res, tid)
+            gate_up_residual_store(res[0], res[1], res[2], res[3], res[4], o_res, tid)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
         cute.arch.sync_threads()
