@@ -212,6 +212,15 @@ class KernelSpec:
         return None
 
     # ---- derived sizes ----------------------------------------------------------------------------------
+    def launch_grid(self, num_sms: int) -> int:
+        """CTAs per launch (one per SM). TP8 shapes stop at their first wave -- every task before the down
+        stage -- so that every down task comes from the queue: its CTA then leaves after it without a last
+        ticket (exit_free_tasks), and the CTAs that start on the SMs the previous call still holds are fewer.
+        TP1 (several waves of gate_up tasks) takes every SM."""
+        if self.small_shared:
+            return min(num_sms, terminal_layout(task_table(self))[1])
+        return num_sms
+
     @property
     def small_shared(self) -> bool:
         """The shared expert's slice on this rank is TP8-sized (see SMALL_SHARED_INTER)."""
@@ -332,10 +341,35 @@ def pack_table(rows: list[list[int]]) -> list[int]:
     return words
 
 
-def tickets_per_launch(n_tasks: int, grid: int) -> int:
+# Terminal stages: their outputs leave the kernel and no task waits on them. A CTA that was given a task of one
+# of these from the queue (not as its static first task) leaves after it without taking another ticket.
+TERMINAL_STAGES = (ROUTE, DOWN)
+
+
+def terminal_layout(rows: list[list[int]]) -> tuple[int, int]:
+    """(index of the route task, index of the first down task): the table's terminal tasks are that one route
+    task and the down tasks at its end (what the kernel's ticket arithmetic assumes)."""
+    stages = [r[0] for r in rows]
+    route = [i for i, s in enumerate(stages) if s == ROUTE]
+    d0 = stages.index(DOWN)
+    assert len(route) == 1 and all(s == DOWN for s in stages[d0:]) and DOWN not in stages[:d0], stages
+    return route[0], d0
+
+
+def exit_free_tasks(rows: list[list[int]], grid: int) -> int:
+    """How many CTAs of a launch leave without a ticket past the table: one per terminal task taken from the
+    queue (each such CTA leaves after it). Zero -- every CTA takes its last ticket -- where they would be the
+    whole grid: then some CTA must be left to take the remaining tasks."""
+    route, d0 = terminal_layout(rows)
+    n_static = min(grid, len(rows))
+    n = (len(rows) - max(n_static, d0)) + (1 if route >= n_static else 0)
+    return n if n < grid else 0
+
+
+def tickets_per_launch(rows: list[list[int]], grid: int) -> int:
     """How far one launch moves the ticket counter: the tasks after the static ones, plus one past the table
-    per CTA."""
-    return n_tasks - min(grid, n_tasks) + grid
+    per CTA that does not leave after a terminal task from the queue (exit_free_tasks)."""
+    return len(rows) - min(grid, len(rows)) + grid - exit_free_tasks(rows, grid)
 
 
 def unpack_word(w: int) -> tuple[int, int, int, int]:
