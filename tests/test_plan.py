@@ -52,8 +52,10 @@ def test_ticket_count_per_launch(cfg, m, sms):
     route, d0 = terminal_layout(rows)
     if spec.small_shared and sms >= d0:
         assert grid == d0  # TP8: the first wave only, so no down task is static
-    n_static = min(grid, len(rows))
-    exit_free = exit_free_tasks(rows, grid) > 0
+    n_static = spec.n_static(grid)
+    if spec.small_shared and sms >= d0:
+        assert rows[n_static][0] == ROUTE  # the queue's first task, for the one CTA past the static ones
+    exit_free = exit_free_tasks(spec, grid) > 0
     head, taken, running = 0, set(range(n_static)), list(range(n_static))  # running: the task each CTA holds
     held_ticket = [False] * n_static + [True] * (grid - n_static)
     alive = list(range(grid))
@@ -71,7 +73,7 @@ def test_ticket_count_per_launch(cfg, m, sms):
             task_of[b] = ticket
             alive.append(b)
     assert taken == set(range(len(rows)))
-    assert head == tickets_per_launch(rows, grid)
+    assert head == tickets_per_launch(spec, grid)
 
 
 def test_check_table_catches_a_forward_wait():

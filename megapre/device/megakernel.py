@@ -80,6 +80,7 @@ def build_kernel(spec: KernelSpec):
     T_NORM_AT_START, T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_NORM_SEEN, T_TAKEN, T_READY = 5, 6, 7, 8, 10, 11, 12, 14
     # the table's terminal tasks (plan.TERMINAL_STAGES): the route task and the down tasks from D_FIRST to the end
     R_IDX, D_FIRST = terminal_layout(task_table(S))
+    STATIC_CAP = S.static_cap  # CTA b < min(grid, n_tasks, STATIC_CAP) starts on task b (KernelSpec.n_static)
     EXIT_NOW = 1 << 20  # T_NEXT: this CTA leaves after its task (a ticket index past any table)
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
     RELEASER = 32  # the thread that signals a finished task's counter (warp 1: not the ticket-taking thread 0)
@@ -417,7 +418,7 @@ def build_kernel(spec: KernelSpec):
     def exit_free_count(grid: Int32) -> Int32:
         """plan.exit_free_tasks: the CTAs that leave after a terminal task from the queue, without a last ticket
         (each such task's CTA leaves after it), unless they would be the whole grid."""
-        n_static = P.sel_i32(grid < NT, grid, Int32(NT))
+        n_static = P.sel_i32(grid < min(NT, STATIC_CAP), grid, Int32(min(NT, STATIC_CAP)))
         n = Int32(NT) - P.sel_i32(n_static > D_FIRST, n_static, Int32(D_FIRST)) + P.sel_i32(n_static <= R_IDX, 1, 0)
         return P.sel_i32(n < grid, n, 0)
 
@@ -428,8 +429,8 @@ def build_kernel(spec: KernelSpec):
         starts after the previous one is complete, so every value a CTA of launch L sees before taking its own
         last ticket lies in [L * per_launch, (L + 1) * per_launch)."""
         grid = cute.arch.grid_dim()[0]
-        per_launch = (Int64(NT) - Int64(P.sel_i32(grid < NT, grid, Int32(NT))) + Int64(grid)
-                      - Int64(exit_free_count(grid)))  # plan.tickets_per_launch
+        n_static = P.sel_i32(grid < min(NT, STATIC_CAP), grid, Int32(min(NT, STATIC_CAP)))
+        per_launch = Int64(NT) - Int64(n_static) + Int64(grid) - Int64(exit_free_count(grid))  # plan's
         launch_no = t64 // per_launch
         P.sts_u64(si + (SI_TASK + T_WINDOW) * 4, launch_no * per_launch)
         P.sts_b32(si + (SI_TASK + T_LAUNCH) * 4, Int32(launch_no))  # mod 2^32, like the counters
@@ -1121,6 +1122,7 @@ def build_kernel(spec: KernelSpec):
             bid = cute.arch.block_idx()[0]
             grid = cute.arch.grid_dim()[0]
             n_static = P.sel_i32(grid < n_tasks, grid, n_tasks)  # CTA b < n_static starts on task b (no ticket)
+            n_static = P.sel_i32(n_static < STATIC_CAP, n_static, Int32(STATIC_CAP))  # (TP8: not the route)
             n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
             n_exit = exit_free_count(grid)
             if tid == 0:
