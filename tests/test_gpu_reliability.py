@@ -82,8 +82,8 @@ def test_launch_counters_across_the_32_bit_wrap(m):
     spec = KernelSpec.from_config(cfg, m)
     ws = next(v for k, v in fused._workspaces.items() if k[0] == spec and k[1] == torch.cuda.current_device()
               and k[2] == torch.cuda.current_stream().cuda_stream)
-    grid = torch.cuda.get_device_properties(0).multi_processor_count
-    per_launch = tickets_per_launch(spec.n_tasks, grid)
+    grid = spec.launch_grid(torch.cuda.get_device_properties(0).multi_processor_count)
+    per_launch = tickets_per_launch(spec, grid)
     tiles = spec.stage_tiles()
     most = max(tiles.values())
     launch_no = (1 << 32) // most - 1  # the busiest counter wraps during the next two launches

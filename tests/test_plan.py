@@ -5,7 +5,8 @@ import pytest
 
 import megapre
 from megapre.host.plan import (ACT, DOWN, FIRST_WAVE_SMS, GATE_UP, N_COUNTERS, NORM, ROUTE, ROUTER, STAGE_NAMES,
-                               KernelSpec, check_table, pack_table, task_table, unpack_word)
+                               KernelSpec, check_table, exit_free_tasks, pack_table, task_table, terminal_layout,
+                               tickets_per_launch, unpack_word)
 
 CONFIGS = [megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=r) for r in (0, 7)] + [megapre.PreambleConfig.deepseek_v3()]
 
@@ -35,6 +36,44 @@ def test_table_waits_only_on_earlier_tasks(cfg, m):
         assert tiles[NORM] + tiles[ROUTER] + tiles[ROUTE] + tiles[GATE_UP] <= FIRST_WAVE_SMS == 132
         # ... with the largest tasks that fit: 7 router K splits and 1024-column norm tasks wherever they do
         assert (spec.router_splits == 7) == (m <= 2) and (spec.norm_groups == 8) == (m <= 6)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.short_name())
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("sms", [132, 114, 78, 16, 4])
+def test_ticket_count_per_launch(cfg, m, sms):
+    """Simulate one launch's queue (any order of completion gives the same count): CTA b starts on task b, a CTA
+    that took a terminal task from the queue leaves after it, every other CTA takes tickets until one is past
+    the table. The count must be what the kernel assumes, and every task must be taken."""
+    spec = KernelSpec.from_config(cfg, m)
+    rows = task_table(spec)
+    grid = spec.launch_grid(sms)
+    assert 1 <= grid <= sms
+    route, d0 = terminal_layout(rows)
+    if spec.small_shared and sms >= d0:
+        assert grid == d0  # TP8: the first wave only, so no down task is static
+    n_static = spec.n_static(grid)
+    if spec.small_shared and sms >= d0:
+        assert rows[n_static][0] == ROUTE  # the queue's first task, for the one CTA past the static ones
+    exit_free = exit_free_tasks(spec, grid) > 0
+    head, taken, running = 0, set(range(n_static)), list(range(n_static))  # running: the task each CTA holds
+    held_ticket = [False] * n_static + [True] * (grid - n_static)
+    alive = list(range(grid))
+    task_of = {b: (b if b < n_static else None) for b in alive}
+    while alive:
+        b = alive.pop(0)  # the CTA that finishes next (round robin: the count does not depend on the order)
+        t = task_of[b]
+        if t is not None and held_ticket[b] and exit_free and rows[t][0] in (ROUTE, DOWN):
+            continue  # leaves without a ticket
+        ticket = n_static + head
+        head += 1
+        held_ticket[b] = True
+        if ticket < len(rows):
+            taken.add(ticket)
+            task_of[b] = ticket
+            alive.append(b)
+    assert taken == set(range(len(rows)))
+    assert head == tickets_per_launch(spec, grid)
 
 
 def test_check_table_catches_a_forward_wait():

@@ -38,7 +38,7 @@ from cutlass.memory import SmemAllocator
 
 from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
                          TARGET_BITS, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR, WS_HEAD,
-                         KernelSpec)
+                         KernelSpec, task_table, terminal_layout)
 from . import primitives as P
 
 SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
@@ -78,6 +78,10 @@ def build_kernel(spec: KernelSpec):
     # this CTA has seen every norm task of this launch done, 12-13 / 14-15 trace: when the task was taken / its
     # inputs were ready
     T_NORM_AT_START, T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_NORM_SEEN, T_TAKEN, T_READY = 5, 6, 7, 8, 10, 11, 12, 14
+    # the table's terminal tasks (plan.TERMINAL_STAGES): the route task and the down tasks from D_FIRST to the end
+    R_IDX, D_FIRST = terminal_layout(task_table(S))
+    STATIC_CAP = S.static_cap  # CTA b < min(grid, n_tasks, STATIC_CAP) starts on task b (KernelSpec.n_static)
+    EXIT_NOW = 1 << 20  # T_NEXT: this CTA leaves after its task (a ticket index past any table)
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
     RELEASER = 32  # the thread that signals a finished task's counter (warp 1: not the ticket-taking thread 0)
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
@@ -411,13 +415,22 @@ def build_kernel(spec: KernelSpec):
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
     # ------------------------------------------------------------------------------------------------
     @cute.jit
+    def exit_free_count(grid: Int32) -> Int32:
+        """plan.exit_free_tasks: the CTAs that leave after a terminal task from the queue, without a last ticket
+        (each such task's CTA leaves after it), unless they would be the whole grid."""
+        n_static = P.sel_i32(grid < min(NT, STATIC_CAP), grid, Int32(min(NT, STATIC_CAP)))
+        n = Int32(NT) - P.sel_i32(n_static > D_FIRST, n_static, Int32(D_FIRST)) + P.sel_i32(n_static <= R_IDX, 1, 0)
+        return P.sel_i32(n < grid, n, 0)
+
+    @cute.jit
     def learn_launch(t64: Int64, si: Int32):
         """Thread 0: this launch's number and first ticket from any ticket-counter value seen during it. A launch
         moves the counter by exactly per_launch (each CTA stops at its first ticket past the table) and a launch
         starts after the previous one is complete, so every value a CTA of launch L sees before taking its own
         last ticket lies in [L * per_launch, (L + 1) * per_launch)."""
         grid = cute.arch.grid_dim()[0]
-        per_launch = Int64(NT) - Int64(P.sel_i32(grid < NT, grid, Int32(NT))) + Int64(grid)  # tickets_per_launch
+        n_static = P.sel_i32(grid < min(NT, STATIC_CAP), grid, Int32(min(NT, STATIC_CAP)))
+        per_launch = Int64(NT) - Int64(n_static) + Int64(grid) - Int64(exit_free_count(grid))  # plan's
         launch_no = t64 // per_launch
         P.sts_u64(si + (SI_TASK + T_WINDOW) * 4, launch_no * per_launch)
         P.sts_b32(si + (SI_TASK + T_LAUNCH) * 4, Int32(launch_no))  # mod 2^32, like the counters
@@ -447,14 +460,15 @@ def build_kernel(spec: KernelSpec):
             P.griddep_wait()
 
     @cute.jit
-    def next_ticket_early(waits: Int32, ws: Int64, tid: Int32) -> Int64:
+    def next_ticket_early(waits: Int32, ws: Int64, si: Int32, tid: Int32) -> Int64:
         """Thread 0 of a terminal task (route, down), shortly before its last stores: the atomic for the CTA's
         next ticket, so that its round trip overlaps the stores instead of following the task -- the last
         CTA's exit (and with it the next kernel's griddepcontrol.wait) no longer waits for it. Late in the task
         on purpose: a ticket taken early binds the next task to a CTA that is still busy (81da92b)."""
         t64 = Int64(-1)
         if waits != 0 and tid == 0:
-            t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
+            if P.lds_b32(si + (SI_TASK + T_NEXT) * 4) < 0:  # (EXIT_NOW: this CTA leaves after the task, no ticket)
+                t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))
         return t64
 
     @cute.jit
@@ -462,7 +476,8 @@ def build_kernel(spec: KernelSpec):
         """... and after the stores: the ticket, for the queue loop (the launch window is known by now: the task
         has waited)."""
         if waits != 0 and tid == 0:
-            P.sts_b32(si + (SI_TASK + T_NEXT) * 4, ticket_index(t64, si))
+            if P.lds_b32(si + (SI_TASK + T_NEXT) * 4) < 0:
+                P.sts_b32(si + (SI_TASK + T_NEXT) * 4, ticket_index(t64, si))
 
     @cute.jit
     def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
@@ -827,7 +842,7 @@ def build_kernel(spec: KernelSpec):
         outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)
         stamp(DOWN, 2, rt, ws, tid)
-        t_next = next_ticket_early(waits, ws, tid)
+        t_next = next_ticket_early(waits, ws, si, tid)
         for r, n, val in outs:
             if n < M:
                 P.st_b16(o_shared + Int64(n * H + row_base + r) * 2, P.f32x2_to_bf16x2(val, val))
@@ -1041,7 +1056,7 @@ def build_kernel(spec: KernelSpec):
                     P.sts_b32(si + (SI_END + tid) * 4, x + prefix)
                     P.sts_b32(si + (SI_PAD + tid) * 4, padded)
                 cute.arch.sync_threads()
-            t_next = next_ticket_early(real_waits, ws, tid)
+            t_next = next_ticket_early(real_waits, ws, si, tid)
             # (sorted_token_ids was filled with the sentinel before the wait; the syncs since order it first)
             if tid < P_PAIRS:
                 if lid >= 0 and p == 1:
@@ -1107,7 +1122,9 @@ def build_kernel(spec: KernelSpec):
             bid = cute.arch.block_idx()[0]
             grid = cute.arch.grid_dim()[0]
             n_static = P.sel_i32(grid < n_tasks, grid, n_tasks)  # CTA b < n_static starts on task b (no ticket)
+            n_static = P.sel_i32(n_static < STATIC_CAP, n_static, Int32(STATIC_CAP))  # (TP8: not the route)
             n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
+            n_exit = exit_free_count(grid)
             if tid == 0:
                 P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
                 P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(0))
@@ -1181,6 +1198,11 @@ def build_kernel(spec: KernelSpec):
                         P.sts_b32(si + (SI_TASK + 3) * 4, ((word >> 3) & 7) - 1)  # wait counter (-1: none)
                         P.sts_b32(si + (SI_TASK + 4) * 4, (word >> 18) & ((1 << TARGET_BITS) - 1))  # wait target
                         P.sts_b32(si + (SI_TASK + T_NORM_AT_START) * 4, P.lds_b32(si + (SI_TASK + T_NORM_SEEN) * 4))
+                        # A terminal task taken from the queue: its CTA leaves after it, without the ticket
+                        # round trip at the end of the call's last tasks (plan.exit_free_tasks counts them).
+                        terminal = P.sel_i32((word & 7) == ROUTE, 1, P.sel_i32((word & 7) == DOWN, 1, 0))
+                        if static == 0 and n_exit > 0 and terminal != 0:
+                            P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(EXIT_NOW))
                         if cutlass.const_expr(S.trace):
                             P.sts_u64(si + (SI_TASK + T_TAKEN) * 4, t_ticket)
                             P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())  # wait_ready overwrites

@@ -235,7 +235,7 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
     # the copy that uploaded it is surely complete (later launches find it long done).
     # (A planted _table is always launched without PDL.)
     pdl = os.environ.get("MEGAPRE_PDL", "1") != "0" and _table is None and table.data_ptr() in _launched_tables
-    kernel.launch(args, grid=kernel.num_sms, stream=stream, pdl=pdl, cooperative=not pdl)
+    kernel.launch(args, grid=spec.launch_grid(kernel.num_sms), stream=stream, pdl=pdl, cooperative=not pdl)
     if _table is None:
         _launched_tables.add(table.data_ptr())
     return out

@@ -39,6 +39,10 @@ NORM, ROUTER, GATE_UP, ROUTE, ACT, DOWN = range(6)
 # Queue order: the routing chain (norm -> router -> route) is the longest serial path, so its tasks are
 # taken first and never wait behind the shared expert's tasks for a free CTA.
 QUEUE_ORDER = (NORM, ROUTER, ROUTE, GATE_UP, ACT, DOWN)
+# TP8 shapes (every first-wave task static): the route right after the gate_up tasks, as the first task of the
+# queue -- taken by the one CTA past the static ones as soon as it starts (KernelSpec.n_static), so that its CTA
+# is free to leave after it without a last ticket (exit_free_tasks); its place in the chain is unchanged.
+QUEUE_ORDER_TP8 = (NORM, ROUTER, GATE_UP, ROUTE, ACT, DOWN)
 STAGE_NAMES = ("norm", "router", "gate_up", "route", "act", "down")
 N_COUNTERS = len(STAGE_NAMES)
 
@@ -212,6 +216,26 @@ class KernelSpec:
         return None
 
     # ---- derived sizes ----------------------------------------------------------------------------------
+    def launch_grid(self, num_sms: int) -> int:
+        """CTAs per launch (one per SM). TP8 shapes stop at their first wave and the route -- every task before
+        the down stage -- so that every down task comes from the queue: its CTA then leaves after it without a
+        last ticket (exit_free_tasks), and fewer CTAs start on the SMs the previous call still holds. TP1
+        (several waves of gate_up tasks) takes every SM."""
+        if self.small_shared:
+            return min(num_sms, terminal_layout(task_table(self))[1])
+        return num_sms
+
+    @property
+    def static_cap(self) -> int:
+        """At most this many tasks are static (CTA b starts on task b): TP8 stops before the route, which is the
+        queue's first task (QUEUE_ORDER_TP8), so the CTA after the static ones takes it with its first ticket."""
+        if self.small_shared:
+            return terminal_layout(task_table(self))[0]
+        return self.n_tasks
+
+    def n_static(self, grid: int) -> int:
+        return min(grid, self.n_tasks, self.static_cap)
+
     @property
     def small_shared(self) -> bool:
         """The shared expert's slice on this rank is TP8-sized (see SMALL_SHARED_INTER)."""
@@ -311,7 +335,7 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
         DOWN: (GATE_UP, tiles[GATE_UP]) if spec.fuse_act else (ACT, tiles[ACT]),
     }
     rows = []
-    for stage in QUEUE_ORDER:
+    for stage in (QUEUE_ORDER_TP8 if spec.small_shared else QUEUE_ORDER):
         ctr, target = (-1, 0) if "waits" in spec.whatif else waits[stage]
         for tile in range(tiles[stage]):
             rows.append([stage, tile, ctr, target, stage])
@@ -332,10 +356,36 @@ def pack_table(rows: list[list[int]]) -> list[int]:
     return words
 
 
-def tickets_per_launch(n_tasks: int, grid: int) -> int:
+# Terminal stages: their outputs leave the kernel and no task waits on them. A CTA that was given a task of one
+# of these from the queue (not as its static first task) leaves after it without taking another ticket.
+TERMINAL_STAGES = (ROUTE, DOWN)
+
+
+def terminal_layout(rows: list[list[int]]) -> tuple[int, int]:
+    """(index of the route task, index of the first down task): the table's terminal tasks are that one route
+    task and the down tasks at its end (what the kernel's ticket arithmetic assumes)."""
+    stages = [r[0] for r in rows]
+    route = [i for i, s in enumerate(stages) if s == ROUTE]
+    d0 = stages.index(DOWN)
+    assert len(route) == 1 and all(s == DOWN for s in stages[d0:]) and DOWN not in stages[:d0], stages
+    return route[0], d0
+
+
+def exit_free_tasks(spec: KernelSpec, grid: int) -> int:
+    """How many CTAs of a launch leave without a ticket past the table: one per terminal task taken from the
+    queue (each such CTA leaves after it). Zero -- every CTA takes its last ticket -- where they would be the
+    whole grid: then some CTA must be left to take the remaining tasks."""
+    rows = task_table(spec)
+    route, d0 = terminal_layout(rows)
+    n_static = spec.n_static(grid)
+    n = (len(rows) - max(n_static, d0)) + (1 if route >= n_static else 0)
+    return n if n < grid else 0
+
+
+def tickets_per_launch(spec: KernelSpec, grid: int) -> int:
     """How far one launch moves the ticket counter: the tasks after the static ones, plus one past the table
-    per CTA."""
-    return n_tasks - min(grid, n_tasks) + grid
+    per CTA that does not leave after a terminal task from the queue (exit_free_tasks)."""
+    return spec.n_tasks - spec.n_static(grid) + grid - exit_free_tasks(spec, grid)
 
 
 def unpack_word(w: int) -> tuple[int, int, int, int]:
