@@ -425,7 +425,7 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def learn_launch(t64: Int64, si: Int32):
         """Thread 0: this launch's number and first ticket from any ticket-counter value seen during it. A launch
-        moves the counter by exactly per_launch (each CTA stops at its first ticket past the table) and a launch
+        moves the counter by exactly per_launch (plan.tickets_per_launch) and a launch
         starts after the previous one is complete, so every value a CTA of launch L sees before taking its own
         last ticket lies in [L * per_launch, (L + 1) * per_launch)."""
         grid = cute.arch.grid_dim()[0]
@@ -1169,7 +1169,8 @@ def build_kernel(spec: KernelSpec):
             # under PDL, and each stage calls griddepcontrol.wait before it reads or writes anything the previous
             # kernel may touch (stage_norm, stage_route, wait_ready). Later tasks come from the ticket queue
             # (take_ticket): no reset between launches, the 64-bit ticket counter only grows, and every launch
-            # takes exactly n_tasks - n_static + grid tickets (each CTA ends on one past the table), so launch L
+            # takes exactly per_launch tickets (plan.tickets_per_launch: each CTA ends on one past the table, except
+            # the exit-free ones, which leave after a terminal task from the queue), so launch L
             # owns tickets [L * per_launch, (L + 1) * per_launch); the counters only grow too, and a wait in
             # launch L compares against L * tiles + target (32-bit wrapping arithmetic on both sides).
             # A static task that waits learns the launch number from a plain read of the ticket counter

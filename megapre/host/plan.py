@@ -6,7 +6,7 @@ source of truth for both sides is what keeps them in agreement.
 
 Task protocol: every task is one row [stage, tile, wait_counter, wait_target, signal_counter] of the table,
 uploaded packed into one int32 per task (pack_table) that every CTA copies into shared memory before it
-waits on the previous kernel. CTA b runs task b first (static: the first `n_static = min(grid, n_tasks)`
+waits on the previous kernel. CTA b runs task b first (static: the first `n_static = KernelSpec.n_static(grid)`
 tasks, so the norm tasks start without an atomic and under PDL before the previous kernel ends); later tasks
 are taken in order with an atomic ticket. A task first waits until counters[wait_counter] >= wait_target
 (acquire), runs its stage on its tile, then adds 1 to counters[signal_counter] (release; always the stage's
@@ -14,8 +14,9 @@ own counter). A task only waits on tasks earlier in the queue; the static ones r
 (dispatched first) and the dynamic ones were taken by running CTAs, so the lowest unfinished task can always
 run once its CTA is resident.
 Nothing is reset between launches (no host-side reset, no end-of-kernel round): the 64-bit ticket counter and
-the counters only grow. Every launch takes exactly per_launch = n_tasks - n_static + grid tickets (each CTA
-stops at its first ticket past the table), so a CTA knows its launch number L from the ticket counter (its
+the counters only grow. Every launch takes exactly per_launch = n_tasks - n_static + grid - exit_free_tasks
+tickets (tickets_per_launch: each CTA stops at its first ticket past the table, except those that leave after a
+terminal task from the queue), so a CTA knows its launch number L from the ticket counter (its
 first ticket, or a plain read in a static task's wait), and a wait in launch L is for
 counters[c] >= L * tiles[c] + target (32-bit wrapping arithmetic). Launches on one
 workspace never overlap: stream order, and with PDL the griddepcontrol.wait before the first ticket and
