@@ -1051,20 +1051,31 @@ def build_kernel(spec: KernelSpec):
                 my_id = Int32(0)
                 my_w = Float32(0.0)
                 tot = Float32(0.0)
+                # The pick loop's dependency chain is warp max -> ballot -> pop (the lowest lane holding the max:
+                # no lower lane in the ballot); the winner's lane index, id and score are gathered after the loop,
+                # from each round's ballot and the heads each lane recorded (off the chain: 8 independent rounds).
+                ltmask = P.lanemask_lt()
+                rounds = []
                 for k in cutlass.range_constexpr(S.top_k):
                     mx = P.warp_max_i32(keys[0])
-                    wl = P.lowest_bit_index(P.ballot(keys[0] == mx))
-                    win = cute.arch.shuffle_sync(ids_l[0], wl)
-                    s_win = cute.arch.shuffle_sync(sc_l[0], wl)
-                    tot = tot + s_win  # pick order, as the reference sums the selected weights
-                    my_id = P.sel_i32(lane == k, win, my_id)
-                    my_w = P.sel_f32(lane == k, s_win, my_w)
-                    pop = lane == wl
+                    mine = P.sel_i32(keys[0] == mx, 1, 0)
+                    bal = P.ballot(mine)
+                    pop = mine & P.sel_i32((bal & ltmask) == 0, 1, 0)
+                    rounds.append((bal, ids_l[0], sc_l[0]))
+                    pop = pop != 0
                     for j in cutlass.range_constexpr(EPL - 1):
                         keys[j] = P.sel_i32(pop, keys[j + 1], keys[j])
                         ids_l[j] = P.sel_i32(pop, ids_l[j + 1], ids_l[j])
                         sc_l[j] = P.sel_f32(pop, sc_l[j + 1], sc_l[j])
                     keys[EPL - 1] = P.sel_i32(pop, Int32(INT_MIN), keys[EPL - 1])
+                for k in cutlass.range_constexpr(S.top_k):
+                    bal, head_id, head_sc = rounds[k]
+                    wl = P.lowest_bit_index(bal)
+                    win = cute.arch.shuffle_sync(head_id, wl)
+                    s_win = cute.arch.shuffle_sync(head_sc, wl)
+                    tot = tot + s_win  # pick order, as the reference sums the selected weights
+                    my_id = P.sel_i32(lane == k, win, my_id)
+                    my_w = P.sel_f32(lane == k, s_win, my_w)
                 stamp(ROUTE, 4, stamp_tile, ws, tid)
                 inv = P.rcp_approx(tot + Float32(1e-20))
                 # lane k < top_k stores pick k
