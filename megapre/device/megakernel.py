@@ -863,6 +863,87 @@ def build_kernel(spec: KernelSpec):
                 P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
 
     @cute.jit
+    def route_token_sort(o_sorted: Int64, o_eids: Int64, o_ntpp: Int64, first_local: Int32, ws: Int64, si: Int32,
+                         tid: Int32, real_waits: Int32, p: Int32, stamp_tile: Int32):
+        """moe_align_block_size over the local experts, whole CTA: pair ranks by match.any and per-warp counts,
+        a scan of the padded counts, then the stores."""
+        warp = tid >> 5
+        lane = tid & 31
+        BS = S.block_size
+        NL = S.n_local
+        # rank of each (token, expert) pair among the pairs of its expert, in pair order: match.any inside a
+        # warp, plus the counts of the earlier warps (per-warp count arrays, zeroed before the wait)
+        lid = Int32(-2)  # lanes past the pairs match only each other and count nowhere
+        if tid < P_PAIRS:
+            e = P.lds_b32(si + (SI_TOPK + tid) * 4) - first_local
+            lid = P.sel_i32(P.sel_i32(e >= 0, 1, 0) & P.sel_i32(e < NL, 1, 0), e, Int32(-1))
+        rank = Int32(0)
+        if warp < PAIR_WARPS:
+            same = P.match_any(lid)
+            below = same & P.lanemask_lt()
+            rank = P.popc(below)
+            if below == 0 and lid >= 0:
+                P.sts_b32(si + (SI_CNT + warp * THREADS + lid) * 4, P.popc(same))
+        cute.arch.sync_threads()
+        stamp(ROUTE, 6, stamp_tile, ws, tid)
+        for w in cutlass.range_constexpr(PAIR_WARPS - 1):
+            if warp > w and lid >= 0:
+                rank = rank + P.lds_b32(si + (SI_CNT + w * THREADS + lid) * 4)
+        cnt = Int32(0)
+        if tid < NL:
+            for w in cutlass.range_constexpr(PAIR_WARPS):
+                cnt = cnt + P.lds_b32(si + (SI_CNT + w * THREADS + tid) * 4)
+        padded = P.sel_i32(P.sel_i32(tid < NL, 1, 0), (cnt + (BS - 1)) & Int32(-BS), 0)
+        # inclusive scan of the padded counts: one warp when the local experts fit in it, else warp scans + totals
+        x = padded
+        total = Int32(0)
+        if cutlass.const_expr(NL <= 32):
+            if warp == 0:
+                for sh in cutlass.range_constexpr(5):
+                    y = cute.arch.shuffle_sync_up(x, 1 << sh)
+                    x = x + P.sel_i32(P.sel_i32(lane >= (1 << sh), 1, 0), y, 0)
+                if lane == 31:
+                    P.sts_b32(si + SI_WTOT * 4, x)
+                if tid < NL:
+                    P.sts_b32(si + (SI_END + tid) * 4, x)
+                    P.sts_b32(si + (SI_PAD + tid) * 4, padded)
+            cute.arch.sync_threads()
+            total = P.lds_b32(si + SI_WTOT * 4)
+        else:
+            for sh in cutlass.range_constexpr(5):
+                y = cute.arch.shuffle_sync_up(x, 1 << sh)
+                x = x + P.sel_i32(P.sel_i32(lane >= (1 << sh), 1, 0), y, 0)
+            if lane == 31:
+                P.sts_b32(si + (SI_WTOT + warp) * 4, x)
+            cute.arch.sync_threads()
+            prefix = Int32(0)
+            for w in cutlass.range_constexpr(WARPS):
+                wt = P.lds_b32(si + (SI_WTOT + w) * 4)
+                prefix = prefix + P.sel_i32(P.sel_i32(w < warp, 1, 0), wt, 0)
+                total = total + wt
+            if tid < NL:
+                P.sts_b32(si + (SI_END + tid) * 4, x + prefix)
+                P.sts_b32(si + (SI_PAD + tid) * 4, padded)
+            cute.arch.sync_threads()
+        t_next = next_ticket_early(real_waits, ws, si, tid)
+        # (sorted_token_ids was filled with the sentinel before the wait; the syncs since order it first)
+        if tid < P_PAIRS:
+            if lid >= 0 and p == 1:
+                pos = P.lds_b32(si + (SI_END + lid) * 4) - P.lds_b32(si + (SI_PAD + lid) * 4) + rank
+                P.st_b32(o_sorted + Int64(pos) * 4, Uint32(tid))
+        # expert of each block: expert e owns ceil(count / BS) blocks from (its padded start) / BS; blocks past
+        # the total keep the -1 written before the wait (an expert has at most M pairs: one per token)
+        if tid < NL:
+            blk0 = (P.lds_b32(si + (SI_END + tid) * 4) - padded) // BS
+            for j in cutlass.range_constexpr((M + BS - 1) // BS):
+                if j * BS < cnt and p == 1:
+                    P.st_b32(o_eids + Int64(blk0 + j) * 4, Uint32(tid))
+        if tid == 0 and p == 1:
+            P.st_b32(o_ntpp, Uint32(total))
+        keep_next_ticket(t_next, real_waits, si, tid)
+        stamp(ROUTE, 7, stamp_tile, ws, tid)
+
+    @cute.jit
     def stage_route(bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, o_sorted: Int64, o_eids: Int64,
                     o_ntpp: Int64, first_local: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
         """Routing in one task: warp m scores token m (sigmoid, grouped top-k, weights), then the whole CTA
@@ -970,20 +1051,31 @@ def build_kernel(spec: KernelSpec):
                 my_id = Int32(0)
                 my_w = Float32(0.0)
                 tot = Float32(0.0)
+                # The pick loop's dependency chain is warp max -> ballot -> pop (the lowest lane holding the max:
+                # no lower lane in the ballot); the winner's lane index, id and score are gathered after the loop,
+                # from each round's ballot and the heads each lane recorded (off the chain: 8 independent rounds).
+                ltmask = P.lanemask_lt()
+                rounds = []
                 for k in cutlass.range_constexpr(S.top_k):
                     mx = P.warp_max_i32(keys[0])
-                    wl = P.lowest_bit_index(P.ballot(keys[0] == mx))
-                    win = cute.arch.shuffle_sync(ids_l[0], wl)
-                    s_win = cute.arch.shuffle_sync(sc_l[0], wl)
-                    tot = tot + s_win  # pick order, as the reference sums the selected weights
-                    my_id = P.sel_i32(lane == k, win, my_id)
-                    my_w = P.sel_f32(lane == k, s_win, my_w)
-                    pop = lane == wl
+                    mine = P.sel_i32(keys[0] == mx, 1, 0)
+                    bal = P.ballot(mine)
+                    pop = mine & P.sel_i32((bal & ltmask) == 0, 1, 0)
+                    rounds.append((bal, ids_l[0], sc_l[0]))
+                    pop = pop != 0
                     for j in cutlass.range_constexpr(EPL - 1):
                         keys[j] = P.sel_i32(pop, keys[j + 1], keys[j])
                         ids_l[j] = P.sel_i32(pop, ids_l[j + 1], ids_l[j])
                         sc_l[j] = P.sel_f32(pop, sc_l[j + 1], sc_l[j])
                     keys[EPL - 1] = P.sel_i32(pop, Int32(INT_MIN), keys[EPL - 1])
+                for k in cutlass.range_constexpr(S.top_k):
+                    bal, head_id, head_sc = rounds[k]
+                    wl = P.lowest_bit_index(bal)
+                    win = cute.arch.shuffle_sync(head_id, wl)
+                    s_win = cute.arch.shuffle_sync(head_sc, wl)
+                    tot = tot + s_win  # pick order, as the reference sums the selected weights
+                    my_id = P.sel_i32(lane == k, win, my_id)
+                    my_w = P.sel_f32(lane == k, s_win, my_w)
                 stamp(ROUTE, 4, stamp_tile, ws, tid)
                 inv = P.rcp_approx(tot + Float32(1e-20))
                 # lane k < top_k stores pick k
@@ -999,80 +1091,38 @@ def build_kernel(spec: KernelSpec):
             cute.arch.sync_threads()
             stamp(ROUTE, 5, stamp_tile, ws, tid)
 
-            # ---- token sorting (moe_align_block_size over the local experts), whole CTA
+            # ---- token sorting (moe_align_block_size over the local experts)
             BS = S.block_size
             NL = S.n_local
-            # rank of each (token, expert) pair among the pairs of its expert, in pair order: match.any inside a
-            # warp, plus the counts of the earlier warps (per-warp count arrays, zeroed before the wait)
-            lid = Int32(-2)  # lanes past the pairs match only each other and count nowhere
-            if tid < P_PAIRS:
-                e = P.lds_b32(si + (SI_TOPK + tid) * 4) - first_local
-                lid = P.sel_i32(P.sel_i32(e >= 0, 1, 0) & P.sel_i32(e < NL, 1, 0), e, Int32(-1))
-            rank = Int32(0)
-            if warp < PAIR_WARPS:
-                same = P.match_any(lid)
-                below = same & P.lanemask_lt()
-                rank = P.popc(below)
-                if below == 0 and lid >= 0:
-                    P.sts_b32(si + (SI_CNT + warp * THREADS + lid) * 4, P.popc(same))
-            cute.arch.sync_threads()
-            stamp(ROUTE, 6, stamp_tile, ws, tid)
-            for w in cutlass.range_constexpr(PAIR_WARPS - 1):
-                if warp > w and lid >= 0:
-                    rank = rank + P.lds_b32(si + (SI_CNT + w * THREADS + lid) * 4)
-            cnt = Int32(0)
-            if tid < NL:
-                for w in cutlass.range_constexpr(PAIR_WARPS):
-                    cnt = cnt + P.lds_b32(si + (SI_CNT + w * THREADS + tid) * 4)
-            padded = P.sel_i32(P.sel_i32(tid < NL, 1, 0), (cnt + (BS - 1)) & Int32(-BS), 0)
-            # inclusive scan of the padded counts: one warp when the local experts fit in it, else warp scans + totals
-            x = padded
-            total = Int32(0)
-            if cutlass.const_expr(NL <= 32):
+            if cutlass.const_expr(P_PAIRS <= 32 and NL <= 32 and M <= BS):
+                # Every pair in warp 0, every local expert a bit of one word, and at most M <= BS pairs per expert,
+                # so each used expert owns exactly one block: its start is BS x (used experts below it), one warp
+                # OR and popcounts -- no shared-memory counts, scan or CTA barriers (~0.35 us at M = 1 in session
+                # 16's trace, the route's last phase while it ended the call).
                 if warp == 0:
-                    for sh in cutlass.range_constexpr(5):
-                        y = cute.arch.shuffle_sync_up(x, 1 << sh)
-                        x = x + P.sel_i32(P.sel_i32(lane >= (1 << sh), 1, 0), y, 0)
-                    if lane == 31:
-                        P.sts_b32(si + SI_WTOT * 4, x)
-                    if tid < NL:
-                        P.sts_b32(si + (SI_END + tid) * 4, x)
-                        P.sts_b32(si + (SI_PAD + tid) * 4, padded)
-                cute.arch.sync_threads()
-                total = P.lds_b32(si + SI_WTOT * 4)
+                    lid = Int32(-2)  # lanes past the pairs match only each other and count nowhere
+                    if tid < P_PAIRS:
+                        e = P.lds_b32(si + (SI_TOPK + tid) * 4) - first_local
+                        lid = P.sel_i32(P.sel_i32(e >= 0, 1, 0) & P.sel_i32(e < NL, 1, 0), e, Int32(-1))
+                    same = P.match_any(lid)
+                    rank = P.popc(same & P.lanemask_lt())
+                    used = P.warp_or_b32(P.sel_i32(lid >= 0, Int32(1) << (lid & 31), 0))
+                    stamp(ROUTE, 6, stamp_tile, ws, tid)
+                    t_next = next_ticket_early(real_waits, ws, si, tid)
+                    # (sorted_token_ids / expert_ids were filled before the wait; the syncs since order it first)
+                    if tid < P_PAIRS:
+                        if lid >= 0 and p == 1:
+                            below = used & ((Int32(1) << (lid & 31)) - 1)
+                            P.st_b32(o_sorted + Int64(P.popc(below) * BS + rank) * 4, Uint32(tid))
+                    if lane < NL:  # lane = local expert: its block, if it has pairs
+                        if ((used >> lane) & 1) != 0 and p == 1:
+                            P.st_b32(o_eids + Int64(P.popc(used & P.lanemask_lt())) * 4, Uint32(lane))
+                    if tid == 0 and p == 1:
+                        P.st_b32(o_ntpp, Uint32(P.popc(used) * BS))
+                    keep_next_ticket(t_next, real_waits, si, tid)
+                stamp(ROUTE, 7, stamp_tile, ws, tid)
             else:
-                for sh in cutlass.range_constexpr(5):
-                    y = cute.arch.shuffle_sync_up(x, 1 << sh)
-                    x = x + P.sel_i32(P.sel_i32(lane >= (1 << sh), 1, 0), y, 0)
-                if lane == 31:
-                    P.sts_b32(si + (SI_WTOT + warp) * 4, x)
-                cute.arch.sync_threads()
-                prefix = Int32(0)
-                for w in cutlass.range_constexpr(WARPS):
-                    wt = P.lds_b32(si + (SI_WTOT + w) * 4)
-                    prefix = prefix + P.sel_i32(P.sel_i32(w < warp, 1, 0), wt, 0)
-                    total = total + wt
-                if tid < NL:
-                    P.sts_b32(si + (SI_END + tid) * 4, x + prefix)
-                    P.sts_b32(si + (SI_PAD + tid) * 4, padded)
-                cute.arch.sync_threads()
-            t_next = next_ticket_early(real_waits, ws, si, tid)
-            # (sorted_token_ids was filled with the sentinel before the wait; the syncs since order it first)
-            if tid < P_PAIRS:
-                if lid >= 0 and p == 1:
-                    pos = P.lds_b32(si + (SI_END + lid) * 4) - P.lds_b32(si + (SI_PAD + lid) * 4) + rank
-                    P.st_b32(o_sorted + Int64(pos) * 4, Uint32(tid))
-            # expert of each block: expert e owns ceil(count / BS) blocks from (its padded start) / BS; blocks past
-            # the total keep the -1 written before the wait (an expert has at most M pairs: one per token)
-            if tid < NL:
-                blk0 = (P.lds_b32(si + (SI_END + tid) * 4) - padded) // BS
-                for j in cutlass.range_constexpr((M + BS - 1) // BS):
-                    if j * BS < cnt and p == 1:
-                        P.st_b32(o_eids + Int64(blk0 + j) * 4, Uint32(tid))
-            if tid == 0 and p == 1:
-                P.st_b32(o_ntpp, Uint32(total))
-            keep_next_ticket(t_next, real_waits, si, tid)
-            stamp(ROUTE, 7, stamp_tile, ws, tid)
+                route_token_sort(o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, real_waits, p, stamp_tile)
 
     # ------------------------------------------------------------------------------------------------
     @cute.jit

@@ -408,6 +408,12 @@ def ballot(pred: Int32) -> Int32:
 
 
 @cute.jit
+def warp_or_b32(v: Int32) -> Int32:
+    """Bitwise OR of v over the warp (redux.sync)."""
+    return _asm([Int32], [v], "redux.sync.or.b32 $0, $1, 0xffffffff;", "=r,r", True)
+
+
+@cute.jit
 def match_any(v: Int32) -> Int32:
     """Mask of the lanes whose v equals this lane's (full warp)."""
     return _asm([Int32], [v], "match.any.sync.b32 $0, $1, 0xffffffff;", "=r,r", True)
