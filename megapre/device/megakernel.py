@@ -1174,7 +1174,6 @@ def build_kernel(spec: KernelSpec):
             n_static = P.sel_i32(grid < n_tasks, grid, n_tasks)  # CTA b < n_static starts on task b (no ticket)
             n_static = P.sel_i32(n_static < STATIC_CAP, n_static, Int32(STATIC_CAP))  # (TP8: not the route)
             n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
-            n_exit = exit_free_count(grid)
             if tid == 0:
                 P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
                 P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(0))
@@ -1252,7 +1251,8 @@ def build_kernel(spec: KernelSpec):
                         # A terminal task taken from the queue: its CTA leaves after it, without the ticket
                         # round trip at the end of the call's last tasks (plan.exit_free_tasks counts them).
                         terminal = P.sel_i32((word & 7) == ROUTE, 1, P.sel_i32((word & 7) == DOWN, 1, 0))
-                        if static == 0 and n_exit > 0 and terminal != 0:
+                        # (exit_free_count recomputed here, not kept live through the loop: TP1 is at 255 registers)
+                        if static == 0 and terminal != 0 and exit_free_count(cute.arch.grid_dim()[0]) > 0:
                             P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(EXIT_NOW))
                         if cutlass.const_expr(S.trace):
                             P.sts_u64(si + (SI_TASK + T_TAKEN) * 4, t_ticket)
