@@ -25,6 +25,7 @@ before any task reads a counter or an input.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
@@ -223,7 +224,7 @@ class KernelSpec:
         last ticket (exit_free_tasks), and fewer CTAs start on the SMs the previous call still holds. TP1
         (several waves of gate_up tasks) takes every SM."""
         if self.small_shared:
-            return min(num_sms, terminal_layout(task_table(self))[1])
+            return min(num_sms, terminal_tasks(self)[1])
         return num_sms
 
     @property
@@ -231,7 +232,7 @@ class KernelSpec:
         """At most this many tasks are static (CTA b starts on task b): TP8 stops before the route, which is the
         queue's first task (QUEUE_ORDER_TP8), so the CTA after the static ones takes it with its first ticket."""
         if self.small_shared:
-            return terminal_layout(task_table(self))[0]
+            return terminal_tasks(self)[0]
         return self.n_tasks
 
     def n_static(self, grid: int) -> int:
@@ -372,14 +373,20 @@ def terminal_layout(rows: list[list[int]]) -> tuple[int, int]:
     return route[0], d0
 
 
+@functools.lru_cache(maxsize=None)
+def terminal_tasks(spec: KernelSpec) -> tuple[int, int]:
+    """terminal_layout of the spec's table, built once per spec (launch_grid runs on every launch: rebuilding the
+    table there cost ~50 us of host time per eager call)."""
+    return terminal_layout(task_table(spec))
+
+
 def exit_free_tasks(spec: KernelSpec, grid: int) -> int:
     """How many CTAs of a launch leave without a ticket past the table: one per terminal task taken from the
     queue (each such CTA leaves after it). Zero -- every CTA takes its last ticket -- where they would be the
     whole grid: then some CTA must be left to take the remaining tasks."""
-    rows = task_table(spec)
-    route, d0 = terminal_layout(rows)
+    route, d0 = terminal_tasks(spec)
     n_static = spec.n_static(grid)
-    n = (len(rows) - max(n_static, d0)) + (1 if route >= n_static else 0)
+    n = (spec.n_tasks - max(n_static, d0)) + (1 if route >= n_static else 0)
     return n if n < grid else 0
 
 
