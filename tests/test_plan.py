@@ -5,8 +5,8 @@ import pytest
 
 import megapre
 from megapre.host.plan import (ACT, DOWN, FIRST_WAVE_SMS, GATE_UP, N_COUNTERS, NORM, ROUTE, ROUTER, STAGE_NAMES,
-                               KernelSpec, check_table, exit_free_tasks, pack_table, task_table, terminal_layout,
-                               tickets_per_launch, unpack_word)
+                               TERMINAL_STAGES, KernelSpec, check_table, exit_free_tasks, pack_table, task_table,
+                               terminal_layout, tickets_per_launch, unpack_word)
 
 CONFIGS = [megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=r) for r in (0, 7)] + [megapre.PreambleConfig.deepseek_v3()]
 
@@ -63,7 +63,7 @@ def test_ticket_count_per_launch(cfg, m, sms):
     while alive:
         b = alive.pop(0)  # the CTA that finishes next (round robin: the count does not depend on the order)
         t = task_of[b]
-        if t is not None and held_ticket[b] and exit_free and rows[t][0] in (ROUTE, DOWN):
+        if t is not None and held_ticket[b] and exit_free and rows[t][0] in TERMINAL_STAGES:
             continue  # leaves without a ticket
         ticket = n_static + head
         head += 1
