@@ -162,6 +162,26 @@ def test_graph_replay_changing_inputs(backend):
         check_output(out, reference(h, r, w), w)
 
 
+@pytest.mark.parametrize("backend", ["fused", "stages"])
+@pytest.mark.parametrize("m", [1, 8])
+def test_huge_gate_up_values(backend, m):
+    """The fused kernel sums the gate_up split-K partials in fixed point, which holds |partial| < 2^28; larger
+    ones (here: one 128-row block of w13 scaled by 2^32, so that its partials reach ~1e9) take the fp32
+    fallback for their token, and the outputs still match the reference."""
+    import dataclasses
+    base = _weights("ep8r0")
+    _skip_unless_available(backend, base.config, m)
+    scale = base.w13_scale.clone()
+    scale[1] *= 2.0 ** 32
+    w = dataclasses.replace(base, w13_scale=scale)
+    hidden, residual = _inputs(m, w.config.hidden_size, int.from_bytes(os.urandom(4), "little"))
+    out = megapre.PreambleOutput.empty(w.config, m, "cuda").poison()
+    _run(hidden, residual, w, backend, out)
+    want = reference(hidden, residual, w)
+    assert want.shared_out.float().abs().max() > 1e9  # the huge block reaches the output
+    check_output(out, want, w)
+
+
 @pytest.mark.parametrize("backend", ["unfused", "fused"])
 def test_nan_inf_inputs(backend):
     w = _weights("ep8r5")

@@ -89,7 +89,7 @@ def test_workspace_layout_is_disjoint_and_aligned():
     offs = sorted((v, k) for k, v in lay.items() if k != "total")
     assert all(v % 256 == 0 for v, _ in offs)
     sizes = {"x": 8 * 7168 * 2, "router_part": spec.router_splits * 8 * 256 * 4,
-             "gu_part": spec.gu_splits * 8 * 4096 * 4, "h_q": 8 * 2048, "h_scale": 8 * 16 * 4, "trace": 0, "phases": 0}
+             "gu_part": spec.gu_splits * 8 * 4096 * 4, "gu_fixed": 8 * 4096 * 8 + 32, "h_q": 8 * 2048, "h_scale": 8 * 16 * 4, "trace": 0, "phases": 0}
     for (a, ka), (b, _) in zip(offs, offs[1:] + [(lay["total"], "total")]):
         assert a + sizes[ka] <= b
 

@@ -53,8 +53,13 @@ def build_kernel(spec: KernelSpec):
     M, H, E, NG = S.m, S.hidden, S.experts, S.hidden_groups
     I = S.inter  # noqa: E741
     LAY = S.ws_layout()
-    OFF_X, OFF_RP, OFF_GU, OFF_HQ, OFF_HS, OFF_TR, OFF_PH = (
-        LAY[k] for k in ("x", "router_part", "gu_part", "h_q", "h_scale", "trace", "phases"))
+    OFF_X, OFF_RP, OFF_GU, OFF_GX, OFF_HQ, OFF_HS, OFF_TR, OFF_PH = (
+        LAY[k] for k in ("x", "router_part", "gu_part", "gu_fixed", "h_q", "h_scale", "trace", "phases"))
+    OFF_GXF = OFF_GX + M * 2 * S.inter * 8  # the per-token fallback flags after the fixed-point sums
+    # A gate_up partial goes into the fixed-point sum when |p| < GU_FIX_LIMIT, so that the sum of all splits
+    # stays below 2^63 (primitives.FIX_BITS); else (NaN, inf, huge) its token's flag is set, and the act sums
+    # that token's fp32 partials instead, in split order, as before the fixed-point sums.
+    GU_FIX_LIMIT = float(2 ** (63 - P.FIX_BITS - (S.gu_splits - 1).bit_length()))
     QGMMA = S.fp8_mma == "qgmma"
     EPL = E // 32  # experts per lane in the top-k warp
     LPG = S.experts_per_group // EPL  # lanes per group
@@ -183,6 +188,17 @@ def build_kernel(spec: KernelSpec):
         q = P.f32x4_to_e4m3x4(q0, q1, q2, q3)
         return q, scale
 
+    GX_CHUNK = (S.gu_fixed_bytes + NORM_TASKS * 16 - 1) // (NORM_TASKS * 16) * 16  # bytes per norm task
+
+    @cute.jit
+    def gu_fixed_zero(tile: Int32, ws: Int64, tid: Int32):
+        """Norm task `tile` zeroes its slice of the gate_up fixed-point sums and flags: after the previous
+        kernel's end (its act read them), before this task's release (every gate_up task waits for it)."""
+        for i in cutlass.range_constexpr((GX_CHUNK // 16 + THREADS - 1) // THREADS):
+            off = tile * GX_CHUNK + (tid + i * THREADS) * 16
+            if tid + i * THREADS < GX_CHUNK // 16 and off < S.gu_fixed_bytes:
+                P.st_v4(ws + OFF_GX + Int64(off), Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+
     @cute.jit
     def stage_norm(tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
                    o_as: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
@@ -215,6 +231,7 @@ def build_kernel(spec: KernelSpec):
         if cutlass.const_expr("norm" in WHATIF):
             return
         mine, rstd = norm_row(m, hidden, residual, si, tid, tile, ws)
+        gu_fixed_zero(tile, ws, tid)
         # Both groups' math in straight-line code before any store, so that ptxas interleaves the two dependency
         # chains (rounding, amax, the double-precision divisions): one after the other they took 1.3 us at M = 8
         # against 0.6 for one group (session 14's traces).
@@ -726,7 +743,14 @@ def build_kernel(spec: KernelSpec):
         stamp(GATE_UP, 2, tile, ws, tid)
         for r, n, val in outs:
             if n < M:
+                # the fp32 partial (read only for a flagged token) and its share of the fixed-point sum, which
+                # the act reads: 8 bytes per element instead of 4 per split (M = 8: 32 KB per down task's act
+                # instead of 114 KB, every down task reading it at once)
                 P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
+                if P.fabs(val) < GU_FIX_LIMIT:  # (false for NaN)
+                    P.red_add_u64(ws + OFF_GX + Int64(n * 2 * I + row_base + r) * 8, P.f32_to_fixed(val))
+                else:
+                    P.red_or_b32(ws + OFF_GXF + Int64(n) * 4, Int32(1))
 
     # ------------------------------------------------------------------------------------------------
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
@@ -737,14 +761,27 @@ def build_kernel(spec: KernelSpec):
         split order), SiLU-and-mul with vLLM's bf16 roundings, FP8 quantization with the group's scale.
         Returns (4 e4m3 codes packed, scale)."""
         c = g * 128 + lane * 4
-        gt = [Float32(0.0)] * 4
-        up = [Float32(0.0)] * 4
-        for s in cutlass.range_constexpr(S.gu_splits):
-            base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
-            a0, a1, a2, a3 = P.ld_cg_v4f(base)
-            b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
-            gt = [gt[0] + a0, gt[1] + a1, gt[2] + a2, gt[3] + a3]
-            up = [up[0] + b0, up[1] + b1, up[2] + b2, up[3] + b3]
+        fx = ws + OFF_GX + Int64(m * 2 * I + c) * 8
+        flag = P.ld_cg_b32(ws + OFF_GXF + Int64(m) * 4)
+        s0, s1 = P.ld_cg_v2_u64(fx)
+        s2, s3 = P.ld_cg_v2_u64(fx + 16)
+        t0, t1 = P.ld_cg_v2_u64(fx + I * 8)
+        t2, t3 = P.ld_cg_v2_u64(fx + I * 8 + 16)
+        g0, g1, g2, g3 = P.fixed_to_f32(s0), P.fixed_to_f32(s1), P.fixed_to_f32(s2), P.fixed_to_f32(s3)
+        u0, u1, u2, u3 = P.fixed_to_f32(t0), P.fixed_to_f32(t1), P.fixed_to_f32(t2), P.fixed_to_f32(t3)
+        if flag != 0:
+            # a partial of this token was not finite or out of the fixed-point range: its fp32 partials, summed in
+            # split order, give the sums (NaN and inf as the GEMM would give them)
+            g0, g1, g2, g3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
+            u0, u1, u2, u3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
+            for s in cutlass.range_constexpr(S.gu_splits):
+                base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
+                a0, a1, a2, a3 = P.ld_cg_v4f(base)
+                b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
+                g0, g1, g2, g3 = g0 + a0, g1 + a1, g2 + a2, g3 + a3
+                u0, u1, u2, u3 = u0 + b0, u1 + b1, u2 + b2, u3 + b3
+        gt = [g0, g1, g2, g3]
+        up = [u0, u1, u2, u3]
         stamp(ACT, 1, trace_tile, ws, tid)
         h = []
         for j in cutlass.range_constexpr(4):

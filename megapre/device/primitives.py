@@ -67,6 +67,11 @@ def ld_cg_f32(addr: Int64) -> Float32:
 
 
 @cute.jit
+def ld_cg_b32(addr: Int64) -> Int32:
+    return _asm([Int32], [addr], "ld.global.cg.b32 $0, [$1];", "=r,l", True)
+
+
+@cute.jit
 def ld_cg_v2(addr: Int64):
     return _asm([Uint32, Uint32], [addr], "ld.global.cg.v2.b32 {$0, $1}, [$2];", "=r,=r,l", True)
 
@@ -362,6 +367,46 @@ def sts_v4(saddr: Int32, a: Uint32, b: Uint32, c: Uint32, d: Uint32):
 @cute.jit
 def ld_cg_v4(addr: Int64):
     return _asm([Uint32] * 4, [addr], "ld.global.cg.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", True)
+
+
+@cute.jit
+def ld_cg_v2_u64(addr: Int64):
+    return _asm([Int64, Int64], [addr], "ld.global.cg.v2.u64 {$0, $1}, [$2];", "=l,=l,l", True)
+
+
+@cute.jit
+def st_v4(addr: Int64, a: Uint32, b: Uint32, c: Uint32, d: Uint32):
+    _asm([], [addr, a, b, c, d], "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r", True)
+
+
+# ---- split-K sums in fixed point ------------------------------------------------------------------------
+# Integer addition is associative, so partials added with atomics in any order give the same bits every run.
+# A partial p with |p| < 2^(63 - FIX_BITS - log2(addends)) becomes round(p * 2^FIX_BITS) -- exact for
+# |p| >= 2^(23 - FIX_BITS) -- and the sum, rounded once to fp32, is the fp32 rounding of the exact sum of the
+# partials up to 2^-FIX_BITS absolute.
+FIX_BITS = 32
+
+
+@cute.jit
+def f32_to_fixed(x: Float32) -> Int64:
+    """round(x * 2^FIX_BITS) (the product is exact; the caller has checked the range)."""
+    return _asm([Int64], [x], "{ .reg .f32 t; mul.f32 t, $1, 0f4F800000; cvt.rni.s64.f32 $0, t; }", "=l,f")
+
+
+@cute.jit
+def fixed_to_f32(v: Int64) -> Float32:
+    """fp32(v) * 2^-FIX_BITS: one rounding (cvt.rn), then an exact scaling."""
+    return _asm([Float32], [v], "{ .reg .f32 t; cvt.rn.f32.s64 t, $1; mul.f32 $0, t, 0f2F800000; }", "=f,l")
+
+
+@cute.jit
+def red_add_u64(addr: Int64, v: Int64):
+    _asm([], [addr, v], "red.relaxed.gpu.global.add.u64 [$0], $1;", "l,l", True)
+
+
+@cute.jit
+def red_or_b32(addr: Int64, v: Int32):
+    _asm([], [addr, v], "red.relaxed.gpu.global.or.b32 [$0], $1;", "l,r", True)
 
 
 @cute.jit

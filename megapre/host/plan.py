@@ -281,7 +281,10 @@ class KernelSpec:
         for name, nbytes in (
             ("x", self.m * self.hidden * 2),  # bf16 normalized input of the router GEMM
             ("router_part", self.router_splits * self.m * self.experts * 4),  # fp32 split-K partials
-            ("gu_part", self.gu_splits * self.m * 2 * self.inter * 4),
+            ("gu_part", self.gu_splits * self.m * 2 * self.inter * 4),  # fp32 split-K partials (fallback)
+            # their sums in fixed point (int64, atomics: megakernel.py's gate_up_task), then one flag word per
+            # token; zeroed by the norm tasks of each launch
+            ("gu_fixed", self.gu_fixed_bytes),
             ("h_q", self.m * self.inter),  # fp8 SiLU-and-mul output
             ("h_scale", self.m * (self.inter // QUANT_GROUP) * 4),
             ("trace", (sum(self.stage_tiles().values()) * TRACE_INTS * 8) if self.trace else 0),
@@ -291,6 +294,11 @@ class KernelSpec:
             pos = _align(pos + nbytes)
         off["total"] = pos
         return off
+
+    @property
+    def gu_fixed_bytes(self) -> int:
+        """The gate_up sums in fixed point ([M, 2 I] int64) and the per-token fallback flags after them."""
+        return self.m * 2 * self.inter * 8 + (self.m * 4 + 15) // 16 * 16
 
     @property
     def max_kc(self) -> int:
