@@ -60,6 +60,7 @@ def build_kernel(spec: KernelSpec):
     # stays below 2^63 (primitives.FIX_BITS); else (NaN, inf, huge) its token's flag is set, and the act sums
     # that token's fp32 partials instead, in split order, as before the fixed-point sums.
     GU_FIX_LIMIT = float(2 ** (63 - P.FIX_BITS - (S.gu_splits - 1).bit_length()))
+    GU_FIXED = S.gu_fixed  # (TP8 at M >= 5: KernelSpec.gu_fixed)
     QGMMA = S.fp8_mma == "qgmma"
     EPL = E // 32  # experts per lane in the top-k warp
     LPG = S.experts_per_group // EPL  # lanes per group
@@ -231,7 +232,8 @@ def build_kernel(spec: KernelSpec):
         if cutlass.const_expr("norm" in WHATIF):
             return
         mine, rstd = norm_row(m, hidden, residual, si, tid, tile, ws)
-        gu_fixed_zero(tile, ws, tid)
+        if cutlass.const_expr(GU_FIXED):
+            gu_fixed_zero(tile, ws, tid)
         # Both groups' math in straight-line code before any store, so that ptxas interleaves the two dependency
         # chains (rounding, amax, the double-precision divisions): one after the other they took 1.3 us at M = 8
         # against 0.6 for one group (session 14's traces).
@@ -743,35 +745,40 @@ def build_kernel(spec: KernelSpec):
         stamp(GATE_UP, 2, tile, ws, tid)
         for r, n, val in outs:
             if n < M:
-                # the fp32 partial (read only for a flagged token) and its share of the fixed-point sum, which
-                # the act reads: 8 bytes per element instead of 4 per split (M = 8: 32 KB per down task's act
-                # instead of 114 KB, every down task reading it at once)
+                # the fp32 partial, and (KernelSpec.gu_fixed) its share of the fixed-point sum, which the act
+                # reads instead: 8 bytes per element instead of 4 per split (M = 8: 32 KB per down task's act
+                # instead of 114 KB, every down task reading it at once); the fp32 partials are then read only for
+                # a flagged token
                 P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
-                if P.fabs(val) < GU_FIX_LIMIT:  # (false for NaN)
-                    P.red_add_u64(ws + OFF_GX + Int64(n * 2 * I + row_base + r) * 8, P.f32_to_fixed(val))
-                else:
-                    P.red_or_b32(ws + OFF_GXF + Int64(n) * 4, Int32(1))
+                if cutlass.const_expr(GU_FIXED):
+                    if P.fabs(val) < GU_FIX_LIMIT:  # (false for NaN)
+                        P.red_add_u64(ws + OFF_GX + Int64(n * 2 * I + row_base + r) * 8, P.f32_to_fixed(val))
+                    else:
+                        P.red_or_b32(ws + OFF_GXF + Int64(n) * 4, Int32(1))
 
     # ------------------------------------------------------------------------------------------------
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def act_group(m: Int32, g: Int32, lane: Int32, ws: Int64, trace_tile: Int32, tid: Int32):
-        """One warp: token m, h columns g*128 .. g*128+127 (4 per lane) = bf16(sum of the gate_up partials in
-        split order), SiLU-and-mul with vLLM's bf16 roundings, FP8 quantization with the group's scale.
-        Returns (4 e4m3 codes packed, scale)."""
+    def act_sums(m: Int32, g: Int32, lane: Int32, ws: Int64):
+        """Token m, h columns g*128 + lane*4 .. + 3: the gate and up GEMM outputs (fp32, 4 each) from the split
+        partials -- their fixed-point sums (KernelSpec.gu_fixed), or the fp32 partials summed in split order."""
         c = g * 128 + lane * 4
-        fx = ws + OFF_GX + Int64(m * 2 * I + c) * 8
-        flag = P.ld_cg_b32(ws + OFF_GXF + Int64(m) * 4)
-        s0, s1 = P.ld_cg_v2_u64(fx)
-        s2, s3 = P.ld_cg_v2_u64(fx + 16)
-        t0, t1 = P.ld_cg_v2_u64(fx + I * 8)
-        t2, t3 = P.ld_cg_v2_u64(fx + I * 8 + 16)
-        g0, g1, g2, g3 = P.fixed_to_f32(s0), P.fixed_to_f32(s1), P.fixed_to_f32(s2), P.fixed_to_f32(s3)
-        u0, u1, u2, u3 = P.fixed_to_f32(t0), P.fixed_to_f32(t1), P.fixed_to_f32(t2), P.fixed_to_f32(t3)
+        g0, g1, g2, g3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
+        u0, u1, u2, u3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
+        flag = Int32(1)
+        if cutlass.const_expr(GU_FIXED):
+            fx = ws + OFF_GX + Int64(m * 2 * I + c) * 8
+            flag = P.ld_cg_b32(ws + OFF_GXF + Int64(m) * 4)
+            s0, s1 = P.ld_cg_v2_u64(fx)
+            s2, s3 = P.ld_cg_v2_u64(fx + 16)
+            t0, t1 = P.ld_cg_v2_u64(fx + I * 8)
+            t2, t3 = P.ld_cg_v2_u64(fx + I * 8 + 16)
+            g0, g1, g2, g3 = P.fixed_to_f32(s0), P.fixed_to_f32(s1), P.fixed_to_f32(s2), P.fixed_to_f32(s3)
+            u0, u1, u2, u3 = P.fixed_to_f32(t0), P.fixed_to_f32(t1), P.fixed_to_f32(t2), P.fixed_to_f32(t3)
         if flag != 0:
-            # a partial of this token was not finite or out of the fixed-point range: its fp32 partials, summed in
-            # split order, give the sums (NaN and inf as the GEMM would give them)
+            # no fixed-point sums here, or a partial of this token was not finite or out of their range: the fp32
+            # partials in split order (NaN and inf as the GEMM would give them)
             g0, g1, g2, g3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
             u0, u1, u2, u3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
             for s in cutlass.range_constexpr(S.gu_splits):
@@ -780,13 +787,15 @@ def build_kernel(spec: KernelSpec):
                 b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
                 g0, g1, g2, g3 = g0 + a0, g1 + a1, g2 + a2, g3 + a3
                 u0, u1, u2, u3 = u0 + b0, u1 + b1, u2 + b2, u3 + b3
-        gt = [g0, g1, g2, g3]
-        up = [u0, u1, u2, u3]
-        stamp(ACT, 1, trace_tile, ws, tid)
+        return g0, g1, g2, g3, u0, u1, u2, u3
+
+    def act_math(v):
+        """The 8 values of act_sums -> h = bf16(SiLU(bf16(gate)) * bf16(up)) with vLLM's bf16 roundings, then FP8
+        quantization with the 128-group's scale (the warp's). Returns (4 e4m3 codes packed, scale)."""
         h = []
-        for j in cutlass.range_constexpr(4):
-            gj = P.round_bf16(gt[j])
-            uj = P.round_bf16(up[j])
+        for j in range(4):
+            gj = P.round_bf16(v[j])
+            uj = P.round_bf16(v[4 + j])
             act = P.round_bf16(P.div_exact(gj, Float32(1.0) + P.exp_f32(-gj)))
             h.append(P.round_bf16(act * uj))
         return quant_group(h[0], h[1], h[2], h[3])
@@ -800,11 +809,24 @@ def build_kernel(spec: KernelSpec):
         if cutlass.const_expr("act" in WHATIF):
             return
         if m < M:
-            q, scale = act_group(m, g, lane, ws, g, tid)
+            v = act_sums(m, g, lane, ws)
+            stamp(ACT, 1, g, ws, tid)
+            q, scale = act_math(v)
             P.st_b32(ws + OFF_HQ + Int64(m * I + g * 128 + lane * 4), q)
             if lane == 0:
                 P.st_f32(ws + OFF_HS + Int64(m * (I // 128) + g) * 4, scale)
         stamp(ACT, 2, g, ws, tid)
+
+    @cute.jit
+    def act_to_smem(q: Uint32, scale: Float32, m: Int32, g: Int32, sf: Int32, lane: Int32):
+        """A unit's codes and scale into the down GEMM's staging buffer, as stage_fp8_acts would stage them."""
+        kk = g * 128 + lane * 4
+        if cutlass.const_expr(QGMMA):
+            P.sts_b32(act_word(sf, kk, m), Int32(q))  # the wgmma B layout
+        else:
+            P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
+        if lane == 0:
+            P.sts_f32(sf + S_AS + (m * (I // 128) + g) * 4, scale)
 
     @cute.jit
     def stage_act_to_smem(ws: Int64, sf: Int32, tid: Int32, trace_tile: Int32):
@@ -815,19 +837,28 @@ def build_kernel(spec: KernelSpec):
         G = I // 128
         warp = tid >> 5
         lane = tid & 31
-        for r in cutlass.range_constexpr((M * G + WARPS - 1) // WARPS):
-            u = warp + WARPS * r
-            if u < M * G:
-                m = u // G
-                g = u % G
-                q, scale = act_group(m, g, lane, ws, trace_tile + r, tid)
-                kk = g * 128 + lane * 4
-                if cutlass.const_expr(QGMMA):
-                    P.sts_b32(act_word(sf, kk, m), Int32(q))  # the wgmma B layout, as stage_fp8_acts stores it
-                else:
-                    P.sts_v2(sf + S_ACT + (m * I + kk) * 2, P.e4m3x2_lo_to_f16x2(q), P.e4m3x2_hi_to_f16x2(q))
-                if lane == 0:
-                    P.sts_f32(sf + S_AS + (m * G + g) * 4, scale)
+        U = (M * G + WARPS - 1) // WARPS  # units per warp
+        if cutlass.const_expr(U == 1):
+            if warp < M * G:
+                v = act_sums(warp // G, warp % G, lane, ws)
+                stamp(ACT, 1, trace_tile, ws, tid)
+                q, scale = act_math(v)
+                act_to_smem(q, scale, warp // G, warp % G, sf, lane)
+        else:
+            # Every unit's sums first, then every unit's math: the math is a latency chain (double-precision
+            # divisions) that interleaves with the other unit's only within one basic block (a unit's fallback
+            # branch between them kept them apart: session 17's first gu-fixed build). Where M * G is not a
+            # multiple of 8, a warp's last unit past the end is computed on the last unit's row instead -- no
+            # branch between the units' math -- and not stored.
+            sums = []
+            for r in cutlass.range_constexpr(U):
+                u = P.sel_i32(warp + WARPS * r < M * G, warp + WARPS * r, Int32(M * G - 1))
+                sums.append(act_sums(u // G, u % G, lane, ws))
+            stamp(ACT, 1, trace_tile, ws, tid)
+            for r in cutlass.range_constexpr(U):
+                q, scale = act_math(sums[r])
+                if warp + WARPS * r < M * G:
+                    act_to_smem(q, scale, (warp + WARPS * r) // G, (warp + WARPS * r) % G, sf, lane)
         if cutlass.const_expr(QGMMA):
             # zero rows M .. 7: 16 bytes per (k32 step, core matrix, row)
             RZ = 8 - M

@@ -296,8 +296,19 @@ class KernelSpec:
         return off
 
     @property
+    def gu_fixed(self) -> bool:
+        """The gate_up partials also meet in fixed-point sums (megakernel.py's gate_up_task), which the act reads
+        instead of the fp32 partials: TP8 with the act inside the down tasks at M >= 5, where each of the 56 down
+        tasks would read M x 14 KB of partials at once (2 act units per warp). Measured at every M (session 17,
+        H200): M = 8 -0.24 us; M = 1 / 4 +0.1 and TP1 +0.5..+1.1 us (the zeroing and the atomics cost more
+        than the smaller reads save)."""
+        return self.small_shared and self.fuse_act and self.m >= 5
+
+    @property
     def gu_fixed_bytes(self) -> int:
         """The gate_up sums in fixed point ([M, 2 I] int64) and the per-token fallback flags after them."""
+        if not self.gu_fixed:
+            return 0
         return self.m * 2 * self.inter * 8 + (self.m * 4 + 15) // 16 * 16
 
     @property
