@@ -83,13 +83,17 @@ def test_check_table_catches_a_forward_wait():
         check_table(rows[::-1])
 
 
-def test_workspace_layout_is_disjoint_and_aligned():
-    spec = KernelSpec.from_config(CONFIGS[2], 8)
+@pytest.mark.parametrize("cfg", [0, 2])
+def test_workspace_layout_is_disjoint_and_aligned(cfg):
+    spec = KernelSpec.from_config(CONFIGS[cfg], 8)
     lay = spec.ws_layout()
     offs = sorted((v, k) for k, v in lay.items() if k != "total")
     assert all(v % 256 == 0 for v, _ in offs)
+    inter = spec.inter
     sizes = {"x": 8 * 7168 * 2, "router_part": spec.router_splits * 8 * 256 * 4,
-             "gu_part": spec.gu_splits * 8 * 4096 * 4, "gu_fixed": 8 * 4096 * 8 + 32, "h_q": 8 * 2048, "h_scale": 8 * 16 * 4, "trace": 0, "phases": 0}
+             "gu_part": spec.gu_splits * 8 * 2 * inter * 4, "h_q": 8 * inter, "h_scale": 8 * inter // 128 * 4,
+             "gu_fixed": 8 * 2 * inter * 8 + 32 if spec.gu_fixed else 0, "trace": 0, "phases": 0}
+    assert spec.gu_fixed == (cfg == 0)  # TP8 at M = 8 sums the gate_up partials in fixed point, TP1 does not
     for (a, ka), (b, _) in zip(offs, offs[1:] + [(lay["total"], "total")]):
         assert a + sizes[ka] <= b
 
