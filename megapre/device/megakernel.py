@@ -837,28 +837,13 @@ def build_kernel(spec: KernelSpec):
         G = I // 128
         warp = tid >> 5
         lane = tid & 31
-        U = (M * G + WARPS - 1) // WARPS  # units per warp
-        if cutlass.const_expr(U == 1):
-            if warp < M * G:
-                v = act_sums(warp // G, warp % G, lane, ws)
-                stamp(ACT, 1, trace_tile, ws, tid)
+        for r in cutlass.range_constexpr((M * G + WARPS - 1) // WARPS):
+            u = warp + WARPS * r
+            if u < M * G:
+                v = act_sums(u // G, u % G, lane, ws)
+                stamp(ACT, 1, trace_tile + r, ws, tid)
                 q, scale = act_math(v)
-                act_to_smem(q, scale, warp // G, warp % G, sf, lane)
-        else:
-            # Every unit's sums first, then every unit's math: the math is a latency chain (double-precision
-            # divisions) that interleaves with the other unit's only within one basic block (a unit's fallback
-            # branch between them kept them apart: session 17's first gu-fixed build). Where M * G is not a
-            # multiple of 8, a warp's last unit past the end is computed on the last unit's row instead -- no
-            # branch between the units' math -- and not stored.
-            sums = []
-            for r in cutlass.range_constexpr(U):
-                u = P.sel_i32(warp + WARPS * r < M * G, warp + WARPS * r, Int32(M * G - 1))
-                sums.append(act_sums(u // G, u % G, lane, ws))
-            stamp(ACT, 1, trace_tile, ws, tid)
-            for r in cutlass.range_constexpr(U):
-                q, scale = act_math(sums[r])
-                if warp + WARPS * r < M * G:
-                    act_to_smem(q, scale, (warp + WARPS * r) // G, (warp + WARPS * r) % G, sf, lane)
+                act_to_smem(q, scale, u // G, u % G, sf, lane)
         if cutlass.const_expr(QGMMA):
             # zero rows M .. 7: 16 bytes per (k32 step, core matrix, row)
             RZ = 8 - M
