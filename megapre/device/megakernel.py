@@ -37,7 +37,7 @@ from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
 from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
-                         TARGET_BITS, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR, WS_HEAD,
+                         TARGET_BITS, TERMINAL_STAGES, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR, WS_HEAD,
                          KernelSpec, terminal_tasks)
 from . import primitives as P
 
@@ -434,10 +434,15 @@ def build_kernel(spec: KernelSpec):
     # waiting for a task's inputs: thread 0 spins on the counter named in the task row, then the CTA syncs
     # ------------------------------------------------------------------------------------------------
     @cute.jit
+    def static_count(grid: Int32) -> Int32:
+        """KernelSpec.n_static: CTA b < this starts on task b without a ticket (TP8: up to the route)."""
+        return P.sel_i32(grid < min(NT, STATIC_CAP), grid, Int32(min(NT, STATIC_CAP)))
+
+    @cute.jit
     def exit_free_count(grid: Int32) -> Int32:
         """plan.exit_free_tasks: the CTAs that leave after a terminal task from the queue, without a last ticket
         (each such task's CTA leaves after it), unless they would be the whole grid."""
-        n_static = P.sel_i32(grid < min(NT, STATIC_CAP), grid, Int32(min(NT, STATIC_CAP)))
+        n_static = static_count(grid)
         n = Int32(NT) - P.sel_i32(n_static > D_FIRST, n_static, Int32(D_FIRST)) + P.sel_i32(n_static <= R_IDX, 1, 0)
         return P.sel_i32(n < grid, n, 0)
 
@@ -448,7 +453,7 @@ def build_kernel(spec: KernelSpec):
         starts after the previous one is complete, so every value a CTA of launch L sees before taking its own
         last ticket lies in [L * per_launch, (L + 1) * per_launch)."""
         grid = cute.arch.grid_dim()[0]
-        n_static = P.sel_i32(grid < min(NT, STATIC_CAP), grid, Int32(min(NT, STATIC_CAP)))
+        n_static = static_count(grid)
         per_launch = Int64(NT) - Int64(n_static) + Int64(grid) - Int64(exit_free_count(grid))  # plan's
         launch_no = t64 // per_launch
         P.sts_u64(si + (SI_TASK + T_WINDOW) * 4, launch_no * per_launch)
@@ -916,6 +921,17 @@ def build_kernel(spec: KernelSpec):
                 P.st_b32(o_eids + Int64(tid + i * THREADS) * 4, Uint32(0xFFFFFFFF))
 
     @cute.jit
+    def pair_local_expert(first_local: Int32, si: Int32, tid: Int32) -> Int32:
+        """Pair `tid` (token tid // top_k, its pick tid % top_k): the picked expert's index among this rank's local
+        experts, -1 for an expert of another rank, -2 past the pairs (those lanes match only each other and
+        count nowhere)."""
+        lid = Int32(-2)
+        if tid < P_PAIRS:
+            e = P.lds_b32(si + (SI_TOPK + tid) * 4) - first_local
+            lid = P.sel_i32(P.sel_i32(e >= 0, 1, 0) & P.sel_i32(e < S.n_local, 1, 0), e, Int32(-1))
+        return lid
+
+    @cute.jit
     def route_token_sort(o_sorted: Int64, o_eids: Int64, o_ntpp: Int64, first_local: Int32, ws: Int64, si: Int32,
                          tid: Int32, real_waits: Int32, p: Int32, stamp_tile: Int32):
         """moe_align_block_size over the local experts, whole CTA: pair ranks by match.any and per-warp counts,
@@ -926,10 +942,7 @@ def build_kernel(spec: KernelSpec):
         NL = S.n_local
         # rank of each (token, expert) pair among the pairs of its expert, in pair order: match.any inside a
         # warp, plus the counts of the earlier warps (per-warp count arrays, zeroed before the wait)
-        lid = Int32(-2)  # lanes past the pairs match only each other and count nowhere
-        if tid < P_PAIRS:
-            e = P.lds_b32(si + (SI_TOPK + tid) * 4) - first_local
-            lid = P.sel_i32(P.sel_i32(e >= 0, 1, 0) & P.sel_i32(e < NL, 1, 0), e, Int32(-1))
+        lid = pair_local_expert(first_local, si, tid)
         rank = Int32(0)
         if warp < PAIR_WARPS:
             same = P.match_any(lid)
@@ -1153,10 +1166,7 @@ def build_kernel(spec: KernelSpec):
                 # OR and popcounts -- no shared-memory counts, scan or CTA barriers (~0.35 us at M = 1 in session
                 # 16's trace, the route's last phase while it ended the call).
                 if warp == 0:
-                    lid = Int32(-2)  # lanes past the pairs match only each other and count nowhere
-                    if tid < P_PAIRS:
-                        e = P.lds_b32(si + (SI_TOPK + tid) * 4) - first_local
-                        lid = P.sel_i32(P.sel_i32(e >= 0, 1, 0) & P.sel_i32(e < NL, 1, 0), e, Int32(-1))
+                    lid = pair_local_expert(first_local, si, tid)
                     same = P.match_any(lid)
                     rank = P.popc(same & P.lanemask_lt())
                     used = P.warp_or_b32(P.sel_i32(lid >= 0, Int32(1) << (lid & 31), 0))
@@ -1224,8 +1234,7 @@ def build_kernel(spec: KernelSpec):
             P.griddep_launch_dependents()
             bid = cute.arch.block_idx()[0]
             grid = cute.arch.grid_dim()[0]
-            n_static = P.sel_i32(grid < n_tasks, grid, n_tasks)  # CTA b < n_static starts on task b (no ticket)
-            n_static = P.sel_i32(n_static < STATIC_CAP, n_static, Int32(STATIC_CAP))  # (TP8: not the route)
+            n_static = static_count(grid)  # CTA b < n_static starts on task b (no ticket)
             n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
             if tid == 0:
                 P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
@@ -1303,7 +1312,9 @@ def build_kernel(spec: KernelSpec):
                         P.sts_b32(si + (SI_TASK + T_NORM_AT_START) * 4, P.lds_b32(si + (SI_TASK + T_NORM_SEEN) * 4))
                         # A terminal task taken from the queue: its CTA leaves after it, without the ticket
                         # round trip at the end of the call's last tasks (plan.exit_free_tasks counts them).
-                        terminal = P.sel_i32((word & 7) == ROUTE, 1, P.sel_i32((word & 7) == DOWN, 1, 0))
+                        terminal = Int32(0)
+                        for ts in cutlass.range_constexpr(len(TERMINAL_STAGES)):
+                            terminal = terminal | P.sel_i32((word & 7) == TERMINAL_STAGES[ts], 1, 0)
                         # (exit_free_count recomputed here, not kept live through the loop: TP1 is at 255 registers)
                         if static == 0 and terminal != 0 and exit_free_count(cute.arch.grid_dim()[0]) > 0:
                             P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(EXIT_NOW))
