@@ -298,11 +298,11 @@ class KernelSpec:
     @property
     def gu_fixed(self) -> bool:
         """The gate_up partials also meet in fixed-point sums (megakernel.py's gate_up_task), which the act reads
-        instead of the fp32 partials: TP8 with the act inside the down tasks at M >= 7, where each of the 56 down
-        tasks would read ~100-114 KB of partials at once. Measured (session 17, H200, against fp32 partials):
-        M = 8 -0.24 us (two calls), M = 6 even, M = 5 +0.4, M = 1 / 4 +0.1, TP1 +0.5..+1.1 (the zeroing and the
-        atomics cost more than the smaller reads save)."""
-        return self.small_shared and self.fuse_act and self.m >= 7
+        instead of the fp32 partials: TP8 with the act inside the down tasks at M = 8, where each of the 56 down
+        tasks would read 114 KB of partials at once. Measured (session 17, H200, against fp32 partials, in one
+        call each): M = 8 -0.24 / -0.25 / -0.25 us (three calls), M = 7 +0.3, M = 6 even, M = 5 +0.4, M = 1 / 4
+        +0.1, TP1 +0.5..+1.1 (where the zeroing and the atomics cost more than the smaller reads save)."""
+        return self.small_shared and self.fuse_act and self.m >= 8
 
     @property
     def gu_fixed_bytes(self) -> int:
