@@ -60,7 +60,7 @@ def build_kernel(spec: KernelSpec):
     # stays below 2^63 (primitives.FIX_BITS); else (NaN, inf, huge) its token's flag is set, and the act sums
     # that token's fp32 partials instead, in split order, as before the fixed-point sums.
     GU_FIX_LIMIT = float(2 ** (63 - P.FIX_BITS - (S.gu_splits - 1).bit_length()))
-    GU_FIXED = S.gu_fixed  # (TP8 at M >= 5: KernelSpec.gu_fixed)
+    GU_FIXED = S.gu_fixed  # (TP8 at M = 8: KernelSpec.gu_fixed)
     QGMMA = S.fp8_mma == "qgmma"
     EPL = E // 32  # experts per lane in the top-k warp
     LPG = S.experts_per_group // EPL  # lanes per group
@@ -198,7 +198,7 @@ def build_kernel(spec: KernelSpec):
         for i in cutlass.range_constexpr((GX_CHUNK // 16 + THREADS - 1) // THREADS):
             off = tile * GX_CHUNK + (tid + i * THREADS) * 16
             if tid + i * THREADS < GX_CHUNK // 16 and off < S.gu_fixed_bytes:
-                P.st_v4(ws + OFF_GX + Int64(off), Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+                P.st_v4f(ws + OFF_GX + Int64(off), Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0))
 
     @cute.jit
     def stage_norm(tile: Int32, hidden: Int64, residual: Int64, norm_w: Int64, o_res: Int64, o_aq: Int64,
@@ -765,33 +765,37 @@ def build_kernel(spec: KernelSpec):
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
     # ------------------------------------------------------------------------------------------------
     @cute.jit
+    def act_split_sums(m: Int32, c: Int32, ws: Int64):
+        """Token m, gate and up columns c .. c + 3: the fp32 split partials summed in split order."""
+        g0, g1, g2, g3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
+        u0, u1, u2, u3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
+        for s in cutlass.range_constexpr(S.gu_splits):
+            base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
+            a0, a1, a2, a3 = P.ld_cg_v4f(base)
+            b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
+            g0, g1, g2, g3 = g0 + a0, g1 + a1, g2 + a2, g3 + a3
+            u0, u1, u2, u3 = u0 + b0, u1 + b1, u2 + b2, u3 + b3
+        return g0, g1, g2, g3, u0, u1, u2, u3
+
+    @cute.jit
     def act_sums(m: Int32, g: Int32, lane: Int32, ws: Int64):
         """Token m, h columns g*128 + lane*4 .. + 3: the gate and up GEMM outputs (fp32, 4 each) from the split
         partials -- their fixed-point sums (KernelSpec.gu_fixed), or the fp32 partials summed in split order."""
         c = g * 128 + lane * 4
-        g0, g1, g2, g3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
-        u0, u1, u2, u3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
-        flag = Int32(1)
-        if cutlass.const_expr(GU_FIXED):
-            fx = ws + OFF_GX + Int64(m * 2 * I + c) * 8
-            flag = P.ld_cg_b32(ws + OFF_GXF + Int64(m) * 4)
-            s0, s1 = P.ld_cg_v2_u64(fx)
-            s2, s3 = P.ld_cg_v2_u64(fx + 16)
-            t0, t1 = P.ld_cg_v2_u64(fx + I * 8)
-            t2, t3 = P.ld_cg_v2_u64(fx + I * 8 + 16)
-            g0, g1, g2, g3 = P.fixed_to_f32(s0), P.fixed_to_f32(s1), P.fixed_to_f32(s2), P.fixed_to_f32(s3)
-            u0, u1, u2, u3 = P.fixed_to_f32(t0), P.fixed_to_f32(t1), P.fixed_to_f32(t2), P.fixed_to_f32(t3)
+        if cutlass.const_expr(not GU_FIXED):
+            return act_split_sums(m, c, ws)
+        fx = ws + OFF_GX + Int64(m * 2 * I + c) * 8
+        flag = P.ld_cg_b32(ws + OFF_GXF + Int64(m) * 4)
+        s0, s1 = P.ld_cg_v2_u64(fx)
+        s2, s3 = P.ld_cg_v2_u64(fx + 16)
+        t0, t1 = P.ld_cg_v2_u64(fx + I * 8)
+        t2, t3 = P.ld_cg_v2_u64(fx + I * 8 + 16)
+        g0, g1, g2, g3 = P.fixed_to_f32(s0), P.fixed_to_f32(s1), P.fixed_to_f32(s2), P.fixed_to_f32(s3)
+        u0, u1, u2, u3 = P.fixed_to_f32(t0), P.fixed_to_f32(t1), P.fixed_to_f32(t2), P.fixed_to_f32(t3)
         if flag != 0:
-            # no fixed-point sums here, or a partial of this token was not finite or out of their range: the fp32
-            # partials in split order (NaN and inf as the GEMM would give them)
-            g0, g1, g2, g3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
-            u0, u1, u2, u3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
-            for s in cutlass.range_constexpr(S.gu_splits):
-                base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
-                a0, a1, a2, a3 = P.ld_cg_v4f(base)
-                b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
-                g0, g1, g2, g3 = g0 + a0, g1 + a1, g2 + a2, g3 + a3
-                u0, u1, u2, u3 = u0 + b0, u1 + b1, u2 + b2, u3 + b3
+            # a partial of this token was not finite or out of the fixed-point range: the fp32 partials in split
+            # order (NaN and inf as the GEMM would give them)
+            g0, g1, g2, g3, u0, u1, u2, u3 = act_split_sums(m, c, ws)
         return g0, g1, g2, g3, u0, u1, u2, u3
 
     def act_math(v):

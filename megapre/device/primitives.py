@@ -374,11 +374,6 @@ def ld_cg_v2_u64(addr: Int64):
     return _asm([Int64, Int64], [addr], "ld.global.cg.v2.u64 {$0, $1}, [$2];", "=l,=l,l", True)
 
 
-@cute.jit
-def st_v4(addr: Int64, a: Uint32, b: Uint32, c: Uint32, d: Uint32):
-    _asm([], [addr, a, b, c, d], "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r", True)
-
-
 # ---- split-K sums in fixed point ------------------------------------------------------------------------
 # Integer addition is associative, so partials added with atomics in any order give the same bits every run.
 # A partial p with |p| < 2^(63 - FIX_BITS - log2(addends)) becomes round(p * 2^FIX_BITS) -- exact for
