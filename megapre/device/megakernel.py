@@ -110,7 +110,9 @@ def build_kernel(spec: KernelSpec):
         hc, hd = P.bf16x2_to_f32(h1)
         ra, rb = P.bf16x2_to_f32(r0)
         rc, rd = P.bf16x2_to_f32(r1)
-        return [P.round_bf16(ha + ra), P.round_bf16(hb + rb), P.round_bf16(hc + rc), P.round_bf16(hd + rd)]
+        a, b = P.round_bf16x2(ha + ra, hb + rb)
+        c, d = P.round_bf16x2(hc + rc, hd + rd)
+        return [a, b, c, d]
 
     @cute.jit
     def norm_row(m: Int32, hidden: Int64, residual: Int64, si: Int32, tid: Int32, trace_tile: Int32, ws: Int64):
@@ -157,7 +159,11 @@ def build_kernel(spec: KernelSpec):
         wa, wb = P.bf16x2_to_f32(w0)
         wc, wd = P.bf16x2_to_f32(w1)
         wv = [wa, wb, wc, wd]
-        x = [P.round_bf16(P.round_bf16(v[j] * rstd) * wv[j]) for j in range(4)]
+        n0, n1 = P.round_bf16x2(v[0] * rstd, v[1] * rstd)
+        n2, n3 = P.round_bf16x2(v[2] * rstd, v[3] * rstd)
+        x0, x1 = P.round_bf16x2(n0 * wv[0], n1 * wv[1])
+        x2, x3 = P.round_bf16x2(n2 * wv[2], n3 * wv[3])
+        x = [x0, x1, x2, x3]
         q, scale = quant_group(x[0], x[1], x[2], x[3])
         return v, x, q, scale
 
@@ -182,10 +188,15 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def quant_group(x0: Float32, x1: Float32, x2: Float32, x3: Float32):
         """FP8 of a warp's 128-group (4 values per lane): (4 e4m3 codes packed, the group's scale)."""
-        amax = P.warp_amax(x0, x1, x2, x3)  # one redux.sync instead of five shuffle rounds
-        # = IEEE fl32(max(amax, 1e-10) / 448) and fl32(x_i / scale), bit for bit, without div.rn's branches
-        scale = P.div448(P.fmax(amax, Float32(1e-10)))
-        q0, q1, q2, q3 = P.div4_by(scale, x0, x1, x2, x3)
+        amax = P.fmax(P.warp_amax(x0, x1, x2, x3), Float32(1e-10))  # one redux.sync instead of five shuffle rounds
+        # = IEEE fl32(amax / 448) and fl32(x_i / scale), bit for bit, without div.rn's branches: on the FMA pipe
+        # (P.div_fast) where that is exact -- amax <= 2^60, so the scale and every quotient stay in range --, else
+        # in double precision. amax is the warp's (redux), so the branch is warp-uniform.
+        scale = P.div_fast(amax, Float32(448.0))
+        q0, q1, q2, q3 = P.div4_by_fast(scale, x0, x1, x2, x3)
+        if P.div_fast_ok(amax, Float32(448.0)) == 0:  # inf, NaN or huge
+            scale = P.div448(amax)
+            q0, q1, q2, q3 = P.div4_by(scale, x0, x1, x2, x3)
         q = P.f32x4_to_e4m3x4(q0, q1, q2, q3)
         return q, scale
 
@@ -798,16 +809,31 @@ def build_kernel(spec: KernelSpec):
             g0, g1, g2, g3, u0, u1, u2, u3 = act_split_sums(m, c, ws)
         return g0, g1, g2, g3, u0, u1, u2, u3
 
+    @cute.jit
+    def silu4(g0: Float32, g1: Float32, g2: Float32, g3: Float32):
+        """fl32(g / (1 + e^-g)) of four bf16 values: the division on the FMA pipe where that is exact (P.div_fast),
+        else -- in the whole warp, if any lane needs it (g < -41, tiny, NaN or inf) -- in double precision."""
+        e0 = Float32(1.0) + P.exp_f32(-g0)
+        e1 = Float32(1.0) + P.exp_f32(-g1)
+        e2 = Float32(1.0) + P.exp_f32(-g2)
+        e3 = Float32(1.0) + P.exp_f32(-g3)
+        s0, s1, s2, s3 = P.div_fast(g0, e0), P.div_fast(g1, e1), P.div_fast(g2, e2), P.div_fast(g3, e3)
+        ok = P.div_fast_ok(g0, e0) & P.div_fast_ok(g1, e1) & P.div_fast_ok(g2, e2) & P.div_fast_ok(g3, e3)
+        if P.warp_any(ok == 0) != 0:
+            s0, s1, s2, s3 = P.div_exact(g0, e0), P.div_exact(g1, e1), P.div_exact(g2, e2), P.div_exact(g3, e3)
+        return s0, s1, s2, s3
+
     def act_math(v):
         """The 8 values of act_sums -> h = bf16(SiLU(bf16(gate)) * bf16(up)) with vLLM's bf16 roundings, then FP8
         quantization with the 128-group's scale (the warp's). Returns (4 e4m3 codes packed, scale)."""
-        h = []
-        for j in range(4):
-            gj = P.round_bf16(v[j])
-            uj = P.round_bf16(v[4 + j])
-            act = P.round_bf16(P.div_exact(gj, Float32(1.0) + P.exp_f32(-gj)))
-            h.append(P.round_bf16(act * uj))
-        return quant_group(h[0], h[1], h[2], h[3])
+        g = list(P.round_bf16x2(v[0], v[1])) + list(P.round_bf16x2(v[2], v[3]))
+        u = list(P.round_bf16x2(v[4], v[5])) + list(P.round_bf16x2(v[6], v[7]))
+        s0, s1, s2, s3 = silu4(g[0], g[1], g[2], g[3])
+        a0, a1 = P.round_bf16x2(s0, s1)
+        a2, a3 = P.round_bf16x2(s2, s3)
+        h0, h1 = P.round_bf16x2(a0 * u[0], a1 * u[1])
+        h2, h3 = P.round_bf16x2(a2 * u[2], a3 * u[3])
+        return quant_group(h0, h1, h2, h3)
 
     @cute.jit
     def stage_act(g: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):

@@ -16,6 +16,8 @@ from cutlass import Float32, Int32, Int64, Uint32
 from cutlass._mlir import ir
 from cutlass._mlir.dialects import llvm
 
+from . import fast_div
+
 
 def _coerce(a):
     """Python ints/floats become Int32/Float32 and predicates become 0/1 Int32, so helpers take any of them."""
@@ -448,6 +450,13 @@ def ballot(pred: Int32) -> Int32:
 
 
 @cute.jit
+def warp_any(pred: Int32) -> Int32:
+    """1 on every lane if pred != 0 on any lane (full warp), else 0."""
+    return _asm([Int32], [pred], "{ .reg .pred p, q; setp.ne.s32 p, $1, 0; vote.sync.any.pred q, p, 0xffffffff; "
+                "selp.s32 $0, 1, 0, q; }", "=r,r", True)
+
+
+@cute.jit
 def warp_or_b32(v: Int32) -> Int32:
     """Bitwise OR of v over the warp (redux.sync)."""
     return _asm([Int32], [v], "redux.sync.or.b32 $0, $1, 0xffffffff;", "=r,r", True)
@@ -490,6 +499,11 @@ def atom_add_relaxed_u64(addr: Int64, v: Int64) -> Int64:
 def _f64_hex(x: float) -> str:
     """A double constant as PTX writes it (0d + 16 hex digits)."""
     return "0d" + struct.pack(">d", x).hex().upper()
+
+
+def _f32_hex(x: float) -> str:
+    """A float constant as PTX writes it (0f + 8 hex digits)."""
+    return "0f" + struct.pack(">f", x).hex().upper()
 
 
 R448_HEX = _f64_hex(1.0 / 448)  # 0d3F62492492492492
@@ -583,6 +597,49 @@ def div_exact(a: Float32, b: Float32) -> Float32:
              "{ .reg .f64 r, bd, n, e, ad; cvt.f64.f32 bd, $2; " + _RCP64.format(r="r", b="bd", n="n", e="e")
              + "cvt.f64.f32 ad, $1; mul.rn.f64 ad, ad, r; cvt.rn.f32.f64 $0, ad; }", "=f,f,f")
     return sel_f32(is_inf(b), a * Float32(0.0), q)
+
+
+# ---- exact fp32 division on the FMA pipe (megapre/device/fast_div.py says why and where it is exact) -------
+@cute.jit
+def div_fast(a: Float32, b: Float32) -> Float32:
+    """fl32(a / b) where div_fast_ok(a, b); a = +-0 gives +-0 (the sequence's residual would turn -0 into +0)."""
+    q = _asm([Float32], [a, b], fast_div.div_ptx("$0", "$1", "$2"), "=f,f,f")
+    return sel_f32(a == Float32(0.0), a, q)
+
+
+@cute.jit
+def div_fast_ok(a: Float32, b: Float32) -> Int32:
+    """1 where div_fast(a, b) is exact: 2^-60 <= |b| <= 2^60 and (a = 0 or 2^-60 <= |a| <= 2^60); 0 for any
+    NaN or inf."""
+    return _asm([Int32], [a, b],
+                "{ .reg .f32 x, y; .reg .pred p, q; abs.f32 x, $1; abs.f32 y, $2; "
+                f"setp.ge.f32 p, y, {_f32_hex(fast_div.DIV_LO)}; setp.le.and.f32 p, y, {_f32_hex(fast_div.DIV_HI)}, p; "
+                f"setp.ge.f32 q, x, {_f32_hex(fast_div.DIV_LO)}; setp.eq.or.f32 q, x, 0f00000000, q; "
+                f"setp.le.and.f32 q, x, {_f32_hex(fast_div.DIV_HI)}, q; and.pred p, p, q; selp.s32 $0, 1, 0, p; }}",
+                "=r,f,f")
+
+
+@cute.jit
+def div4_by_fast(s: Float32, x0: Float32, x1: Float32, x2: Float32, x3: Float32):
+    """fl32(x_i / s) for one divisor with 2^-60 <= |s| <= 2^60 (div_fast_ok(1, s)) and any finite x_i whose
+    quotient is at most ~2^60: quantization to FP8 codes (|x_i| <= amax, s = amax / 448). A quotient that falls
+    below the normal range (|x_i / s| < 2^-126) may be off in its last bits there, but keeps its sign: every
+    such value is an e4m3 (signed) zero either way. x_i = +-0 gives +-0."""
+    q = _asm([Float32] * 4, [s, x0, x1, x2, x3],
+             "{ .reg .f32 y, nb, e, q, r; " + fast_div.DIV_RCP.format(y="y", b="$4", nb="nb", e="e")
+             + "".join(fast_div.DIV_Q.format(q="q", a=f"${5 + i}", y="y", r="r", nb="nb", o=f"${i}") for i in range(4))
+             + "}", "=f,=f,=f,=f,f,f,f,f,f")
+    return [sel_f32(x == Float32(0.0), x, qi) for x, qi in zip((x0, x1, x2, x3), q)]
+
+
+@cute.jit
+def round_bf16x2(a: Float32, b: Float32):
+    """(a, b) each rounded to the nearest bf16, as f32: one packed cvt (F2FP, on the ALU pipe) for two values, where
+    round_bf16's cvt.rn.bf16.f32 is an F2F on the conversion pipe (16 per SM per clock). Same bits, NaN included
+    (the same conversion)."""
+    return _asm([Float32, Float32], [a, b],
+                "{ .reg .b32 t, u; cvt.rn.bf16x2.f32 t, $3, $2; shl.b32 u, t, 16; mov.b32 $0, u; "
+                "and.b32 u, t, 0xffff0000; mov.b32 $1, u; }", "=f,=f,f,f")
 
 
 @cute.jit
