@@ -874,11 +874,23 @@ def build_kernel(spec: KernelSpec):
         lane = tid & 31
         for r in cutlass.range_constexpr((M * G + WARPS - 1) // WARPS):
             u = warp + WARPS * r
-            if u < M * G:
-                v = act_sums(u // G, u % G, lane, ws)
+            if cutlass.const_expr(r == 0 or (M * G) % WARPS == 0):
+                if u < M * G:
+                    v = act_sums(u // G, u % G, lane, ws)
+                    stamp(ACT, 1, trace_tile + r, ws, tid)
+                    q, scale = act_math(v)
+                    act_to_smem(q, scale, u // G, u % G, sf, lane)
+            else:
+                # A second unit on some warps only (M = 5 / 6 / 7): loads and math on every warp -- the ones without
+                # a unit redo the last one -- and only the staging under the branch, so that ptxas can issue these
+                # loads before the first unit's math (behind `if u < M * G` they waited for it: one more L2 round
+                # trip at M = 5..7 than at M = 8, where the branch folds away).
+                uc = P.sel_i32(u < M * G, u, Int32(M * G - 1))
+                v = act_sums(uc // G, uc % G, lane, ws)
                 stamp(ACT, 1, trace_tile + r, ws, tid)
                 q, scale = act_math(v)
-                act_to_smem(q, scale, u // G, u % G, sf, lane)
+                if u < M * G:
+                    act_to_smem(q, scale, u // G, u % G, sf, lane)
         if cutlass.const_expr(QGMMA):
             # zero rows M .. 7: 16 bytes per (k32 step, core matrix, row)
             RZ = 8 - M
