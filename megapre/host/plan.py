@@ -301,7 +301,8 @@ class KernelSpec:
         instead of the fp32 partials: TP8 with the act inside the down tasks at M = 8, where each of the 56 down
         tasks would read 114 KB of partials at once. Measured (session 17, H200, against fp32 partials, in one
         call each): M = 8 -0.24 / -0.25 / -0.25 us (three calls), M = 7 +0.3, M = 6 even, M = 5 +0.4, M = 1 / 4
-        +0.1, TP1 +0.5..+1.1 (where the zeroing and the atomics cost more than the smaller reads save)."""
+        +0.1, TP1 +0.5..+1.1 (where the zeroing and the atomics cost more than the smaller reads save); again in
+        session 18 with the act's math on the FMA pipe: M = 5 / 6 / 7 +0.25 / +0.2 / +0.1."""
         return self.small_shared and self.fuse_act and self.m >= 8
 
     @property
