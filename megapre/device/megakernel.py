@@ -304,7 +304,9 @@ def build_kernel(spec: KernelSpec):
         for i in range(first, first + count):
             k_chunk = k0 + chunk_of(warp, i, rows, kc, fp8) * 64
             col = k_chunk + 16 * tq
-            if "weights" in WHATIF:  # what-if: no weight traffic, the mma on constants (0x38 = e4m3 1.0)
+            # what-if: no weight traffic, the mma on constants (0x38 = e4m3 1.0) -- every GEMM's, or one GEMM's
+            if "weights" in WHATIF or ("router_w" in WHATIF and not fp8) or ("gu_w" in WHATIF and fp8 and ldw == H) \
+                    or ("down_w" in WHATIF and fp8 and ldw == I):
                 c4 = [Uint32(0x38383838)] * 4
                 raw.append((c4, c4) if fp8 else (c4 + c4, c4 + c4))
                 if fp8:
@@ -1310,8 +1312,10 @@ def build_kernel(spec: KernelSpec):
                     k = bid - n_norm
                     n_pf = P.sel_i32(prefetch_ctas < grid - n_norm, prefetch_ctas, grid - n_norm)
                     if k < n_pf and not WHATIF_NO_WEIGHTS:
-                        prefetch_slice(w13, 2 * I * H, k, n_pf)
-                        prefetch_slice(w2, H * I, k, n_pf)
+                        if cutlass.const_expr("gu_w" not in WHATIF):
+                            prefetch_slice(w13, 2 * I * H, k, n_pf)
+                        if cutlass.const_expr("down_w" not in WHATIF):
+                            prefetch_slice(w2, H * I, k, n_pf)
             # The task table (one packed word per task, uploaded before any launch that uses it) into shared
             # memory, while the previous kernel may still run.
             for i in cutlass.range_constexpr((NT + THREADS - 1) // THREADS):

@@ -61,7 +61,7 @@ ERR_INTS = 8
 # weight load (the mma runs on constants) and the L2 weight prefetch; gemm = the router, gate_up and down tasks
 # reduced to their wait; waits = no task waits on another; fence = a finished task signals its counter without
 # the release fence (its consumers may then read stale data: timing only).
-WHATIF_PARTS = ("norm", "route", "act", "weights", "gemm", "waits", "fence")
+WHATIF_PARTS = ("norm", "route", "act", "weights", "gemm", "waits", "fence", "router_w", "gu_w", "down_w")
 
 
 # The bench's what-if backends (python -m megapre bench --backends ...; built by python -m megapre build --whatif):
@@ -72,6 +72,9 @@ WHATIF_VARIANTS = {
     "fused-no-route": ("route",),
     "fused-no-act": ("act",),
     "fused-no-weights": ("weights",),
+    "fused-no-router-w": ("router_w",),  # one GEMM's weight traffic left out (its L2 prefetch too)
+    "fused-no-gu-w": ("gu_w",),
+    "fused-no-down-w": ("down_w",),
     "fused-skeleton": ("norm", "route", "act", "weights"),  # launch, tickets, waits, GEMM staging + math
     "fused-queue": ("norm", "route", "act", "weights", "gemm"),  # launch, tickets, waits
     "fused-launch": ("norm", "route", "act", "weights", "gemm", "waits"),  # launch, tickets
