@@ -55,7 +55,7 @@ def build_kernel(spec: KernelSpec):
     LAY = S.ws_layout()
     OFF_X, OFF_RP, OFF_GU, OFF_GX, OFF_HQ, OFF_HS, OFF_TR, OFF_PH = (
         LAY[k] for k in ("x", "router_part", "gu_part", "gu_fixed", "h_q", "h_scale", "trace", "phases"))
-    OFF_GXF = OFF_GX + M * 2 * S.inter * 8  # the per-token fallback flags after the fixed-point sums
+    OFF_GXF = OFF_GX + S.gu_fixed_flags_at  # the per-token fallback flags after the fixed-point sums
     # A gate_up partial goes into the fixed-point sum when |p| < GU_FIX_LIMIT, so that the sum of all splits
     # stays below 2^63 (primitives.FIX_BITS); else (NaN, inf, huge) its token's flag is set, and the act sums
     # that token's fp32 partials instead, in split order, as before the fixed-point sums.

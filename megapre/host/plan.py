@@ -309,11 +309,17 @@ class KernelSpec:
         return self.small_shared and self.fuse_act and self.m >= 8
 
     @property
+    def gu_fixed_flags_at(self) -> int:
+        """Byte offset of the per-token fallback flags in the "gu_fixed" area: right after the sums ([M, 2 I] int64),
+        so that the norm tasks zero sums and flags as one span."""
+        return self.m * 2 * self.inter * 8
+
+    @property
     def gu_fixed_bytes(self) -> int:
         """The gate_up sums in fixed point ([M, 2 I] int64) and the per-token fallback flags after them."""
         if not self.gu_fixed:
             return 0
-        return self.m * 2 * self.inter * 8 + (self.m * 4 + 15) // 16 * 16
+        return self.gu_fixed_flags_at + (self.m * 4 + 15) // 16 * 16
 
     @property
     def max_kc(self) -> int:
