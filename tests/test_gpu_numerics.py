@@ -36,7 +36,8 @@ def _bf16_kernel(x_ptr, pair_ptr, single_ptr, n, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + i, mask=i < n)
     y = tl.load(x_ptr + (i ^ 1), mask=i < n)
-    # the text of primitives.round_bf16x2 (its first output) and of primitives.round_bf16
+    # primitives.round_bf16x2 is f32x2_to_bf16x2 (cvt.rn.bf16x2.f32) then bf16x2_to_f32 (shl / and): its first
+    # output here, its second below; and primitives.round_bf16
     pair = tl.inline_asm_elementwise(
         "{ .reg .b32 t, u; cvt.rn.bf16x2.f32 t, $2, $1; shl.b32 u, t, 16; mov.b32 $0, u; }", "=f,f,f", [x, y],
         dtype=tl.float32, is_pure=True, pack=1)
@@ -52,7 +53,7 @@ def _bf16_kernel(x_ptr, pair_ptr, single_ptr, n, BLOCK: tl.constexpr):
 
 def _divide(a, b):
     fast, ieee = torch.empty_like(a), torch.empty_like(a)
-    _div_kernel[(triton.cdiv(a.numel(), 1024),)](a, b, fast, ieee, a.numel(), FAST=fast_div.div_ptx("$0", "$1", "$2"),
+    _div_kernel[(triton.cdiv(a.numel(), 1024),)](a, b, fast, ieee, a.numel(), FAST=fast_div.div_ptx(["$0"], ["$1"], "$2"),
                                                 BLOCK=1024)
     return fast, ieee
 

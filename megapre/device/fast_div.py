@@ -20,7 +20,8 @@ DIV_RCP = ("rcp.approx.ftz.f32 {y}, {b}; neg.f32 {nb}, {b}; fma.rn.f32 {e}, {nb}
 DIV_Q = "mul.rn.f32 {q}, {a}, {y}; fma.rn.f32 {r}, {nb}, {q}, {a}; fma.rn.f32 {o}, {y}, {r}, {q}; "
 
 
-def div_ptx(out: str, a: str, b: str) -> str:
-    """One quotient out = a / b (operands as PTX names or $n), in its own register scope."""
+def div_ptx(outs: list[str], nums: list[str], b: str) -> str:
+    """Quotients outs[i] = nums[i] / b for one divisor b (operands as PTX names or $n), the reciprocal refined
+    once for all of them, in its own register scope."""
     return ("{ .reg .f32 y, nb, e, q, r; " + DIV_RCP.format(y="y", b=b, nb="nb", e="e")
-            + DIV_Q.format(q="q", a=a, y="y", r="r", nb="nb", o=out) + "}")
+            + "".join(DIV_Q.format(q="q", a=a, y="y", r="r", nb="nb", o=o) for o, a in zip(outs, nums)) + "}")

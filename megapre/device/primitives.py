@@ -603,7 +603,7 @@ def div_exact(a: Float32, b: Float32) -> Float32:
 @cute.jit
 def div_fast(a: Float32, b: Float32) -> Float32:
     """fl32(a / b) where div_fast_ok(a, b); a = +-0 gives +-0 (the sequence's residual would turn -0 into +0)."""
-    q = _asm([Float32], [a, b], fast_div.div_ptx("$0", "$1", "$2"), "=f,f,f")
+    q = _asm([Float32], [a, b], fast_div.div_ptx(["$0"], ["$1"], "$2"), "=f,f,f")
     return sel_f32(a == Float32(0.0), a, q)
 
 
@@ -625,10 +625,9 @@ def div4_by_fast(s: Float32, x0: Float32, x1: Float32, x2: Float32, x3: Float32)
     quotient is at most ~2^60: quantization to FP8 codes (|x_i| <= amax, s = amax / 448). A quotient that falls
     below the normal range (|x_i / s| < 2^-126) may be off in its last bits there, but keeps its sign: every
     such value is an e4m3 (signed) zero either way. x_i = +-0 gives +-0."""
-    q = _asm([Float32] * 4, [s, x0, x1, x2, x3],
-             "{ .reg .f32 y, nb, e, q, r; " + fast_div.DIV_RCP.format(y="y", b="$4", nb="nb", e="e")
-             + "".join(fast_div.DIV_Q.format(q="q", a=f"${5 + i}", y="y", r="r", nb="nb", o=f"${i}") for i in range(4))
-             + "}", "=f,=f,=f,=f,f,f,f,f,f")
+    q = _asm([Float32] * 4, [s, x0, x1, x2, x3], fast_div.div_ptx([f"${i}" for i in range(4)],
+                                                                  [f"${5 + i}" for i in range(4)], "$4"),
+             "=f,=f,=f,=f,f,f,f,f,f")
     return [sel_f32(x == Float32(0.0), x, qi) for x, qi in zip((x0, x1, x2, x3), q)]
 
 
@@ -637,9 +636,7 @@ def round_bf16x2(a: Float32, b: Float32):
     """(a, b) each rounded to the nearest bf16, as f32: one packed cvt (F2FP, on the ALU pipe) for two values, where
     round_bf16's cvt.rn.bf16.f32 is an F2F on the conversion pipe (16 per SM per clock). Same bits, NaN included
     (the same conversion)."""
-    return _asm([Float32, Float32], [a, b],
-                "{ .reg .b32 t, u; cvt.rn.bf16x2.f32 t, $3, $2; shl.b32 u, t, 16; mov.b32 $0, u; "
-                "and.b32 u, t, 0xffff0000; mov.b32 $1, u; }", "=f,=f,f,f")
+    return bf16x2_to_f32(f32x2_to_bf16x2(a, b))
 
 
 @cute.jit
