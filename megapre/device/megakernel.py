@@ -373,16 +373,17 @@ def build_kernel(spec: KernelSpec):
         tq = lane & 3
         assert len(raw) % 2 == 0 and first % 2 == 0
         P.wgmma_fence()
-        ds = []
-        for j in range(0, len(raw), 2):
-            d = [Float32(0.0)] * 4
-            for h in range(2):
+        # Step-major: the chunk pairs' first k32 steps, then their second ones, ... so that consecutive wgmmas
+        # write different accumulators (chain-major order put each wgmma right behind the one it accumulates on)
+        accs = [[Float32(0.0)] * 4 for _ in range(0, len(raw), 2)]
+        for step in range(4):
+            h, t = step // 2, step % 2
+            for c, j in enumerate(range(0, len(raw), 2)):
                 chunk = chunk_of(warp, first + j + h, rows, kc, True)
                 lo, hi = raw[j + h]
-                for t in range(2):
-                    desc = P.wgmma_desc(s_act + (chunk * 2 + t) * P.WGMMA_B_STEP)
-                    d = P.wgmma_e4m3(lo[2 * t], hi[2 * t], lo[2 * t + 1], hi[2 * t + 1], desc, d, h + t > 0)
-            ds.extend(d)
+                desc = P.wgmma_desc(s_act + (chunk * 2 + t) * P.WGMMA_B_STEP)
+                accs[c] = P.wgmma_e4m3(lo[2 * t], hi[2 * t], lo[2 * t + 1], hi[2 * t + 1], desc, accs[c], step > 0)
+        ds = [v for d in accs for v in d]
         P.wgmma_commit()
         ds = P.wgmma_wait(ds)
         for j in range(0, len(raw), 2):
