@@ -91,7 +91,6 @@ def build_kernel(spec: KernelSpec):
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
     RELEASER = 32  # the thread that signals a finished task's counter (warp 1: not the ticket-taking thread 0)
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
-    ROUTE_WARM_ONLY, ROUTE_WARMED = 1, 2  # stage_route's `warm` argument (0: neither)
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
     assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
     # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
@@ -1058,7 +1057,7 @@ def build_kernel(spec: KernelSpec):
 
     @cute.jit
     def stage_route(bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, o_sorted: Int64, o_eids: Int64,
-                    o_ntpp: Int64, first_local: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32, warm: Int32):
+                    o_ntpp: Int64, first_local: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
         """Routing in one task: warp m scores token m (sigmoid, grouped top-k, weights), then the whole CTA
         sorts the (token, expert) pairs for the fused MoE (moe_align_block_size). One hop instead of two."""
         warp = tid >> 5
@@ -1083,14 +1082,8 @@ def build_kernel(spec: KernelSpec):
         # miss to L2 behind that stream are the suspect.) A stage run alone (waits == 0) makes one pass, and so does
         # TP1, whose route does not end its calls (session 14, H100: EP8 -0.1..-0.5 us with the warm-up and the
         # 1792-column norm tasks, TP1 -0.2..+0.3).
-        # warm: ROUTE_WARM_ONLY = pass 0 alone (the queue's route CTA, before its first ticket: the kernel's prologue);
-        # ROUTE_WARMED = that has run on this CTA, pass 1 alone
-        first_pass = Int32(1)
-        end_pass = Int32(2)
-        if cutlass.const_expr(S.small_shared):
-            first_pass = P.sel_i32((waits == 0) | (warm == ROUTE_WARMED), 1, 0)
-            end_pass = P.sel_i32(warm == ROUTE_WARM_ONLY, 1, 2)
-        for p in cutlass.range(first_pass, end_pass, 1, unroll=1):
+        first_pass = P.sel_i32(waits == 0, 1, 0) if cutlass.const_expr(S.small_shared) else Int32(1)
+        for p in cutlass.range(first_pass, 2, 1, unroll=1):
             real_waits = P.sel_i32(p == 1, waits, 0)  # pass 0 takes no ticket
             stamp_tile = P.sel_i32(p == 1, 0, -1)  # ... and records no phase (trace builds: before the PDL wait)
             for w in cutlass.range_constexpr(PAIR_WARPS):  # per-warp pair counts of the token sort
@@ -1246,9 +1239,8 @@ def build_kernel(spec: KernelSpec):
                   bias: Int64, w13: Int64, w13_s: Int64, w2: Int64, w2_s: Int64, o_res: Int64, o_logits: Int64,
                   o_w: Int64, o_ids: Int64, o_aq: Int64, o_as: Int64, o_shared: Int64, o_sorted: Int64,
                   o_eids: Int64, o_ntpp: Int64, ws: Int64, first_local: Int32, sf: Int32, si: Int32,
-                  tid: Int32, waits: Int32, warm: Int32):
-        """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0.
-        warm: the route's warm-up state on this CTA (stage_route)."""
+                  tid: Int32, waits: Int32):
+        """Each stage issues its dependency-free loads, then waits for its inputs (wait_ready) when waits != 0."""
         if stage == NORM:
             stage_norm(tile, hidden, residual, norm_w, o_res, o_aq, o_as, ws, sf, si, tid, waits)
         if stage == ROUTER:
@@ -1256,7 +1248,7 @@ def build_kernel(spec: KernelSpec):
         if stage == GATE_UP:
             stage_gate_up(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
-            stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits, warm)
+            stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:
             stage_act(tile, ws, si, tid, waits)
         if stage == DOWN:
@@ -1281,21 +1273,13 @@ def build_kernel(spec: KernelSpec):
             # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
             run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                      first_local, sf, si, tid, Int32(0), Int32(0))
+                      first_local, sf, si, tid, Int32(0))
         else:
             # PDL: the next kernel in the stream may be scheduled now; its CTAs take the SMs ours leave (one CTA
             # per SM fits) and start their weight prefetch and first weight loads while our last tasks run.
             P.griddep_launch_dependents()
-            grid = cute.arch.grid_dim()[0]
-            # TP8: the CTA after the static ones -- the one whose first ticket takes the route, the queue's first
-            # task -- is the first one dispatched (blockIdx 0; CTA b is blockIdx b + 1), so that it starts as soon as
-            # an SM frees up (PDL), long before the previous kernel has finished, and runs the route's warm-up pass
-            # then (below). As the last CTA it started after the norm had begun, and the warm-up after its first
-            # ticket kept the route 0.5-1 us behind its last router task at M = 1 (session 18's traces). Every CTA
-            # stays resident until the end (one per SM, launch.py checks the grid fits), as before.
             bid = cute.arch.block_idx()[0]
-            if cutlass.const_expr(S.small_shared):
-                bid = P.sel_i32(bid == 0, grid - 1, bid - 1)
+            grid = cute.arch.grid_dim()[0]
             n_static = static_count(grid)  # CTA b < n_static starts on task b (no ticket)
             n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
             if tid == 0:
@@ -1339,14 +1323,6 @@ def build_kernel(spec: KernelSpec):
                 if tid + i * THREADS < n_tasks:
                     P.sts_b32(st + (tid + i * THREADS) * 4, Int32(P.ld_nc_b32(tasks + Int64(tid + i * THREADS) * 4)))
             cute.arch.sync_threads()  # the table copy above is complete before thread 0 decodes any task
-            # The route's warm-up pass (stage_route's pass 0: registers and shared memory only, on whatever the
-            # partials hold) runs on the CTA after the static ones as a first, ticket-free turn of the loop below --
-            # through the same call as the task, so that the code it brings into the instruction cache is the
-            # task's -- before griddepcontrol.wait. Its first ticket is then the route's, unless another CTA has
-            # finished its static task first (that CTA then warms up itself).
-            warm = Int32(0)
-            if cutlass.const_expr(S.small_shared):
-                warm = P.sel_i32(bid == n_static, Int32(ROUTE_WARM_ONLY), Int32(0))
             # CTA b runs task b first (no ticket: a contended atomic on one word costs ~0.5 us at the start of
             # the routing chain), and it starts before the previous kernel has finished: its weight loads go out
             # under PDL, and each stage calls griddepcontrol.wait before it reads or writes anything the previous
@@ -1367,9 +1343,7 @@ def build_kernel(spec: KernelSpec):
                 if tid == 0:
                     t_ticket = P.globaltimer()
                     ticket = bid
-                    if warm == ROUTE_WARM_ONLY:
-                        ticket = Int32(R_IDX)  # the warm-up turn: no ticket
-                    elif static == 0:
+                    if static == 0:
                         early = P.lds_b32(si + (SI_TASK + T_NEXT) * 4)
                         if early >= 0:
                             ticket = n_static + early
@@ -1390,8 +1364,7 @@ def build_kernel(spec: KernelSpec):
                         for ts in cutlass.range_constexpr(len(TERMINAL_STAGES)):
                             terminal = terminal | P.sel_i32((word & 7) == TERMINAL_STAGES[ts], 1, 0)
                         # (exit_free_count recomputed here, not kept live through the loop: TP1 is at 255 registers)
-                        if static == 0 and terminal != 0 and warm != ROUTE_WARM_ONLY and \
-                                exit_free_count(cute.arch.grid_dim()[0]) > 0:
+                        if static == 0 and terminal != 0 and exit_free_count(cute.arch.grid_dim()[0]) > 0:
                             P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(EXIT_NOW))
                         if cutlass.const_expr(S.trace):
                             P.sts_u64(si + (SI_TASK + T_TAKEN) * 4, t_ticket)
@@ -1406,14 +1379,8 @@ def build_kernel(spec: KernelSpec):
                     tile = P.lds_b32(si + (SI_TASK + 2) * 4)
                     run_stage(stage, tile, hidden, residual, norm_w, gate_w, bias, w13, w13_s, w2, w2_s, o_res,
                               o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
-                              first_local, sf, si, tid, waits, warm)
-                    warming = Int32(0)
-                    if cutlass.const_expr(S.small_shared):
-                        warming = P.sel_i32(warm == ROUTE_WARM_ONLY, 1, 0)
-                        waits = P.sel_i32(warming, waits, Int32(1))  # (the real first task is still to come)
-                        warm = P.sel_i32(warming, Int32(ROUTE_WARMED), warm)
-                    else:
-                        waits = Int32(1)
+                              first_local, sf, si, tid, waits)
+                    waits = Int32(1)
                     t_taken = Int64(0)
                     t_ready = Int64(0)
                     if cutlass.const_expr(S.trace):  # (read before the barrier: thread 0 rewrites them after it)
@@ -1436,13 +1403,12 @@ def build_kernel(spec: KernelSpec):
                                 P.red_release_add(ctr + Int64(stage) * 4, Int32(1))
                         if cutlass.const_expr(S.trace):
                             # (written here, after the stage's griddepcontrol.wait: the previous launch on this
-                            # workspace may have been tracing into the same records; not for the warm-up turn)
-                            if warming == 0:
-                                rec = ws + OFF_TR + Int64(task) * (TRACE_INTS * 8)
-                                P.st_u64(rec, Int64(bid))
-                                P.st_u64(rec + 8, t_taken)
-                                P.st_u64(rec + 16, t_ready)
-                                P.st_u64(rec + 24, P.globaltimer())
+                            # workspace may have been tracing into the same records)
+                            rec = ws + OFF_TR + Int64(task) * (TRACE_INTS * 8)
+                            P.st_u64(rec, Int64(bid))
+                            P.st_u64(rec + 8, t_taken)
+                            P.st_u64(rec + 16, t_ready)
+                            P.st_u64(rec + 24, P.globaltimer())
 
     megapre_kernel.set_name_prefix("megapre_preamble", remove_cutlass_symbol=True, keep_mangled_name=False)
 
