@@ -37,7 +37,7 @@ def _bf16_kernel(x_ptr, pair_ptr, single_ptr, n, BLOCK: tl.constexpr):
     x = tl.load(x_ptr + i, mask=i < n)
     y = tl.load(x_ptr + (i ^ 1), mask=i < n)
     # primitives.round_bf16x2 is f32x2_to_bf16x2 (cvt.rn.bf16x2.f32) then bf16x2_to_f32 (shl / and): its first
-    # output here, its second below; and primitives.round_bf16
+    # output here, its second below; and the single-value rounding it replaced (cvt.rn.bf16.f32)
     pair = tl.inline_asm_elementwise(
         "{ .reg .b32 t, u; cvt.rn.bf16x2.f32 t, $2, $1; shl.b32 u, t, 16; mov.b32 $0, u; }", "=f,f,f", [x, y],
         dtype=tl.float32, is_pure=True, pack=1)

@@ -155,14 +155,6 @@ def f32x2_to_bf16x2(lo: Float32, hi: Float32) -> Uint32:
 
 
 @cute.jit
-def round_bf16(x: Float32) -> Float32:
-    """x rounded to the nearest bf16, returned as f32."""
-    return _asm([Float32], [x],
-                "{ .reg .b16 h; cvt.rn.bf16.f32 h, $1; cvt.f32.bf16 $0, h; }",
-                "=f,f")
-
-
-@cute.jit
 def round_to_e4m3_grid(x: Float32) -> Float32:
     """x rounded (nearest even) to the nearest e4m3 value, still as f32.
 
@@ -634,8 +626,8 @@ def div4_by_fast(s: Float32, x0: Float32, x1: Float32, x2: Float32, x3: Float32)
 @cute.jit
 def round_bf16x2(a: Float32, b: Float32):
     """(a, b) each rounded to the nearest bf16, as f32: one packed cvt (F2FP, on the ALU pipe) for two values, where
-    round_bf16's cvt.rn.bf16.f32 is an F2F on the conversion pipe (16 per SM per clock). Same bits, NaN included
-    (the same conversion)."""
+    a single cvt.rn.bf16.f32 per value is an F2F on the conversion pipe (16 per SM per clock). Same bits, NaN
+    included (the same conversion; tests/test_gpu_numerics.py)."""
     return bf16x2_to_f32(f32x2_to_bf16x2(a, b))
 
 
