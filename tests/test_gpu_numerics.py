@@ -1,7 +1,8 @@
 """The megakernel's arithmetic shortcuts, checked bit for bit on the GPU against the instructions they replace
 (skipped without CUDA): the PTX text of megapre/device/fast_div.py -- div.rn.f32's fast path without its branch,
 which primitives.div_fast / div4_by_fast emit -- against div.rn.f32 over its range, and round_bf16x2's packed
-conversion against cvt.rn.bf16.f32. Run through Triton's inline assembly (the GPU machine has no CuTe DSL)."""
+conversion (the PTX text of megapre/device/bf16_ptx.py) against cvt.rn.bf16.f32. Run through Triton's inline
+assembly (the GPU machine has no CuTe DSL)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import os
 import pytest
 import torch
 
-from megapre.device import fast_div
+from megapre.device import bf16_ptx, fast_div
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -32,23 +33,23 @@ def _div_kernel(a_ptr, b_ptr, fast_ptr, ieee_ptr, n, FAST: tl.constexpr, BLOCK: 
 
 
 @triton.jit
-def _bf16_kernel(x_ptr, pair_ptr, single_ptr, n, BLOCK: tl.constexpr):
+def _bf16_kernel(x_ptr, pair_ptr, single_ptr, n, PAIR: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + i, mask=i < n)
     y = tl.load(x_ptr + (i ^ 1), mask=i < n)
-    # primitives.round_bf16x2 is f32x2_to_bf16x2 (cvt.rn.bf16x2.f32) then bf16x2_to_f32 (shl / and): its first
-    # output here, its second below; and the single-value rounding it replaced (cvt.rn.bf16.f32)
-    pair = tl.inline_asm_elementwise(
-        "{ .reg .b32 t, u; cvt.rn.bf16x2.f32 t, $2, $1; shl.b32 u, t, 16; mov.b32 $0, u; }", "=f,f,f", [x, y],
-        dtype=tl.float32, is_pure=True, pack=1)
-    pair_hi = tl.inline_asm_elementwise(  # (its second output: the upper half)
-        "{ .reg .b32 t, u; cvt.rn.bf16x2.f32 t, $1, $2; and.b32 u, t, 0xffff0000; mov.b32 $0, u; }", "=f,f,f", [x, y],
-        dtype=tl.float32, is_pure=True, pack=1)
+    # primitives.round_bf16x2 = f32x2_to_bf16x2 then bf16x2_to_f32, in bf16_ptx's text (PAIR): (x, y) -> both rounded;
+    # and the single-value rounding it replaced (cvt.rn.bf16.f32)
+    lo, hi = tl.inline_asm_elementwise(PAIR, "=f,=f,f,f", [x, y], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
     single = tl.inline_asm_elementwise("{ .reg .b16 h; cvt.rn.bf16.f32 h, $1; cvt.f32.bf16 $0, h; }", "=f,f", [x],
                                        dtype=tl.float32, is_pure=True, pack=1)
-    tl.store(pair_ptr + i, pair, mask=i < n)
-    tl.store(pair_ptr + n + i, pair_hi, mask=i < n)
+    tl.store(pair_ptr + i, lo, mask=i < n)
+    tl.store(pair_ptr + n + i, hi, mask=i < n)
     tl.store(single_ptr + i, single, mask=i < n)
+
+
+# round_bf16x2's PTX as the kernel emits it (primitives.f32x2_to_bf16x2, then bf16x2_to_f32 on the packed word)
+PAIR_PTX = ("{ .reg .b32 p, t; " + bf16_ptx.F32X2_TO_BF16X2.format(out="p", lo="$2", hi="$3")
+            + bf16_ptx.BF16X2_TO_F32.format(t="t", v="p", lo="$0", hi="$1") + " }")
 
 
 def _divide(a, b):
@@ -103,6 +104,7 @@ def test_packed_bf16_rounding_matches_single():
     x[N // 4: N // 4 + 6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.3895314e38],
                                          device="cuda")
     pair, single = torch.empty(2 * N, device="cuda"), torch.empty_like(x)
-    _bf16_kernel[(triton.cdiv(N, 1024),)](x, pair, single, N, BLOCK=1024)
+    _bf16_kernel[(triton.cdiv(N, 1024),)](x, pair, single, N, PAIR=PAIR_PTX, BLOCK=1024)
+    partner = torch.arange(N, device="cuda") ^ 1  # the hi input of element i is x[i ^ 1] (N is even)
     assert torch.equal(pair[:N].view(torch.int32), single.view(torch.int32))
-    assert torch.equal(pair[N:].view(torch.int32), single.view(torch.int32))
+    assert torch.equal(pair[N:].view(torch.int32), single[partner].view(torch.int32))

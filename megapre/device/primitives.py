@@ -16,7 +16,7 @@ from cutlass import Float32, Int32, Int64, Uint32
 from cutlass._mlir import ir
 from cutlass._mlir.dialects import llvm
 
-from . import fast_div
+from . import bf16_ptx, fast_div
 
 
 def _coerce(a):
@@ -144,14 +144,13 @@ def sts_f32(saddr: Int32, v: Float32):
 def bf16x2_to_f32(v: Uint32):
     """Packed bf16 pair (low half first) -> two f32 (exact)."""
     return _asm([Float32, Float32], [v],
-                "{ .reg .b32 t; shl.b32 t, $2, 16; mov.b32 $0, t; and.b32 t, $2, 0xffff0000; mov.b32 $1, t; }",
-                "=f,=f,r")
+                "{ .reg .b32 t; " + bf16_ptx.BF16X2_TO_F32.format(t="t", v="$2", lo="$0", hi="$1") + " }", "=f,=f,r")
 
 
 @cute.jit
 def f32x2_to_bf16x2(lo: Float32, hi: Float32) -> Uint32:
     """Round two f32 to bf16 (nearest even), packed with ``lo`` in the low half."""
-    return _asm([Uint32], [hi, lo], "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f")
+    return _asm([Uint32], [hi, lo], bf16_ptx.F32X2_TO_BF16X2.format(out="$0", hi="$1", lo="$2"), "=r,f,f")
 
 
 @cute.jit
