@@ -11,7 +11,8 @@ replay / 16 -- so each figure includes one kernel boundary (~1.5 us for a near-e
 same per set from one long launch over all 8 sets (no boundary), as MB per us = TB/s.
 
   flat        16 KB contiguous per program, full occupancy (the plain read ceiling)
-  tiles       64 x 1024 strided tiles, one per program, full occupancy (diag_tile_bandwidth.py's pattern)
+  tiles       64 x 1024 strided tiles, one per program, full occupancy (diag_tile_bandwidth.py's pattern);
+              "contig": the same bytes pre-tiled, each tile's 64 KB in one run (here and for ldg-1cta x1)
   ldg-1cta xU 132 persistent programs (one CTA of 8 warps per SM), each loops over U consecutive 64 x 1024 tiles
               at a time with register loads: the megakernel's pattern (a task's bytes land in registers, then are
               used; nothing streams while they are folded)
@@ -44,18 +45,21 @@ def read_flat(src, out, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def read_tiles(src, out, tile0, n_tile_c, ld, TR: tl.constexpr, TC: tl.constexpr):
+def read_tiles(src, out, tile0, n_tile_c, ld, TR: tl.constexpr, TC: tl.constexpr, CONTIG: tl.constexpr):
     t = tile0 + tl.program_id(0)
     r = tl.arange(0, TR)[:, None]
     c = tl.arange(0, TC)[None, :]
-    off = (t // n_tile_c).to(tl.int64) * TR * ld + r * ld + (t % n_tile_c) * TC + c
+    if CONTIG:  # the same bytes pre-tiled: tile t's 64 KB in one run
+        off = t.to(tl.int64) * TR * TC + r * TC + c
+    else:
+        off = (t // n_tile_c).to(tl.int64) * TR * ld + r * ld + (t % n_tile_c) * TC + c
     x = tl.load(src + off)
     tl.store(out + tl.program_id(0), tl.xor_sum(tl.xor_sum(x, axis=1), axis=0))
 
 
 @triton.jit
 def read_tiles_persistent(src, out, tile0, n_tiles, n_tile_c, ld, TR: tl.constexpr, TC: tl.constexpr,
-                          U: tl.constexpr):
+                          U: tl.constexpr, CONTIG: tl.constexpr):
     # U consecutive tiles per iteration, all loads issued before any is used: U x 64 KB in flight per SM
     # (the megakernel's TP1 tasks hold 128 KB: U = 2)
     pid = tl.program_id(0)
@@ -66,7 +70,10 @@ def read_tiles_persistent(src, out, tile0, n_tiles, n_tile_c, ld, TR: tl.constex
         x = tl.zeros([TR, TC], dtype=tl.int32)
         for u in tl.static_range(U):
             t = tile0 + i + u
-            off = (t // n_tile_c).to(tl.int64) * TR * ld + r * ld + (t % n_tile_c) * TC + c
+            if CONTIG:
+                off = t.to(tl.int64) * TR * TC + r * TC + c
+            else:
+                off = (t // n_tile_c).to(tl.int64) * TR * ld + r * ld + (t % n_tile_c) * TC + c
             x ^= tl.load(src + off)
         acc ^= x
     tl.store(out + pid, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
@@ -144,16 +151,17 @@ def main():
         read_flat[(flat_per_set * sets,)](flat[base:], out, BLOCK=flat_block, num_warps=8)
     patterns["flat"] = flat_launch
 
-    def tiles_launch(k, sets=1):
-        read_tiles[(tiles_per_set * sets,)](words, out, (k % SETS) * tiles_per_set, n_tile_c, ld, TR=TR, TC=TC,
-                                           num_warps=8)
-    patterns["tiles"] = tiles_launch
+    for contig in (False, True):
+        def tiles_launch(k, sets=1, contig=contig):
+            read_tiles[(tiles_per_set * sets,)](words, out, (k % SETS) * tiles_per_set, n_tile_c, ld, TR=TR, TC=TC,
+                                               CONTIG=contig, num_warps=8)
+        patterns["tiles" + (" contig" if contig else "")] = tiles_launch
 
-    for unroll in (1, 2):
-        def ldg_launch(k, sets=1, unroll=unroll):
+    for unroll, contig in ((1, False), (2, False), (1, True)):
+        def ldg_launch(k, sets=1, unroll=unroll, contig=contig):
             read_tiles_persistent[(n_sm,)](words, out, (k % SETS) * tiles_per_set, tiles_per_set * sets, n_tile_c, ld,
-                                           TR=TR, TC=TC, U=unroll, num_warps=8)
-        patterns[f"ldg-1cta x{unroll}"] = ldg_launch
+                                           TR=TR, TC=TC, U=unroll, CONTIG=contig, num_warps=8)
+        patterns[f"ldg-1cta x{unroll}" + (" contig" if contig else "")] = ldg_launch
 
     desc = TensorDescriptor.from_tensor(words, [TR, BOX_C])
     for stages in (3, 4, 6):
