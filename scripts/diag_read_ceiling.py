@@ -6,7 +6,7 @@ tile pattern's limit, or does a different way of reading (a pipelined TMA ring i
 as a warp-specialized megakernel would stream) get nearer the card's read rate?
 
 Every pattern reads the same bytes: 8 weight sets of [6656, 7168] uint8 (47.7 MB each, TP1's w13 + w2 + router
-bytes), timed the way `megapre bench` times a call -- one CUDA graph of 16 launches cycling through the 8 sets, median
+bytes), timed by `megapre bench`'s own time_graph -- one CUDA graph of 16 launches cycling through the 8 sets, median
 replay / 16 -- so each figure includes one kernel boundary (~1.5 us for a near-empty kernel, GPU-FACTS.md), and the
 same per set from one long launch over all 8 sets (no boundary), as MB per us = TB/s.
 
@@ -17,17 +17,22 @@ same per set from one long launch over all 8 sets (no boundary), as MB per us = 
               at a time with register loads: the megakernel's pattern (a task's bytes land in registers, then are
               used; nothing streams while they are folded)
   tma-1cta    the same loop with TMA: 64 x 256 boxes of a 2D tensor descriptor, pipelined num_stages deep into
-              shared memory (Triton's software pipeliner issues box i + stages - 1 while box i is summed)
+              shared memory (Triton's software pipeliner issues box i + stages - 1 while box i is folded)
 
 Usage: python3 scripts/diag_read_ceiling.py [--json PATH]"""
 import argparse
 import json
+import os
 import statistics
+import sys
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megapre.host import bench  # noqa: E402
 
 ROWS, COLS, SETS = 6656, 7168, 8          # one set = 47.7 MB = TP1's weights per call
 TR, TC = 64, 1024 // 4                    # the megakernel's TP1 gate_up task tile (64 x 1024 bytes), in int32 words
@@ -45,15 +50,19 @@ def read_flat(src, out, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def read_tiles(src, out, tile0, n_tile_c, ld, TR: tl.constexpr, TC: tl.constexpr, CONTIG: tl.constexpr):
-    t = tile0 + tl.program_id(0)
+def tile_offsets(t, n_tile_c, ld, TR: tl.constexpr, TC: tl.constexpr, CONTIG: tl.constexpr):
+    """Word offsets of tile t: TR rows of TC words at the row stride ld (the weight matrix as it is), or -- CONTIG --
+    the same bytes pre-tiled, tile t's TR x TC words in one run."""
     r = tl.arange(0, TR)[:, None]
     c = tl.arange(0, TC)[None, :]
-    if CONTIG:  # the same bytes pre-tiled: tile t's 64 KB in one run
-        off = t.to(tl.int64) * TR * TC + r * TC + c
-    else:
-        off = (t // n_tile_c).to(tl.int64) * TR * ld + r * ld + (t % n_tile_c) * TC + c
-    x = tl.load(src + off)
+    if CONTIG:
+        return t.to(tl.int64) * TR * TC + r * TC + c
+    return (t // n_tile_c).to(tl.int64) * TR * ld + r * ld + (t % n_tile_c) * TC + c
+
+
+@triton.jit
+def read_tiles(src, out, tile0, n_tile_c, ld, TR: tl.constexpr, TC: tl.constexpr, CONTIG: tl.constexpr):
+    x = tl.load(src + tile_offsets(tile0 + tl.program_id(0), n_tile_c, ld, TR, TC, CONTIG))
     tl.store(out + tl.program_id(0), tl.xor_sum(tl.xor_sum(x, axis=1), axis=0))
 
 
@@ -63,18 +72,11 @@ def read_tiles_persistent(src, out, tile0, n_tiles, n_tile_c, ld, TR: tl.constex
     # U consecutive tiles per iteration, all loads issued before any is used: U x 64 KB in flight per SM
     # (the megakernel's TP1 tasks hold 128 KB: U = 2)
     pid = tl.program_id(0)
-    r = tl.arange(0, TR)[:, None]
-    c = tl.arange(0, TC)[None, :]
     acc = tl.zeros([TR, TC], dtype=tl.int32)
     for i in range(pid * U, n_tiles, tl.num_programs(0) * U):
         x = tl.zeros([TR, TC], dtype=tl.int32)
         for u in tl.static_range(U):
-            t = tile0 + i + u
-            if CONTIG:
-                off = t.to(tl.int64) * TR * TC + r * TC + c
-            else:
-                off = (t // n_tile_c).to(tl.int64) * TR * ld + r * ld + (t % n_tile_c) * TC + c
-            x ^= tl.load(src + off)
+            x ^= tl.load(src + tile_offsets(tile0 + i + u, n_tile_c, ld, TR, TC, CONTIG))
         acc ^= x
     tl.store(out + pid, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
 
@@ -91,28 +93,15 @@ def read_boxes_tma(desc, out, row0, n_boxes, n_box_c, STAGES: tl.constexpr, BR: 
     tl.store(out + pid, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
 
 
-def time_graph(launch, n_calls=16):
-    """median replay time / n_calls of a graph of n_calls launches, launch(k) being call k (us)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for k in range(n_calls):                             # warm-up: compiles, loads
-            launch(k)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for k in range(n_calls):
-            launch(k)
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    ts = []
-    for _ in range(25):
-        ev[0].record(); g.replay(); ev[1].record(); ev[1].synchronize()
-        ts.append(ev[0].elapsed_time(ev[1]) * 1e3 / n_calls)
-    return statistics.median(ts)
+class Calls:
+    """bench.time_graph's case for one pattern: call i reads weight set i % SETS (the bench's graph of
+    CALLS_PER_GRAPH calls over its weight sets, median replay / CALLS_PER_GRAPH)."""
+
+    def __init__(self, launch):
+        self.launch = launch
+
+    def call(self, i: int, backend: str):
+        self.launch(i)
 
 
 def time_once(launch):
@@ -175,7 +164,7 @@ def main():
     print(f"{'pattern':16s} {'graph us/call':>13s} {'TB/s':>6s} {'1 launch / 8 sets us':>21s} {'TB/s':>6s}")
     for name, launch in patterns.items():
         try:
-            t_call = time_graph(launch)
+            t_call = bench.time_graph(Calls(launch), "diag")
             t_long = time_once(lambda: launch(0, sets=SETS)) / SETS
         except Exception as e:                               # a pattern this Triton cannot build: say so, go on
             print(f"{name:16s} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
