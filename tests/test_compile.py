@@ -13,10 +13,11 @@ pytestmark = pytest.mark.compile
 cutlass = pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl is not installed")
 
 
-@pytest.mark.parametrize("shape,m", [("ep8", 1), ("ep8", 4), ("tp1", 1)])  # (ep8 M = 1: M <= 2 code paths)
-def test_megakernel_compiles_with_manifest(tmp_path, shape, m):
+@pytest.mark.parametrize("shape,m,staged", [("ep8", 1, False), ("ep8", 4, False), ("tp1", 1, False),
+                                            ("ep8", 1, True)])  # (ep8 M = 1: M <= 2 code paths)
+def test_megakernel_compiles_with_manifest(tmp_path, shape, m, staged):
     cfg = megapre.config.SHAPE_PRESETS[shape]()
-    spec = KernelSpec.from_config(cfg, m)
+    spec = KernelSpec.from_config(cfg, m, staged=staged)
     out = build.compile_spec(spec, cache_dir=tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
     cubin = (out / "megapre.cubin").read_bytes()
@@ -46,6 +47,19 @@ def test_whatif_variant_compiles(tmp_path, monkeypatch):
     out = build.compile_spec(spec, cache_dir=tmp_path)
     assert (out / "megapre.cubin").read_bytes()[:4] == b"\x7fELF"
     assert build.load_entry(base, cache_dir=tmp_path) is None  # a different key from the real kernel's
+
+
+def test_staged_build_is_its_own_cubin(tmp_path):
+    """run_stages' build (every stage as its own kernel) lives in a cubin of its own, under its own key: the fused
+    kernel holds only the queue's path (one inlined copy of each stage, not two)."""
+    cfg = megapre.config.SHAPE_PRESETS["ep8"]()
+    fused_spec, staged_spec = KernelSpec.from_config(cfg, 1), KernelSpec.from_config(cfg, 1, staged=True)
+    assert build.cache_key(fused_spec) != build.cache_key(staged_spec)
+    fused_cubin = (build.compile_spec(fused_spec, cache_dir=tmp_path) / "megapre.cubin").read_bytes()
+    staged_cubin = (build.compile_spec(staged_spec, cache_dir=tmp_path) / "megapre.cubin").read_bytes()
+    assert fused_cubin != staged_cubin
+    # either alone is well under the 112-KB cubin that held both paths (session 20's EP8 M = 1 build: 117792 B)
+    assert len(fused_cubin) < 90_000 and len(staged_cubin) < 90_000, (len(fused_cubin), len(staged_cubin))
 
 
 def test_cache_key_depends_on_shape_and_sources():

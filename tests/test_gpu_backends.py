@@ -43,7 +43,7 @@ def _inputs(m, h, seed):
 
 def _skip_unless_available(backend, cfg, m):
     if backend in ("fused", "stages"):
-        ok, why = fused.can_run(cfg, m, torch.device("cuda"))
+        ok, why = fused.can_run(cfg, m, torch.device("cuda"), staged=backend == "stages")
         if not ok:
             pytest.skip(f"fused backend unavailable: {why}")
 

@@ -160,3 +160,14 @@ def test_whatif_specs(monkeypatch):
     h = torch.zeros(1, cfg.hidden_size, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="wrong outputs"):
         fused.run_fused(h, h.clone(), w, megapre.PreambleOutput.empty(cfg, 1, "cpu"))
+
+
+def test_staged_spec():
+    """run_stages' build is a spec of its own (its own cubin), and only of the plain kernel."""
+    cfg = CONFIGS[0]
+    fused_spec, staged_spec = KernelSpec.from_config(cfg, 2), KernelSpec.from_config(cfg, 2, staged=True)
+    assert not fused_spec.staged and staged_spec.staged and fused_spec != staged_spec
+    assert staged_spec.unsupported() is None
+    assert staged_spec.ws_layout() == fused_spec.ws_layout()  # the same stage code, the same workspace
+    assert "trace or what-if" in KernelSpec.from_config(cfg, 2, trace=True, staged=True).unsupported()
+    assert "trace or what-if" in KernelSpec.from_config(cfg, 2, whatif=("norm",), staged=True).unsupported()

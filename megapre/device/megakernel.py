@@ -1271,8 +1271,9 @@ def build_kernel(spec: KernelSpec):
         si = Int32(s_i.iterator.toint())
         st = Int32(s_t.iterator.toint())
         ctr = ws + WS_COUNTERS * 4
-        if mode >= 0:
-            # one stage as its own small kernel: tile = blockIdx.x, no queue, no counters
+        if cutlass.const_expr(S.staged):
+            # one stage as its own small kernel (mode = the stage): tile = blockIdx.x, no queue, no counters. Only
+            # in the staged build: its inlined copy of every stage doubled the fused kernel's code (plan.KernelSpec)
             run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
                       first_local, sf, si, tid, Int32(0))

@@ -152,16 +152,20 @@ def dsl_available() -> bool:
 
 
 def main(args) -> int:
-    """python -m megapre build: fill the cache for the presets and M values (--whatif: the bench's what-if
-    variants of them instead)."""
+    """python -m megapre build: fill the cache for the presets and M values -- the fused kernel and its
+    stage-by-stage build (fused.run_stages, GPU tests) -- (--trace: the timeline-recording fused kernel; --whatif:
+    the bench's what-if variants of it instead)."""
     from .plan import WHATIF_VARIANTS
     n = 0
-    variants = list(WHATIF_VARIANTS.items()) if getattr(args, "whatif", False) else [("", None)]
+    trace, whatif = getattr(args, "trace", False), getattr(args, "whatif", False)
+    variants = list(WHATIF_VARIANTS.items()) if whatif else [("", None)]
+    if not (trace or whatif):
+        variants.append(("staged", ()))
     for name, parts in variants:
         for shape in args.shapes:
             for m in args.m:
-                spec = KernelSpec.from_config(SHAPE_PRESETS[shape](), m, trace=getattr(args, "trace", False),
-                                              whatif=parts)
+                spec = KernelSpec.from_config(SHAPE_PRESETS[shape](), m, trace=trace, whatif=parts,
+                                              staged=name == "staged")
                 out = compile_spec(spec, verbose=True)
                 man = json.loads((out / "manifest.json").read_text())
                 res = man.get("resources") or {}

@@ -85,10 +85,10 @@ def check_errors(device=None, synchronize: bool = True) -> None:
 _runnable: set = set()  # (config, m, device index) already found runnable: the hot path skips the checks
 
 
-def can_run(config, m: int, device) -> tuple[bool, str]:
-    """Whether backend="fused" can run here, and if not, why (auto logs this)."""
+def can_run(config, m: int, device, staged: bool = False) -> tuple[bool, str]:
+    """Whether backend="fused" (staged: run_stages) can run here, and if not, why (auto logs this)."""
     device = torch.device(device)
-    if device.type == "cuda" and (config, m, device.index) in _runnable:
+    if device.type == "cuda" and (config, m, device.index, staged) in _runnable:
         return True, "ok"
     if device.type != "cuda":
         return False, f"device {device} is not CUDA"
@@ -97,14 +97,14 @@ def can_run(config, m: int, device) -> tuple[bool, str]:
     cap = torch.cuda.get_device_capability(device)
     if cap != (9, 0):
         return False, f"compute capability {cap[0]}.{cap[1]} (the megakernel is built for sm_90a: H100/H200)"
-    spec = KernelSpec.from_config(config, m)
+    spec = KernelSpec.from_config(config, m, staged=staged)
     why = spec.unsupported()
     if why:
         return False, why
     if build.load_entry(spec) is None and not build.dsl_available():
         return False, (f"no prebuilt kernel for M={m} in {build.default_cache_dir()} and the CuTe DSL is not "
                        f"installed to build it (run `python -m megapre build` where nvidia-cutlass-dsl is)")
-    _runnable.add((config, m, device.index))
+    _runnable.add((config, m, device.index, staged))
     return True, "ok"
 
 
@@ -242,12 +242,13 @@ def run_fused(hidden: torch.Tensor, residual: torch.Tensor, weights: PreambleWei
 
 
 def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) -> PreambleOutput:
-    """The same device stage functions, each as its own small kernel (grid = its tiles), in queue order.
-    For tests: a difference between this and run_fused points at the queue/sync layer, not the math."""
+    """The same device stage functions, each as its own small kernel (grid = its tiles), in queue order, from
+    the staged build of the megakernel (KernelSpec.staged). For tests: a difference between this and run_fused
+    points at the queue/sync layer, not the math."""
     from .plan import STAGE_NAMES
     cfg = weights.config
     m = hidden.shape[0]
-    spec = KernelSpec.from_config(cfg, m)
+    spec = KernelSpec.from_config(cfg, m, staged=True)
     device = hidden.device
     cubin, manifest, key = _entry(spec)
     kernel = launch.get_kernel(cubin, manifest, key, device)

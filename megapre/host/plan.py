@@ -155,10 +155,18 @@ class KernelSpec:
     # What-if builds, for the bench only (their outputs are wrong): parts of the work taken out of the kernel, to
     # measure what the rest costs per call (MEGAPRE_WHATIF, comma-separated WHATIF_PARTS; bench.VARIANTS).
     whatif: tuple = ()
+    # The stage-by-stage build (fused.run_stages: each stage launched as its own small kernel, grid = its tiles, no
+    # queue; for tests and scripts/diag_fused.py) is a cubin of its own: with both paths in one kernel every stage was
+    # inlined twice (EP8 M = 1: 6992 SASS instructions, the queue's path 4240), and the fused cubin alone measured
+    # EP8 -0.05..-0.2 us per call (session 21, H200, three rounds; TP1 even). A staged cubin runs only mode >= 0
+    # launches, a fused one only mode -1.
+    staged: bool = False
 
     @classmethod
-    def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False, whatif=None) -> "KernelSpec":
-        """whatif: the what-if parts to leave out (None: MEGAPRE_WHATIF's, as launches read them)."""
+    def from_config(cls, cfg: PreambleConfig, m: int, trace: bool = False, whatif=None,
+                    staged: bool = False) -> "KernelSpec":
+        """whatif: the what-if parts to leave out (None: MEGAPRE_WHATIF's, as launches read them); staged: the
+        stage-by-stage build instead of the fused one."""
         inter = cfg.shared_local_intermediate
         small = inter <= SMALL_SHARED_INTER
         gu_rows = 64 if small else 128
@@ -184,7 +192,7 @@ class KernelSpec:
                    down_rows=128 if small else 64, gu_rows=gu_rows, router_splits=router_splits,
                    fuse_act=inter * m <= 2048 and small, trace=trace, norm_groups=norm_groups,
                    fp8_mma=os.environ.get("MEGAPRE_FP8_MMA", "qgmma"),
-                   whatif=whatif_from_env() if whatif is None else tuple(sorted(set(whatif))))
+                   whatif=whatif_from_env() if whatif is None else tuple(sorted(set(whatif))), staged=staged)
 
     # ---- what the kernel supports (checked before building or launching) --------------------------------
     def unsupported(self) -> str | None:
@@ -207,6 +215,8 @@ class KernelSpec:
         row_tiles = 2 * self.inter // self.gu_rows
         if self.gu_kc % (4 * row_tiles) or self.m * (self.gu_kc // row_tiles // 4) > THREADS:
             return "the gate_up tasks do not split the residual output (K chunk / row tiles columns, 4 per thread)"
+        if self.staged and (self.trace or self.whatif):
+            return "a stage-by-stage build with trace or what-if parts (those are fused-only)"
         if set(self.whatif) - set(WHATIF_PARTS):
             return f"MEGAPRE_WHATIF={','.join(self.whatif)!r} (parts: {', '.join(WHATIF_PARTS)})"
         if self.fp8_mma not in ("qgmma", "hmma"):
