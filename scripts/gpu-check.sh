@@ -59,7 +59,7 @@ for step in $steps; do
     sass)  # tensor-core instructions and resource usage of every cached cubin (cuobjdump is there, not here)
       for c in .megapre-cache/*/megapre.cubin; do
         sass=$(cuobjdump -sass "$c" 2>/dev/null)
-        spec=$(python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['spec']; print(f\"I={s['inter']} M={s['m']} {s['fp8_mma']}{' trace' if s['trace'] else ''}{' whatif=' + ','.join(s['whatif']) if s.get('whatif') else ''}\")" "${c%/*}/manifest.json")
+        spec=$(python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['spec']; print(f\"I={s['inter']} M={s['m']} {s['fp8_mma']}{' trace' if s['trace'] else ''}{' staged' if s.get('staged') else ''}{' whatif=' + ','.join(s['whatif']) if s.get('whatif') else ''}\")" "${c%/*}/manifest.json")
         echo "$c ($spec): QGMMA $(grep -c QGMMA <<<"$sass"), HMMA $(grep -c HMMA <<<"$sass");" \
              "$(cuobjdump -res-usage "$c" 2>/dev/null | grep -oE 'REG:[0-9]+|STACK:[0-9]+|LOCAL:[0-9]+' | tr '\n' ' ')"
       done 2>&1 | tee "$OUT/sass.txt" ;;
