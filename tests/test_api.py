@@ -425,3 +425,13 @@ def test_config_rejects_non_numbers(field, value):
     with pytest.raises(ValueError, match=field):
         PreambleConfig(**{field: value, **({"ep_size": 2} if field == "ep_rank" else {}),
                           **({"shared_tp_size": 2} if field == "shared_tp_rank" else {})})
+
+
+def test_cubin_mode_guard():
+    """A fused cubin runs only the queue (mode -1), a staged one only single stages (mode >= 0): launching either
+    the other way is refused on the host, before any argument is read (KernelSpec.staged)."""
+    from megapre.host import fused
+    with pytest.raises(RuntimeError, match="mode 0 launched on a fused"):
+        fused._kernel_args({"spec": {"staged": False}}, None, None, None, None, None, None, mode=0, prefetch_ctas=0)
+    with pytest.raises(RuntimeError, match="mode -1 launched on a staged"):
+        fused._kernel_args({"spec": {"staged": True}}, None, None, None, None, None, None, mode=-1, prefetch_ctas=0)
