@@ -122,16 +122,17 @@ def test_kernel_arguments_follow_the_manifest_order_and_check_alignment():
     params = ["hidden", "residual", "norm_w", "gate_w", "bias", "w13", "w13_s", "w2", "w2_s", "o_res", "o_logits",
               "o_w", "o_ids", "o_aq", "o_as", "o_shared", "o_sorted", "o_eids", "o_ntpp", "ws", "tasks", "n_tasks",
               "first_local", "mode", "prefetch_ctas", "prefetch_delay"]
-    args = fused._kernel_args({"params": params}, hidden, residual, w, out, ws, table, 3, 64)
+    staged = {"spec": {"staged": True}}  # mode 3 (one stage) runs on a staged cubin (fused._kernel_args checks)
+    args = fused._kernel_args({"params": params, **staged}, hidden, residual, w, out, ws, table, 3, 64)
     assert args[0] == hidden.data_ptr() and args[5] == w.w13.data_ptr() and args[19] == ws.data_ptr()
     assert args[21:] == (spec.n_tasks, cfg.first_local_expert, 3, 64, 0)
-    rev = fused._kernel_args({"params": params[::-1]}, hidden, residual, w, out, ws, table, 3, 64)
+    rev = fused._kernel_args({"params": params[::-1], **staged}, hidden, residual, w, out, ws, table, 3, 64)
     assert rev == args[::-1]
     with pytest.raises(RuntimeError, match="rebuild"):
-        fused._kernel_args({"params": params + ["new_param"]}, hidden, residual, w, out, ws, table, 3, 64)
+        fused._kernel_args({"params": params + ["new_param"], **staged}, hidden, residual, w, out, ws, table, 3, 64)
     odd = torch.zeros(2 * cfg.hidden_size + 1, dtype=torch.bfloat16)[1:].view(2, cfg.hidden_size)
     with pytest.raises(ValueError, match="16-byte aligned"):
-        fused._kernel_args({"params": params}, odd, residual, w, out, ws, table, -1, 64)
+        fused._kernel_args({"params": params, "spec": {"staged": False}}, odd, residual, w, out, ws, table, -1, 64)
 
 
 def test_whatif_specs(monkeypatch):

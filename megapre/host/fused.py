@@ -186,7 +186,7 @@ def _prefetch_delay_ns() -> int:
 def _kernel_args(manifest: dict, hidden, residual, w: PreambleWeights, out: PreambleOutput, ws, table, mode: int,
                  prefetch_ctas: int, prefetch_delay: int = 0) -> tuple:
     """The kernel's arguments in the order its manifest lists them (megakernel.PARAMS at build time)."""
-    if (mode >= 0) != bool(manifest["spec"].get("staged", False)):  # each cubin compiles only its own path
+    if (mode >= 0) != bool(manifest.get("spec", {}).get("staged", False)):  # each cubin compiles only its own path
         raise RuntimeError(f"mode {mode} launched on a {'staged' if mode < 0 else 'fused'} megakernel cubin "
                            f"(KernelSpec.staged: run_stages uses the staged build, run_fused the fused one)")
     tensors = {"hidden": hidden, "residual": residual, "norm_w": w.norm_weight, "gate_w": w.gate_weight,
