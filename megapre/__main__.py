@@ -113,6 +113,9 @@ def main(argv=None) -> int:
     bl.add_argument("--trace", action="store_true", help="the timeline-recording variant (scripts/trace_fused.py)")
     bl.add_argument("--whatif", action="store_true",
                     help="the bench's what-if variants (fused-no-norm ... fused-launch) instead of the real kernel")
+    bl.add_argument("--prune", action="store_true",
+                    help="first delete the cache entries built from other kernel sources (stale after an edit; they "
+                         "would otherwise be carried to the GPU machine and listed by gpu-check's sass step)")
     bl.set_defaults(fn=cmd_build)
     pr = sub.add_parser("profile", help="kernels of one call of each backend under Nsight Systems (else the torch "
                                         "profiler): tables, timeline PNG, markdown, JSON")

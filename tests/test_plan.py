@@ -172,3 +172,20 @@ def test_staged_spec():
     assert staged_spec.ws_layout() == fused_spec.ws_layout()  # the same stage code, the same workspace
     assert "trace or what-if" in KernelSpec.from_config(cfg, 2, trace=True, staged=True).unsupported()
     assert "trace or what-if" in KernelSpec.from_config(cfg, 2, whatif=("norm",), staged=True).unsupported()
+
+
+def test_build_prune_removes_only_stale_entries(tmp_path):
+    """`python -m megapre build --prune`: entries built from other device sources (or unreadable) go, the current
+    sources' stay -- without importing the DSL."""
+    import json as _json
+    from megapre.host import build
+    fresh, stale, broken = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d in (fresh, stale, broken):
+        d.mkdir()
+        (d / "megapre.cubin").write_bytes(b"\x7fELF")
+    (fresh / "manifest.json").write_text(_json.dumps({"source_hash": build.source_hash()}))
+    (stale / "manifest.json").write_text(_json.dumps({"source_hash": "0" * 16}))
+    (broken / "manifest.json").write_text("{not json")
+    assert build.prune(tmp_path) == (2, 1)
+    assert fresh.exists() and not stale.exists() and not broken.exists()
+    assert build.prune(tmp_path / "missing") == (0, 0)

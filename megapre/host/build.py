@@ -151,11 +151,38 @@ def dsl_available() -> bool:
 
 
 
+def prune(cache_dir: Path | None = None) -> tuple[int, int]:
+    """Delete the cache entries whose manifest names other device sources than these (an edited kernel leaves its
+    old cubins behind under other keys). Returns (removed, kept)."""
+    import shutil
+    root = Path(cache_dir or default_cache_dir())
+    if not root.is_dir():
+        return 0, 0
+    current, removed, kept = source_hash(), 0, 0
+    for entry in root.iterdir():
+        if ".tmp" in entry.name:  # (a build in progress in another process: compile_spec's staging folder)
+            continue
+        man = entry / "manifest.json"
+        try:
+            fresh = json.loads(man.read_text()).get("source_hash") == current
+        except (OSError, ValueError):
+            fresh = False
+        if not entry.is_dir() or fresh:
+            kept += entry.is_dir()
+            continue
+        shutil.rmtree(entry)
+        removed += 1
+    return removed, kept
+
+
 def main(args) -> int:
     """python -m megapre build: fill the cache for the presets and M values -- the fused kernel and its
     stage-by-stage build (fused.run_stages, GPU tests) -- (--trace: the timeline-recording fused kernel; --whatif:
     the bench's what-if variants of it instead)."""
     from .plan import WHATIF_VARIANTS
+    if getattr(args, "prune", False):
+        removed, kept = prune()
+        print(f"pruned {removed} stale entries ({kept} of the current sources kept) in {default_cache_dir()}")
     n = 0
     trace, whatif = getattr(args, "trace", False), getattr(args, "whatif", False)
     variants = list(WHATIF_VARIANTS.items()) if whatif else [("", None)]
