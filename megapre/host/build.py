@@ -160,18 +160,18 @@ def prune(cache_dir: Path | None = None) -> tuple[int, int]:
         return 0, 0
     current, removed, kept = source_hash(), 0, 0
     for entry in root.iterdir():
-        if ".tmp" in entry.name:  # (a build in progress in another process: compile_spec's staging folder)
+        # (".tmp": a build in progress in another process, compile_spec's staging folder)
+        if not entry.is_dir() or ".tmp" in entry.name:
             continue
-        man = entry / "manifest.json"
         try:
-            fresh = json.loads(man.read_text()).get("source_hash") == current
+            fresh = json.loads((entry / "manifest.json").read_text()).get("source_hash") == current
         except (OSError, ValueError):
             fresh = False
-        if not entry.is_dir() or fresh:
-            kept += entry.is_dir()
-            continue
-        shutil.rmtree(entry)
-        removed += 1
+        if fresh:
+            kept += 1
+        else:
+            shutil.rmtree(entry)
+            removed += 1
     return removed, kept
 
 
