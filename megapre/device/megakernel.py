@@ -1277,6 +1277,10 @@ def build_kernel(spec: KernelSpec):
             run_stage(mode, cute.arch.block_idx()[0], hidden, residual, norm_w, gate_w, bias, w13, w13_s,
                       w2, w2_s, o_res, o_logits, o_w, o_ids, o_aq, o_as, o_shared, o_sorted, o_eids, o_ntpp, ws,
                       first_local, sf, si, tid, Int32(0))
+        elif cutlass.const_expr("empty" in WHATIF):
+            # what-if "empty": what a launch of this grid costs per call with nothing in it (PDL as below)
+            P.griddep_launch_dependents()
+            P.griddep_wait()
         else:
             # PDL: the next kernel in the stream may be scheduled now; its CTAs take the SMs ours leave (one CTA
             # per SM fits) and start their weight prefetch and first weight loads while our last tasks run.

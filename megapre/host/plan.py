@@ -60,8 +60,9 @@ ERR_INTS = 8
 # What-if parts (KernelSpec.whatif): norm / route / act = that stage's work after its wait; weights = every GEMM
 # weight load (the mma runs on constants) and the L2 weight prefetch; gemm = the router, gate_up and down tasks
 # reduced to their wait; waits = no task waits on another; fence = a finished task signals its counter without
-# the release fence (its consumers may then read stale data: timing only).
-WHATIF_PARTS = ("norm", "route", "act", "weights", "gemm", "waits", "fence", "router_w", "gu_w", "down_w")
+# the release fence (its consumers may then read stale data: timing only); empty = the launch alone: every CTA
+# does griddepcontrol.launch_dependents and griddepcontrol.wait and leaves (the floor under "fused-launch").
+WHATIF_PARTS = ("norm", "route", "act", "weights", "gemm", "waits", "fence", "router_w", "gu_w", "down_w", "empty")
 
 
 # The bench's what-if backends (python -m megapre bench --backends ...; built by python -m megapre build --whatif):
@@ -78,6 +79,7 @@ WHATIF_VARIANTS = {
     "fused-skeleton": ("norm", "route", "act", "weights"),  # launch, tickets, waits, GEMM staging + math
     "fused-queue": ("norm", "route", "act", "weights", "gemm"),  # launch, tickets, waits
     "fused-launch": ("norm", "route", "act", "weights", "gemm", "waits"),  # launch, tickets
+    "fused-empty": ("empty",),  # the launch alone: the same grid and shared memory, no prologue, no ticket
     "fused-no-fence": ("fence",),  # what the release fences cost
     "fused-queue-no-fence": ("norm", "route", "act", "weights", "gemm", "fence"),
 }
