@@ -33,7 +33,7 @@ for step in $steps; do
     whatif)  # where the per-call time goes: the fused kernel with parts of its work left out (EP8; needs
              # `python -m megapre build --whatif --shapes ep8 --m 1 2 4 8` cubins carried; outputs wrong, timing only)
       python3 -m megapre bench --shapes ep8 --backends fused fused-no-norm fused-no-route fused-no-act \
-        fused-no-weights fused-no-router-w fused-no-gu-w fused-no-down-w fused-no-fence fused-skeleton fused-queue fused-queue-no-fence fused-launch fused-empty --json "$OUT/bench-whatif.json" 2>&1 \
+        fused-no-weights fused-no-router-w fused-no-gu-w fused-no-down-w fused-no-fence fused-skeleton fused-queue fused-queue-no-fence fused-launch fused-empty fused-no-norm-hop fused-no-norm-hop-route --json "$OUT/bench-whatif.json" 2>&1 \
         | tee "$OUT/bench-whatif.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     demo)
       python3 -m megapre demo 2>&1 | tee "$OUT/demo.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;

@@ -523,8 +523,11 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
         griddep_if_first(waits)
+        known = Int32(0)
+        if cutlass.const_expr("norm_hop" in WHATIF):  # what-if: a task with nothing to wait for leaves the launch
+            known = P.sel_i32(P.lds_b32(si + (SI_TASK + 3) * 4) < 0, 1, 0)  # number to its CTA's next ticket
         if waits != 0 and tid == 0:
-            if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+            if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0 and known == 0:
                 # a static first task: the launch number from a plain read of the ticket counter (taking a
                 # ticket here would tie this CTA's next task to it before it is free: measured at 81da92b, the
                 # route CTA then held a gate_up task until 9 us at M = 8)

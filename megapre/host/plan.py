@@ -61,8 +61,12 @@ ERR_INTS = 8
 # weight load (the mma runs on constants) and the L2 weight prefetch; gemm = the router, gate_up and down tasks
 # reduced to their wait; waits = no task waits on another; fence = a finished task signals its counter without
 # the release fence (its consumers may then read stale data: timing only); empty = the launch alone: every CTA
-# does griddepcontrol.launch_dependents and griddepcontrol.wait and leaves (the floor under "fused-launch").
-WHATIF_PARTS = ("norm", "route", "act", "weights", "gemm", "waits", "fence", "router_w", "gu_w", "down_w", "empty")
+# does griddepcontrol.launch_dependents and griddepcontrol.wait and leaves (the floor under "fused-launch");
+# norm_hop = the router and gate_up tasks do not wait for the norm (they stage last call's x / a_q right after
+# griddepcontrol.wait): the dependency graph a design without the norm's hop would have (its consumers normalizing
+# their own K chunk), less that design's extra math.
+WHATIF_PARTS = ("norm", "route", "act", "weights", "gemm", "waits", "fence", "router_w", "gu_w", "down_w", "empty",
+                "norm_hop")
 
 
 # The bench's what-if backends (python -m megapre bench --backends ...; built by python -m megapre build --whatif):
@@ -80,6 +84,8 @@ WHATIF_VARIANTS = {
     "fused-queue": ("norm", "route", "act", "weights", "gemm"),  # launch, tickets, waits
     "fused-launch": ("norm", "route", "act", "weights", "gemm", "waits"),  # launch, tickets
     "fused-empty": ("empty",),  # the launch alone: the same grid and shared memory, no prologue, no ticket
+    "fused-no-norm-hop": ("norm_hop",),  # router / gate_up tasks ready at the PDL wait
+    "fused-no-norm-hop-route": ("norm_hop", "route"),  # ... and no route work: the shared chain alone
     "fused-no-fence": ("fence",),  # what the release fences cost
     "fused-queue-no-fence": ("norm", "route", "act", "weights", "gemm", "fence"),
 }
@@ -380,6 +386,8 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
     rows = []
     for stage in (QUEUE_ORDER_TP8 if spec.small_shared else QUEUE_ORDER):
         ctr, target = (-1, 0) if "waits" in spec.whatif else waits[stage]
+        if "norm_hop" in spec.whatif and stage in (ROUTER, GATE_UP):
+            ctr, target = -1, 0
         for tile in range(tiles[stage]):
             rows.append([stage, tile, ctr, target, stage])
     return rows
