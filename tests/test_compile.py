@@ -36,12 +36,14 @@ def test_megakernel_compiles_with_manifest(tmp_path, shape, m, staged):
     assert build.load_entry(spec, cache_dir=tmp_path)[0] == cubin
 
 
-def test_whatif_variant_compiles(tmp_path, monkeypatch):
-    """The bench's smallest what-if build (fused-launch: no work, no waits) compiles, under its own cache key."""
+@pytest.mark.parametrize("variant", ["fused-launch", "fused-empty", "fused-no-norm-hop"])
+def test_whatif_variant_compiles(tmp_path, monkeypatch, variant):
+    """What-if builds compile, each under its own cache key: the smallest (fused-launch: no work, no waits;
+    fused-empty: the launch alone) and one that keeps all the work (fused-no-norm-hop)."""
     from megapre.host.plan import WHATIF_VARIANTS
     cfg = megapre.config.SHAPE_PRESETS["ep8"]()
     base = KernelSpec.from_config(cfg, 1)
-    monkeypatch.setenv("MEGAPRE_WHATIF", ",".join(WHATIF_VARIANTS["fused-launch"]))
+    monkeypatch.setenv("MEGAPRE_WHATIF", ",".join(WHATIF_VARIANTS[variant]))
     spec = KernelSpec.from_config(cfg, 1)
     assert spec.whatif and spec.unsupported() is None
     out = build.compile_spec(spec, cache_dir=tmp_path)

@@ -152,6 +152,16 @@ def test_whatif_specs(monkeypatch):
     rows = task_table(KernelSpec.from_config(cfg, 4))
     check_table(rows)
     assert all(r[2] == -1 and r[3] == 0 for r in rows)
+    # "norm_hop": only the router and gate_up tasks stop waiting (for the norm); every other row is the real table's
+    monkeypatch.delenv("MEGAPRE_WHATIF")
+    real = task_table(KernelSpec.from_config(cfg, 4))
+    monkeypatch.setenv("MEGAPRE_WHATIF", "norm_hop")
+    rows = task_table(KernelSpec.from_config(cfg, 4))
+    check_table(rows)
+    assert len(rows) == len(real) and any(r[2] == NORM for r in real)
+    for r, q in zip(rows, real):
+        assert r[:2] == q[:2]
+        assert (r[2:4] == [-1, 0]) if r[0] in (ROUTER, GATE_UP) else (r == q), (r, q)
     monkeypatch.setenv("MEGAPRE_WHATIF", "everything")
     assert "MEGAPRE_WHATIF" in KernelSpec.from_config(cfg, 1).unsupported()
     monkeypatch.setenv("MEGAPRE_WHATIF", "norm")
