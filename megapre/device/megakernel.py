@@ -570,10 +570,14 @@ def build_kernel(spec: KernelSpec):
 
     @cute.jit
     def stamp(stage: cutlass.Constexpr, slot: cutlass.Constexpr, tile: Int32, ws: Int64, tid: Int32):
-        """Trace builds: thread 0 of the stage's tile 0 records when it passed point ``slot`` of the stage."""
+        """Trace builds: thread 0 of the stage's tile 0 records when it passed point ``slot`` of the stage; the down
+        stage's last tile too, in slots 3.. (at M = 8 tile 0 runs on a norm CTA, the last tile on a GEMM CTA)."""
         if cutlass.const_expr(S.trace):
             if tid == 0 and tile == 0:
                 P.st_u64(ws + OFF_PH + Int64(stage * PHASE_SLOTS + slot) * 8, P.globaltimer())
+            if cutlass.const_expr(stage == DOWN):
+                if tid == 0 and tile == TILES[DOWN] - 1:
+                    P.st_u64(ws + OFF_PH + Int64(stage * PHASE_SLOTS + 3 + slot) * 8, P.globaltimer())
 
     # ------------------------------------------------------------------------------------------------
     # L2 prefetch: at kernel start every CTA asks for its slice of every weight matrix, so the whole

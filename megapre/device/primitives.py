@@ -242,6 +242,8 @@ def ld_relaxed_u64(addr: Int64) -> Int64:
 
 @cute.jit
 def ld_acquire(addr: Int64) -> Int32:
+    """(SASS: LDG.E.STRONG.GPU, then CCTL.IVALL -- every acquire load invalidates the SM's L1. Polling relaxed and
+    acquiring once at the end -- by a fence or by one acquire re-read -- was slower: session 22.)"""
     return _asm([Int32], [addr], "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", True)
 
 
