@@ -85,5 +85,6 @@ for name, m in runs:
                 x["prev"] = prev.get(x["cta"], "-")
                 prev[x["cta"]] = x["stage"]
             for x in sorted(xs, key=lambda x: x["ready"]):
+                pts = " ".join(f"{us(p):6.2f}" if p >= 0 else "     -" for p in x.get("points", [])[1:])
                 print(f"             tile {x['tile']:3d} cta {x['cta']:3d} after {x['prev']:7s} taken {us(x['ticket']):6.2f}"
-                      f" ready {us(x['ready']):6.2f} done {us(x['done']):6.2f}")
+                      f" ready {us(x['ready']):6.2f} done {us(x['done']):6.2f}  ({' / '.join(POINTS[st][1:3])}: {pts})")

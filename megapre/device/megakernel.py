@@ -37,8 +37,8 @@ from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
 from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
-                         TARGET_BITS, TERMINAL_STAGES, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR, WS_HEAD,
-                         KernelSpec, terminal_tasks)
+                         TRACE_POINTS, TARGET_BITS, TERMINAL_STAGES, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR,
+                         WS_HEAD, KernelSpec, task_table, terminal_tasks)
 from . import primitives as P
 
 SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
@@ -74,6 +74,10 @@ def build_kernel(spec: KernelSpec):
     WHATIF_NO_WEIGHTS = "weights" in WHATIF
     WAITED = S.waited_counters()  # counters some task waits on; the other stages signal nothing
     TILES = [S.stage_tiles()[c] for c in range(N_COUNTERS)]  # signals per launch on each counter
+    # trace builds: the table row of a stage's tile 0 (the table lists each stage's tiles in order, stage by stage)
+    FIRST_ROW = {}
+    for i, row in enumerate(task_table(S)):
+        FIRST_ROW.setdefault(row[0], i)
     S_ACT, S_AS, S_RED = SL["act"], SL["ascale"], SL["red"]
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
@@ -571,13 +575,18 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def stamp(stage: cutlass.Constexpr, slot: cutlass.Constexpr, tile: Int32, ws: Int64, tid: Int32):
         """Trace builds: thread 0 of the stage's tile 0 records when it passed point ``slot`` of the stage; the down
-        stage's last tile too, in slots 3.. (at M = 8 tile 0 runs on a norm CTA, the last tile on a GEMM CTA)."""
+        stage's last tile too, in slots 3.. (at M = 8 tile 0 runs on a norm CTA, the last tile on a GEMM CTA); and
+        every task its first TRACE_POINTS points, in its own trace record (fused.read_trace)."""
         if cutlass.const_expr(S.trace):
             if tid == 0 and tile == 0:
                 P.st_u64(ws + OFF_PH + Int64(stage * PHASE_SLOTS + slot) * 8, P.globaltimer())
             if cutlass.const_expr(stage == DOWN):
                 if tid == 0 and tile == TILES[DOWN] - 1:
                     P.st_u64(ws + OFF_PH + Int64(stage * PHASE_SLOTS + 3 + slot) * 8, P.globaltimer())
+            if cutlass.const_expr(slot < TRACE_POINTS and stage in FIRST_ROW):
+                if tid == 0 and tile >= 0:  # (the route's warm-up pass stamps tile -1)
+                    P.st_u64(ws + OFF_TR + Int64(FIRST_ROW[stage] + tile) * (TRACE_INTS * 8) + (4 + slot) * 8,
+                             P.globaltimer())
 
     # ------------------------------------------------------------------------------------------------
     # L2 prefetch: at kernel start every CTA asks for its slice of every weight matrix, so the whole

@@ -281,10 +281,14 @@ def _traced_workspace(config, m: int, device) -> tuple:
 
 
 def read_trace(config, m: int, device=None) -> list[dict]:
-    """The last traced launch's timeline (synchronizes): one dict per task, times in ns from the first ticket."""
+    """The last traced launch's timeline (synchronizes): one dict per task, times in ns from the first ticket
+    (points: the task's first stamped points, plan.TRACE_POINTS; -1 where not passed)."""
+    from .plan import TRACE_POINTS
     spec, _, rec, t0 = _traced_workspace(config, m, device)
     return [dict(task=i, stage=STAGE_NAMES[r[0]], tile=r[1], cta=int(rec[i, 0]), ticket=int(rec[i, 1]) - t0,
-                 ready=int(rec[i, 2]) - t0, done=int(rec[i, 3]) - t0) for i, r in enumerate(task_table(spec))]
+                 ready=int(rec[i, 2]) - t0, done=int(rec[i, 3]) - t0,
+                 points=[int(rec[i, 4 + j]) - t0 if int(rec[i, 4 + j]) else -1 for j in range(TRACE_POINTS)])
+            for i, r in enumerate(task_table(spec))]
 
 
 def read_phases(config, m: int, device=None) -> dict[str, list[float]]:
