@@ -25,6 +25,23 @@ POINTS = {  # what each stamp slot means (megakernel.py)
     "act": ("ready", "partials loaded", "done"),
     "down": ("ready", "h staged", "mma done", "last tile: ready", "h staged", "mma done"),
 }
+def phase_summary(xs, names) -> list[str]:
+    """Per kind of CTA (the stage of its task before this one, x["prev"]): how many tasks and the mean time from ready
+    to each recorded point and on to done, in us -- where a stage's tasks spend their time, and whether that depends
+    on what their CTA ran before (session 22: M = 8 down tasks on norm CTAs)."""
+    lines = []
+    for kind in sorted({x["prev"] for x in xs}):
+        ys = [x for x in xs if x["prev"] == kind and all(p >= 0 for p in x.get("points", [])[1:3])]
+        if not ys:
+            continue
+        marks = [[x["ready"]] + x["points"][1:3] + [x["done"]] for x in ys]
+        legs = [sum(m[i + 1] - m[i] for m in marks) / len(ys) / 1000 for i in range(len(marks[0]) - 1)]
+        label = " -> ".join(["ready"] + list(names) + ["done"])
+        lines.append(f"after {kind:7s} n={len(ys):3d}  {label}: " + " / ".join(f"{v:.2f}" for v in legs)
+                     + f"  (max run {max(m[-1] - m[0] for m in marks) / 1000:.2f})")
+    return lines
+
+
 GRAPH = "--graph" in sys.argv
 DUMP = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dump=")]  # stages to list task by task
 JSON = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--json=")]
@@ -88,3 +105,5 @@ for name, m in runs:
                 pts = " ".join(f"{us(p):6.2f}" if p >= 0 else "     -" for p in x.get("points", [])[1:])
                 print(f"             tile {x['tile']:3d} cta {x['cta']:3d} after {x['prev']:7s} taken {us(x['ticket']):6.2f}"
                       f" ready {us(x['ready']):6.2f} done {us(x['done']):6.2f}  ({' / '.join(POINTS[st][1:3])}: {pts})")
+            for line in phase_summary(xs, POINTS[st][1:3]):
+                print("           " + line)
