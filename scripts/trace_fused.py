@@ -25,6 +25,8 @@ POINTS = {  # what each stamp slot means (megakernel.py)
     "act": ("ready", "partials loaded", "done"),
     "down": ("ready", "h staged", "mma done", "last tile: ready", "h staged", "mma done"),
 }
+
+
 def phase_summary(xs, names) -> list[str]:
     """Per kind of CTA (the stage of its task before this one, x["prev"]): how many tasks and the mean time from ready
     to each recorded point and on to done, in us -- where a stage's tasks spend their time, and whether that depends
