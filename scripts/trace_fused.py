@@ -23,7 +23,7 @@ POINTS = {  # what each stamp slot means (megakernel.py)
     "route": ("ready", "logits summed", "groups chosen", "lists sorted", "8 picks", "weights stored",
               "ranks", "sort done"),
     "act": ("ready", "partials loaded", "done"),
-    "down": ("ready", "h staged", "mma done", "last tile: ready", "h staged", "mma done"),
+    "down": ("ready", "h staged", "mma done"),
 }
 
 

@@ -574,15 +574,11 @@ def build_kernel(spec: KernelSpec):
 
     @cute.jit
     def stamp(stage: cutlass.Constexpr, slot: cutlass.Constexpr, tile: Int32, ws: Int64, tid: Int32):
-        """Trace builds: thread 0 of the stage's tile 0 records when it passed point ``slot`` of the stage; the down
-        stage's last tile too, in slots 3.. (at M = 8 tile 0 runs on a norm CTA, the last tile on a GEMM CTA); and
+        """Trace builds: thread 0 of the stage's tile 0 records when it passed point ``slot`` of the stage, and
         every task its first TRACE_POINTS points, in its own trace record (fused.read_trace)."""
         if cutlass.const_expr(S.trace):
             if tid == 0 and tile == 0:
                 P.st_u64(ws + OFF_PH + Int64(stage * PHASE_SLOTS + slot) * 8, P.globaltimer())
-            if cutlass.const_expr(stage == DOWN):
-                if tid == 0 and tile == TILES[DOWN] - 1:
-                    P.st_u64(ws + OFF_PH + Int64(stage * PHASE_SLOTS + 3 + slot) * 8, P.globaltimer())
             if cutlass.const_expr(slot < TRACE_POINTS and stage in FIRST_ROW):
                 if tid == 0 and tile >= 0:  # (the route's warm-up pass stamps tile -1)
                     P.st_u64(ws + OFF_TR + Int64(FIRST_ROW[stage] + tile) * (TRACE_INTS * 8) + (4 + slot) * 8,

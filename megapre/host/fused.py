@@ -20,8 +20,8 @@ import torch
 from ..output import PreambleOutput
 from ..weights import PreambleWeights
 from . import build, launch
-from .plan import (ERR_INTS, STAGE_NAMES, WHATIF_BENCH_ENV, WHATIF_ENV, WS_ERROR, WS_ERRPTR, KernelSpec, check_table,
-                   pack_table, task_table)
+from .plan import (ERR_INTS, PHASE_SLOTS, STAGE_NAMES, TRACE_INTS, TRACE_POINTS, WHATIF_BENCH_ENV, WHATIF_ENV, WS_ERROR,
+                   WS_ERRPTR, KernelSpec, check_table, pack_table, task_table)
 
 
 class MegapreKernelError(RuntimeError):
@@ -82,7 +82,7 @@ def check_errors(device=None, synchronize: bool = True) -> None:
     _raise_pending(device)
 
 
-_runnable: set = set()  # (config, m, device index) already found runnable: the hot path skips the checks
+_runnable: set = set()  # (config, m, device index, staged) already found runnable: the hot path skips the checks
 
 
 def can_run(config, m: int, device, staged: bool = False) -> tuple[bool, str]:
@@ -269,7 +269,6 @@ def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) 
 def _traced_workspace(config, m: int, device) -> tuple:
     """(spec, workspace, task records [n, TRACE_INTS] on the CPU, first ticket time) of the last traced launch
     (synchronizes)."""
-    from .plan import TRACE_INTS
     device = torch.device(device or "cuda")
     spec = KernelSpec.from_config(config, m, trace=True)
     torch.cuda.synchronize(device)
@@ -283,7 +282,6 @@ def _traced_workspace(config, m: int, device) -> tuple:
 def read_trace(config, m: int, device=None) -> list[dict]:
     """The last traced launch's timeline (synchronizes): one dict per task, times in ns from the first ticket
     (points: the task's first stamped points, plan.TRACE_POINTS; -1 where not passed)."""
-    from .plan import TRACE_POINTS
     spec, _, rec, t0 = _traced_workspace(config, m, device)
     return [dict(task=i, stage=STAGE_NAMES[r[0]], tile=r[1], cta=int(rec[i, 0]), ticket=int(rec[i, 1]) - t0,
                  ready=int(rec[i, 2]) - t0, done=int(rec[i, 3]) - t0,
@@ -294,7 +292,6 @@ def read_trace(config, m: int, device=None) -> list[dict]:
 def read_phases(config, m: int, device=None) -> dict[str, list[float]]:
     """The last traced launch's in-task points (the stamp calls in megakernel.py) of tile 0 of each stage,
     in us from the first ticket; -1 where a point was not passed (or not stamped for that stage)."""
-    from .plan import PHASE_SLOTS
     spec, ws, _, t0 = _traced_workspace(config, m, device)
     lay = spec.ws_layout()
     area = ws[lay["phases"]: lay["phases"] + len(STAGE_NAMES) * PHASE_SLOTS * 8]
