@@ -20,8 +20,8 @@ from .plan import THREADS, KernelSpec
 
 ARCH = "sm_90a"
 _PKG = Path(__file__).resolve().parent.parent
-# Files whose content decides the generated code.
-_SOURCES = ("device/megakernel.py", "device/primitives.py", "host/plan.py")
+# Files whose content decides the generated code (fast_div / bf16_ptx: PTX text the primitives emit).
+_SOURCES = ("device/megakernel.py", "device/primitives.py", "device/fast_div.py", "device/bf16_ptx.py", "host/plan.py")
 
 
 def default_cache_dir() -> Path:
