@@ -136,11 +136,12 @@ class KernelSpec:
     # reads of the activations; the task counts keep ~1 task per SM for each GEMM at EP8 shapes.
     # A task's rows are split into 16-row blocks (one tensor-core tile each) and the 8 warps into
     # (row blocks) x (K groups); K groups are summed through shared memory in a fixed order.
-    # router: 2 row blocks x 4 K groups; 8 row tiles x 7 K splits (1024 each) = 56 tasks. EP8 at M >= 3: 4 K splits
-    # of 1792 (32 tasks of 114 KB, 7 chunks per warp), so that the first wave -- 7 M norm tasks, the router, the route
-    # and 56 gate_up tasks -- fits 132 SMs up to M = 6 (a late task issues its weights only when it is taken), and
-    # the route sums 4 splits of partials instead of 7 (it is the longer chain at M = 4). Measured on the H200 against
-    # 7 splits of 64-row tiles (c9a0a41: M = 4 / 8 -0.35 / -0.25 us against 56 tasks): M = 3 / 4 -0.1 us more.
+    # router: 2 row blocks x 4 K groups; 8 row tiles x 7 K splits (1024 each) = 56 tasks. EP8 at M >= 5: 4 K splits
+    # of 1792 (32 tasks of 114 KB, 7 chunks per warp), so that the first wave -- the norm tasks, the router, the route
+    # and 56 gate_up tasks -- fits 132 SMs (a late task issues its weights only when it is taken), and the route sums
+    # 4 splits of partials instead of 7. Measured on the H200 against 7 splits of 64-row tiles (c9a0a41: M = 4 / 8
+    # -0.35 / -0.25 us against 56 tasks): M = 3 / 4 -0.1 us more; at M = 3 / 4 the 56 tasks of 64 KB with 1792-column
+    # norm tasks (norm_groups) were later another -0.0..-0.2 (session 23), so there 7 splits are back.
     router_rows: int = 32
     router_splits: int = 7
     gu_rows: int = 64  # TP8: 4 row blocks x 2 K groups; TP1: 128 (8 row blocks, 128 KB of weights per task)
@@ -152,9 +153,10 @@ class KernelSpec:
     # slower than its own M = 2 with the act stage (448c4e8), so it takes the act stage too.
     fuse_act: bool = False
     # 128-groups per norm task (the task reads its token's whole row either way, for the sum of squares): 8 =
-    # 1024 columns, one group per warp, 7 tasks per token. EP8 at M >= 7: 14 (1792 columns, 4 tasks per token,
-    # one or two groups per warp), so that the first wave -- the norm, the router, the route and the gate_up
-    # tasks -- fits 132 SMs (M = 8: 32 + 32 + 1 + 56 = 121 instead of 145); with 7 tasks per token 13 gate_up
+    # 1024 columns, one group per warp, 7 tasks per token. EP8 at M = 3 / 4 and M >= 7: 14 (1792 columns, 4 tasks per
+    # token, one or two groups per warp), so that the first wave -- the norm, the router, the route and the gate_up
+    # tasks -- fits 132 SMs (M = 8: 32 + 32 + 1 + 56 = 121 instead of 145; M = 4 with the router's 56 tasks: 16 + 56
+    # + 1 + 56 = 129); with 7 tasks per token 13 gate_up
     # tasks came from the queue after the norm and issued their weights only then (session 14's traces).
     norm_groups: int = 8
     # FP8 GEMM instruction: "qgmma" = warpgroup MMA m64n8k32 on e4m3 (QGMMA in SASS; weights from registers, the
@@ -182,8 +184,10 @@ class KernelSpec:
         small = inter <= SMALL_SHARED_INTER
         gu_rows = 64 if small else 128
         # TP8: the first wave -- norm, router, route and gate_up tasks -- must fit FIRST_WAVE_SMS CTAs (a task past
-        # it issues its weights only when a CTA has finished another). Where 7 router K splits do not fit, 4
-        # (M >= 3); where the norm's 1024-column tasks then still do not, 1792-column ones (M >= 7).
+        # it issues its weights only when a CTA has finished another). Where 7 router K splits with 1024-column norm
+        # tasks do not fit, 7 splits with 1792-column norm tasks (M = 3 / 4), else 4 splits (M = 5 / 6), else 4
+        # splits and 1792-column norm tasks (M >= 7). (H200, session 23: the M = 3 / 4 choice against 4 splits with
+        # 1024-column norm tasks, three rounds: M = 3 -0.06..-0.2 us, M = 4 -0.0..-0.1.)
         groups = cfg.hidden_size // QUANT_GROUP
         router_splits, norm_groups = 7, 8
 
@@ -192,7 +196,10 @@ class KernelSpec:
                     + (2 * inter // gu_rows) * cls.gu_splits)
 
         if small and first_wave(router_splits, norm_groups) > FIRST_WAVE_SMS:
-            router_splits = 4
+            if groups % 14 == 0 and first_wave(router_splits, 14) <= FIRST_WAVE_SMS:
+                norm_groups = 14  # M = 3 / 4: 1792-column norm tasks keep the router's 64-KB tasks
+            else:
+                router_splits = 4
         if small and first_wave(router_splits, norm_groups) > FIRST_WAVE_SMS and groups % 14 == 0:
             norm_groups = 14
         return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
