@@ -185,14 +185,14 @@ def main(args) -> int:
         print(f"pruned {removed} stale entries ({kept} of the current sources kept) in {default_cache_dir()}")
     n = 0
     trace, whatif = getattr(args, "trace", False), getattr(args, "whatif", False)
-    variants = list(WHATIF_VARIANTS.items()) if whatif else [("", None)]
+    # (label, what-if parts, stage-by-stage build)
+    variants = [(name, parts, False) for name, parts in WHATIF_VARIANTS.items()] if whatif else [("", None, False)]
     if not (trace or whatif):
-        variants.append(("staged", ()))
-    for name, parts in variants:
+        variants.append(("staged", (), True))
+    for name, parts, staged in variants:
         for shape in args.shapes:
             for m in args.m:
-                spec = KernelSpec.from_config(SHAPE_PRESETS[shape](), m, trace=trace, whatif=parts,
-                                              staged=name == "staged")
+                spec = KernelSpec.from_config(SHAPE_PRESETS[shape](), m, trace=trace, whatif=parts, staged=staged)
                 out = compile_spec(spec, verbose=True)
                 man = json.loads((out / "manifest.json").read_text())
                 res = man.get("resources") or {}
