@@ -195,13 +195,10 @@ class KernelSpec:
             return (m * (groups // norm_groups) + (cfg.n_routed_experts // cls.router_rows) * splits + 1
                     + (2 * inter // gu_rows) * cls.gu_splits)
 
-        if small and first_wave(router_splits, norm_groups) > FIRST_WAVE_SMS:
-            if groups % 14 == 0 and first_wave(router_splits, 14) <= FIRST_WAVE_SMS:
-                norm_groups = 14  # M = 3 / 4: 1792-column norm tasks keep the router's 64-KB tasks
-            else:
-                router_splits = 4
-        if small and first_wave(router_splits, norm_groups) > FIRST_WAVE_SMS and groups % 14 == 0:
-            norm_groups = 14
+        if small:  # the first (router splits, norm groups) in this order that fits, else the smallest
+            layouts = [(s, g) for s in (7, 4) for g in (8, 14) if g == 8 or groups % 14 == 0]
+            router_splits, norm_groups = next((lay for lay in layouts if first_wave(*lay) <= FIRST_WAVE_SMS),
+                                              layouts[-1])
         return cls(m=m, hidden=cfg.hidden_size, experts=cfg.n_routed_experts, n_group=cfg.n_group,
                    topk_group=cfg.topk_group, top_k=cfg.top_k, inter=inter,
                    n_local=cfg.n_local_experts, block_size=cfg.moe_block_size, eps=cfg.rms_norm_eps,
