@@ -91,12 +91,32 @@ def test_workspace_layout_is_disjoint_and_aligned(cfg):
     offs = sorted((v, k) for k, v in lay.items() if k != "total")
     assert all(v % 256 == 0 for v, _ in offs)
     inter = spec.inter
-    sizes = {"x": 8 * 7168 * 2, "router_part": spec.router_splits * 8 * 256 * 4,
+    # (x, the a_q / a_scale copies and the fixed-point sums: two blocks each, by launch parity -- norm_flags)
+    sizes = {"x": 2 * 8 * 7168 * 2, "aq_copy": 2 * 8 * 7168, "as_copy": 2 * 8 * 56 * 4,
+             "router_part": spec.router_splits * 8 * 256 * 4,
              "gu_part": spec.gu_splits * 8 * 2 * inter * 4, "h_q": 8 * inter, "h_scale": 8 * inter // 128 * 4,
-             "gu_fixed": 8 * 2 * inter * 8 + 32 if spec.gu_fixed else 0, "trace": 0, "phases": 0}
+             "gu_fixed": 2 * (8 * 2 * inter * 8 + 32) if spec.gu_fixed else 0, "trace": 0, "phases": 0}
     assert spec.gu_fixed == (cfg == 0)  # TP8 at M = 8 sums the gate_up partials in fixed point, TP1 does not
     for (a, ka), (b, _) in zip(offs, offs[1:] + [(lay["total"], "total")]):
         assert a + sizes[ka] <= b
+
+
+def test_norm_flags_only_where_the_norm_writes_and_its_consumers_wait():
+    """The router and gate_up tasks poll the norm's flagged data instead of its counter (no task of the table waits
+    on the norm) in the fused build; the stage-by-stage build and what-if builds whose norm writes nothing or whose
+    consumers do not wait keep the plain path. Every flagged word starts as the sentinel, in both parity blocks."""
+    cfg = CONFIGS[0]
+    spec = KernelSpec.from_config(cfg, 4)
+    assert spec.norm_flags and NORM not in spec.waited_counters()
+    assert all(r[2] == -1 for r in task_table(spec) if r[0] in (ROUTER, GATE_UP))
+    for other in (KernelSpec.from_config(cfg, 4, staged=True), KernelSpec.from_config(cfg, 4, whatif=("norm",)),
+                  KernelSpec.from_config(cfg, 4, whatif=("norm_hop",))):
+        assert not other.norm_flags
+    assert KernelSpec.from_config(cfg, 4, whatif=("norm",)).waited_counters()[0] == NORM  # (consumers wait)
+    lay = spec.ws_layout()
+    spans = spec.sentinel_spans()
+    assert spans[0] == (lay["x"], 2 * 4 * cfg.hidden_size * 2) and spans[1] == (lay["aq_copy"], 2 * 4 * cfg.hidden_size)
+    assert all(off + n <= lay["total"] for off, n in spans)
 
 
 def test_unsupported_shapes_say_why():
@@ -153,9 +173,12 @@ def test_whatif_specs(monkeypatch):
     rows = task_table(KernelSpec.from_config(cfg, 4))
     check_table(rows)
     assert all(r[2] == -1 and r[3] == 0 for r in rows)
-    # "norm_hop": only the router and gate_up tasks stop waiting (for the norm); every other row is the real table's
+    # "norm_hop": only the router and gate_up tasks stop waiting (for the norm) against a table where they wait for
+    # its counter ("norm": the norm writes nothing, so its consumers cannot poll its data); every other row is the
+    # same -- and the same as the real table's, whose consumers poll the norm's flagged data instead (norm_flags)
     monkeypatch.delenv("MEGAPRE_WHATIF")
-    real = task_table(KernelSpec.from_config(cfg, 4))
+    real = task_table(KernelSpec.from_config(cfg, 4, whatif=("norm",)))
+    assert task_table(KernelSpec.from_config(cfg, 4)) == task_table(KernelSpec.from_config(cfg, 4, whatif=("norm_hop",)))
     monkeypatch.setenv("MEGAPRE_WHATIF", "norm_hop")
     rows = task_table(KernelSpec.from_config(cfg, 4))
     check_table(rows)

@@ -56,6 +56,12 @@ def build_kernel(spec: KernelSpec):
     OFF_X, OFF_RP, OFF_GU, OFF_GX, OFF_HQ, OFF_HS, OFF_TR, OFF_PH = (
         LAY[k] for k in ("x", "router_part", "gu_part", "gu_fixed", "h_q", "h_scale", "trace", "phases"))
     OFF_GXF = OFF_GX + S.gu_fixed_flags_at  # the per-token fallback flags after the fixed-point sums
+    # The norm's outputs as its consumers read them (x, copies of a_q / a_scale) and the fixed-point sums: two
+    # blocks each, launch L using block L % 2 (KernelSpec.norm_flags; launch_parity)
+    OFF_AQC, OFF_ASC = LAY["aq_copy"], LAY["as_copy"]
+    XB, AQB, ASB, GXB = S.x_block, S.aq_block, S.as_block, S.gu_fixed_bytes
+    FLAGS = S.norm_flags
+    SENT = -1  # plan.NORM_SENTINEL as an int32
     # A gate_up partial goes into the fixed-point sum when |p| < GU_FIX_LIMIT, so that the sum of all splits
     # stays below 2^63 (primitives.FIX_BITS); else (NaN, inf, huge) its token's flag is set, and the act sums
     # that token's fp32 partials instead, in split order, as before the fixed-point sums.
@@ -82,17 +88,18 @@ def build_kernel(spec: KernelSpec):
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
     # the task slot SI_TASK + : 0 ticket (task index), 1 stage (= the counter it signals), 2 tile, 3 wait
-    # counter, 4 wait target, 5 whether this CTA had seen the norm complete before this task started (a copy of
-    # 11, taken when the task is decoded), 6 launch number (mod 2^32), 7 the next ticket when a terminal task took
-    # it early (-1: none), 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 11 whether a wait of
-    # this CTA has seen every norm task of this launch done, 12-13 / 14-15 trace: when the task was taken / its
-    # inputs were ready
-    T_NORM_AT_START, T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_NORM_SEEN, T_TAKEN, T_READY = 5, 6, 7, 8, 10, 11, 12, 14
+    # counter, 4 wait target, 6 launch number (mod 2^32), 7 the next ticket when a terminal task took it early (-1:
+    # none), 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 12-13 / 14-15 trace: when the task
+    # was taken / its inputs were ready
+    T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 7, 8, 10, 12, 14
     # the table's terminal tasks (plan.TERMINAL_STAGES): the route task and the down tasks from D_FIRST to the end
     R_IDX, D_FIRST = terminal_tasks(S)
     STATIC_CAP = S.static_cap  # CTA b < min(grid, n_tasks, STATIC_CAP) starts on task b (KernelSpec.n_static)
     EXIT_NOW = 1 << 20  # T_NEXT: this CTA leaves after its task (a ticket index past any table)
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
+    # The norm tasks signal their counter themselves and wait for each other before the residual output (stage_norm)
+    # where no other task waits for the norm (KernelSpec.norm_flags, and the what-if builds without such waits).
+    NORM_SELF_RELEASE = NORM not in WAITED and "waits" not in WHATIF
     RELEASER = 32  # the thread that signals a finished task's counter (warp 1: not the ticket-taking thread 0)
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
@@ -119,11 +126,14 @@ def build_kernel(spec: KernelSpec):
         return [a, b, c, d]
 
     @cute.jit
-    def norm_row(m: Int32, hidden: Int64, residual: Int64, si: Int32, tid: Int32, trace_tile: Int32, ws: Int64):
+    def norm_row(m: Int32, hidden: Int64, residual: Int64, si: Int32, tid: Int32, trace_tile: Int32, ws: Int64,
+                 t_head: Int64):
         """Token m's whole row, all threads of the CTA: (this thread's residual values -- group warp + 8 i, 4
         columns, for every i --, rstd). Every norm task reads the whole row for the sum of squares (L2 serves the
         repeats); the sum is taken in a fixed order (lanes, butterfly, then warps), so every task gets the same
-        rstd bits."""
+        rstd bits. t_head: a ticket-counter value thread 0 read after griddepcontrol.wait, from which it learns the
+        launch number here, where the row's loads have had their round trip (queue tasks whose CTA does not know it
+        yet)."""
         warp = tid >> 5
         lane = tid & 31
         mine = []
@@ -142,6 +152,9 @@ def build_kernel(spec: KernelSpec):
         ss = P.warp_sum_f32(ss)
         if lane == 0:
             P.sts_f32(si + (SI_RED + warp) * 4, ss)
+        if cutlass.const_expr(not S.staged):
+            if tid == 0 and P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+                learn_launch(t_head, si)
         cute.arch.sync_threads()
         stamp(NORM, 1, trace_tile, ws, tid)
         tot = Float32(0.0)
@@ -171,20 +184,41 @@ def build_kernel(spec: KernelSpec):
         q, scale = quant_group(x[0], x[1], x[2], x[3])
         return v, x, q, scale
 
-    def norm_group_store(vals, g, m: Int32, o_aq: Int64, ws: Int64, lane: Int32):
-        """... its stores but the scale (lane 0 stores that: the caller, where control flow may depend on the
-        lane) and the residual output (norm_group_store_res)."""
+    def norm_group_store(vals, g, m: Int32, o_aq: Int64, ws: Int64, lane: Int32, p: Int32, p_next: Int32):
+        """... its stores but the scale and the residual output (norm_group_store_scale / _res): x and the a_q copy
+        into block p for this launch's consumers (flagged data: a canonical NaN in place of a sentinel word), the
+        a_q output, and the sentinel into the same words of block p_next for the next launch (queue only: that block
+        was the previous launch's, whose readers have all finished)."""
         v, x, q, _ = vals
         col = g * 128 + lane * 4
         off = Int64(m * H + col) * 2
-        P.st_v2(ws + OFF_X + off, P.f32x2_to_bf16x2(x[0], x[1]), P.f32x2_to_bf16x2(x[2], x[3]))
+        x01 = P.f32x2_to_bf16x2(x[0], x[1])
+        x23 = P.f32x2_to_bf16x2(x[2], x[3])
+        P.st_relaxed_v2(ws + OFF_X + Int64(p * XB) + off, unflag(x01, 0x7FFF7FFF), unflag(x23, 0x7FFF7FFF))
+        P.st_relaxed_b32(ws + OFF_AQC + Int64(p * AQB + m * H + col), unflag(q, 0x7F7F7F7F))
         P.st_b32(o_aq + Int64(m * H + col), q)
+        if cutlass.const_expr(not S.staged):
+            P.st_v2(ws + OFF_X + Int64(p_next * XB) + off, Uint32(0xFFFFFFFF), Uint32(0xFFFFFFFF))
+            P.st_b32(ws + OFF_AQC + Int64(p_next * AQB + m * H + col), Uint32(0xFFFFFFFF))
+
+    def norm_group_store_scale(vals, g, m: Int32, o_as: Int64, ws: Int64, p: Int32, p_next: Int32):
+        """Lane 0: the group's scale (never a NaN: amax >= 1e-10), its copy, and the copy's sentinel for the next
+        launch."""
+        P.st_f32(o_as + Int64(m * NG + g) * 4, vals[3])
+        P.st_relaxed_f32(ws + OFF_ASC + Int64(p * ASB) + Int64(m * NG + g) * 4, vals[3])
+        if cutlass.const_expr(not S.staged):
+            P.st_b32(ws + OFF_ASC + Int64(p_next * ASB) + Int64(m * NG + g) * 4, Uint32(0xFFFFFFFF))
+
+    @cute.jit
+    def unflag(w: Uint32, canonical: cutlass.Constexpr) -> Uint32:
+        """A flagged word as written: the sentinel (two bf16 / four e4m3 NaNs, which the norm's arithmetic does not
+        produce) replaced by the canonical NaNs, so that a consumer never takes a written word for an unwritten one."""
+        return Uint32(P.sel_i32(Int32(w) == SENT, Int32(canonical), Int32(w)))
 
     def norm_group_store_res(vals, g, m: Int32, o_res: Int64, lane: Int32):
-        """The group's residual output: only when the stage runs alone. In the queue the gate_up tasks write it
-        (gate_up_residual_*), once every norm task has read its rows: out.residual may be the residual input (an
-        in-place update, vLLM's habit), and a norm task reads its token's whole row while the token's other norm
-        tasks would be writing their chunks of it."""
+        """The group's residual output. In the queue only once every norm task has read its rows (stage_norm):
+        out.residual may be the residual input (an in-place update, vLLM's habit), and a norm task reads its
+        token's whole row while the token's other norm tasks write their chunks of it."""
         v = vals[0]
         P.st_v2(o_res + Int64(m * H + g * 128 + lane * 4) * 2, P.f32x2_to_bf16x2(v[0], v[1]),
                 P.f32x2_to_bf16x2(v[2], v[3]))
@@ -247,9 +281,18 @@ def build_kernel(spec: KernelSpec):
         stamp(NORM, 0, tile, ws, tid)
         if cutlass.const_expr("norm" in WHATIF):
             return
-        mine, rstd = norm_row(m, hidden, residual, si, tid, tile, ws)
+        # the launch number (for the parity blocks), read with the row: norm_row learns it behind the row's loads
+        t_head = Int64(0)
+        if cutlass.const_expr(not S.staged):
+            if tid == 0 and P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+                t_head = P.ld_relaxed_u64(ws + WS_HEAD * 4)
+        mine, rstd = norm_row(m, hidden, residual, si, tid, tile, ws, t_head)
+        p = launch_parity(si)
+        p_next = p  # (run alone: one block, which this stage's kernel writes before the next stage's reads it)
+        if cutlass.const_expr(not S.staged):
+            p_next = 1 - p
         if cutlass.const_expr(GU_FIXED):
-            gu_fixed_zero(tile, ws, tid)
+            gu_fixed_zero(tile, ws + Int64(p_next * GXB), tid)  # the next launch's block (this one's: the last's)
         # Both groups' math in straight-line code before any store, so that ptxas interleaves the two dependency
         # chains (rounding, amax, the double-precision divisions): one after the other they took 1.3 us at M = 8
         # against 0.6 for one group (session 14's traces).
@@ -257,19 +300,29 @@ def build_kernel(spec: KernelSpec):
         r2 = r1
         if cutlass.const_expr(G > WARPS):
             r2 = norm_group_math(mine, rstd, g2, sf + S_ACT + (THREADS + tid) * 8)
-        norm_group_store(r1, g1, m, o_aq, ws, lane)
-        if waits == 0:
-            norm_group_store_res(r1, g1, m, o_res, lane)
+        norm_group_store(r1, g1, m, o_aq, ws, lane, p, p_next)
         if lane == 0:
-            P.st_f32(o_as + Int64(m * NG + g1) * 4, r1[3])
+            norm_group_store_scale(r1, g1, m, o_as, ws, p, p_next)
         if cutlass.const_expr(G > WARPS):
             if two != 0:
-                norm_group_store(r2, g2, m, o_aq, ws, lane)
-                if waits == 0:
-                    norm_group_store_res(r2, g2, m, o_res, lane)
+                norm_group_store(r2, g2, m, o_aq, ws, lane, p, p_next)
                 if lane == 0:
-                    P.st_f32(o_as + Int64(m * NG + g2) * 4, r2[3])
+                    norm_group_store_scale(r2, g2, m, o_as, ws, p, p_next)
         stamp(NORM, 2, tile, ws, tid)
+        if cutlass.const_expr(NORM_SELF_RELEASE and not S.staged):
+            # The residual output, in the queue: only after every norm task has read its rows (an in-place update
+            # overwrites the residual input). No other task waits for the norm's counter (its consumers read the
+            # flagged data itself), so the norm tasks signal it here and wait for each other's signals; this is off
+            # both chains (the consumers already have their data).
+            cute.arch.sync_threads()  # every thread's reads of the row happened before the release below
+            if tid == 0 and waits != 0:
+                P.red_release_add(ws + WS_COUNTERS * 4 + NORM * 4, Int32(1))
+                poll_counter(Int32(NORM), Int32(NORM_TASKS), ws, si)
+            cute.arch.sync_threads()
+        norm_group_store_res(r1, g1, m, o_res, lane)
+        if cutlass.const_expr(G > WARPS):
+            if two != 0:
+                norm_group_store_res(r2, g2, m, o_res, lane)
 
     # ------------------------------------------------------------------------------------------------
     # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem
@@ -525,49 +578,61 @@ def build_kernel(spec: KernelSpec):
                 P.sts_b32(si + (SI_TASK + T_NEXT) * 4, ticket_index(t64, si))
 
     @cute.jit
+    def launch_parity(si: Int32) -> Int32:
+        """Which of the two blocks this launch's flagged data (and fixed-point sums) use: the launch number's lowest
+        bit, once the CTA knows it (a stage run alone has one block)."""
+        p = Int32(0)
+        if cutlass.const_expr(not S.staged):
+            p = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) & 1
+        return p
+
+    @cute.jit
+    def record_wait_failure(wc: Int32, seen: Int32, target: Int32, ws: Int64, si: Int32):
+        """A dependency never arrived: give up (never hang the GPU), record the first failure in the workspace and
+        in the host-mapped record that megapre.run checks before its next launch."""
+        task = P.lds_b32(si + SI_TASK * 4)
+        if P.atom_cas(ws + WS_ERROR * 4, Int32(0), task + 1) == 0:
+            rec = P.ld_b64(ws + WS_ERRPTR * 4)
+            if rec != 0:
+                P.st_sys_b32(rec + 4, P.lds_b32(si + (SI_TASK + 1) * 4))
+                P.st_sys_b32(rec + 8, P.lds_b32(si + (SI_TASK + 2) * 4))
+                P.st_sys_b32(rec + 12, wc)
+                P.st_sys_b32(rec + 16, seen)
+                P.st_sys_b32(rec + 20, target)
+                P.fence_sys()
+                P.st_sys_b32(rec, task + 1)
+
+    @cute.jit
+    def poll_counter(wc: Int32, target: Int32, ws: Int64, si: Int32):
+        """Thread 0, launch number known: spin until this launch's signals on counter wc reach target (acquire)."""
+        addr = ws + WS_COUNTERS * 4 + Int64(wc) * 4
+        # the counter holds (earlier launches) x (its stage's tiles) + this launch's signals
+        tiles_per_launch = Int32(0)
+        for c in cutlass.range_constexpr(N_COUNTERS):
+            tiles_per_launch = tiles_per_launch + P.sel_i32(wc == c, Int32(TILES[c]), 0)
+        base = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) * tiles_per_launch
+        seen = P.ld_acquire(addr) - base
+        spins = Int32(0)
+        while seen < target and spins < SPIN_LIMIT:
+            if spins >= HOT_SPINS:
+                P.nanosleep(100)
+            seen = P.ld_acquire(addr) - base
+            spins = spins + 1
+        if seen < target:
+            record_wait_failure(wc, seen, target, ws, si)
+
+    @cute.jit
     def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
         griddep_if_first(waits)
-        known = Int32(0)
-        if cutlass.const_expr("norm_hop" in WHATIF):  # what-if: a task with nothing to wait for leaves the launch
-            known = P.sel_i32(P.lds_b32(si + (SI_TASK + 3) * 4) < 0, 1, 0)  # number to its CTA's next ticket
         if waits != 0 and tid == 0:
-            if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0 and known == 0:
+            if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
                 # a static first task: the launch number from a plain read of the ticket counter (taking a
                 # ticket here would tie this CTA's next task to it before it is free: measured at 81da92b, the
                 # route CTA then held a gate_up task until 9 us at M = 8)
                 learn_launch(P.ld_relaxed_u64(ws + WS_HEAD * 4), si)
             wc = P.lds_b32(si + (SI_TASK + 3) * 4)
-            target = P.lds_b32(si + (SI_TASK + 4) * 4)
             if wc >= 0:
-                addr = ws + WS_COUNTERS * 4 + Int64(wc) * 4
-                # the counter holds (earlier launches) x (its stage's tiles) + this launch's signals
-                tiles_per_launch = Int32(0)
-                for c in cutlass.range_constexpr(N_COUNTERS):
-                    tiles_per_launch = tiles_per_launch + P.sel_i32(wc == c, Int32(TILES[c]), 0)
-                base = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) * tiles_per_launch
-                seen = P.ld_acquire(addr) - base
-                spins = Int32(0)
-                while seen < target and spins < SPIN_LIMIT:
-                    if spins >= HOT_SPINS:
-                        P.nanosleep(100)
-                    seen = P.ld_acquire(addr) - base
-                    spins = spins + 1
-                if wc == NORM and seen >= target and target == NORM_TASKS:
-                    P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(1))  # (the counters only grow in a launch)
-                if seen < target:
-                    # A dependency never arrived: give up (never hang the GPU), record the first failure in the
-                    # workspace and in the host-mapped record that megapre.run checks before its next launch.
-                    task = P.lds_b32(si + SI_TASK * 4)
-                    if P.atom_cas(ws + WS_ERROR * 4, Int32(0), task + 1) == 0:
-                        rec = P.ld_b64(ws + WS_ERRPTR * 4)
-                        if rec != 0:
-                            P.st_sys_b32(rec + 4, P.lds_b32(si + (SI_TASK + 1) * 4))
-                            P.st_sys_b32(rec + 8, P.lds_b32(si + (SI_TASK + 2) * 4))
-                            P.st_sys_b32(rec + 12, wc)
-                            P.st_sys_b32(rec + 16, seen)
-                            P.st_sys_b32(rec + 20, target)
-                            P.fence_sys()
-                            P.st_sys_b32(rec, task + 1)
+                poll_counter(wc, P.lds_b32(si + (SI_TASK + 4) * 4), ws, si)
             if cutlass.const_expr(S.trace):
                 P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())
         cute.arch.sync_threads()
@@ -600,6 +665,30 @@ def build_kernel(spec: KernelSpec):
     # stage: router GEMM partials (bf16 x bf16 -> fp32)
     # ------------------------------------------------------------------------------------------------
     @cute.jit
+    def stage_router_x(xb: Int64, k0: Int32, kc: cutlass.Constexpr, sf: Int32, tid: Int32) -> Int32:
+        """This thread's share of x[:, k0:k0+kc] into shared memory; 1 if a word of it was still the sentinel."""
+        nvec = 8 * kc // 8
+        bad = Int32(0)
+        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
+            v = tid + i * THREADS
+            if v < nvec:
+                m = v // (kc // 8)
+                kk = (v % (kc // 8)) * 8
+                if m < M:
+                    u0, u1, u2, u3 = P.ld_relaxed_v4(xb + Int64(m * H + k0 + kk) * 2)
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
+                    if cutlass.const_expr(FLAGS):
+                        bad = bad | is_sentinel4(u0, u1, u2, u3)
+                else:
+                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+        return bad
+
+    @cute.jit
+    def is_sentinel4(u0: Uint32, u1: Uint32, u2: Uint32, u3: Uint32) -> Int32:
+        return (P.sel_i32(Int32(u0) == SENT, 1, 0) | P.sel_i32(Int32(u1) == SENT, 1, 0)
+                | P.sel_i32(Int32(u2) == SENT, 1, 0) | P.sel_i32(Int32(u3) == SENT, 1, 0))
+
+    @cute.jit
     def stage_router(tile: Int32, gate_w: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
         if cutlass.const_expr("gemm" in WHATIF):
             wait_ready(waits, ws, si, tid)
@@ -610,19 +699,19 @@ def build_kernel(spec: KernelSpec):
         raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
         wait_ready(waits, ws, si, tid)
         stamp(ROUTER, 0, tile, ws, tid)
-        # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M
-        nvec = 8 * kc // 8
-        for i in cutlass.range_constexpr((nvec + THREADS - 1) // THREADS):
-            v = tid + i * THREADS
-            if v < nvec:
-                m = v // (kc // 8)
-                kk = (v % (kc // 8)) * 8
-                if m < M:
-                    u0, u1, u2, u3 = P.ld_cg_v4(ws + OFF_X + Int64(m * H + k0 + kk) * 2)
-                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
-                else:
-                    P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
-        cute.arch.sync_threads()
+        # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M; with flagged data, until no word of it is the
+        # sentinel (the norm has written it)
+        xb = ws + OFF_X + Int64(launch_parity(si) * XB)
+        again = P.syncthreads_or(stage_router_x(xb, k0, kc, sf, tid))
+        if cutlass.const_expr(FLAGS):
+            spins = Int32(0)
+            while again != 0 and spins < SPIN_LIMIT:
+                if spins >= HOT_SPINS:
+                    P.nanosleep(100)
+                again = P.syncthreads_or(stage_router_x(xb, k0, kc, sf, tid))
+                spins = spins + 1
+            if again != 0 and tid == 0:
+                record_wait_failure(Int32(NORM), Int32(0), Int32(1), ws, si)
         stamp(ROUTER, 1, tile, ws, tid)
         outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_ROUTER)
@@ -645,7 +734,7 @@ def build_kernel(spec: KernelSpec):
 
     @cute.jit
     def fp8_acts_load(src: Int64, src_scale: Int64, ld_src: cutlass.Constexpr, ld_scale: cutlass.Constexpr,
-                      k0: Int32, kc: cutlass.Constexpr, tid: Int32):
+                      k0: Int32, kc: cutlass.Constexpr, tid: Int32, flagged: cutlass.Constexpr = False):
         """stage_fp8_acts' global loads (this thread's codes and scales), all issued before any shared store: a
         store waits for its load, and a load issued after it (the scales) made a second L2 round trip (SASS at
         7f71df0: gate_up's "a_q staged" 0.58 us against the router's one-trip 0.2)."""
@@ -659,7 +748,10 @@ def build_kernel(spec: KernelSpec):
             q0 = Uint32(0)
             q1 = Uint32(0)
             if m < M:  # (v >= nvec gives m >= 8 >= M: no load)
-                q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
+                if cutlass.const_expr(flagged):
+                    q0, q1 = P.ld_relaxed_v2(src + Int64(m * ld_src + k0 + kk))
+                else:
+                    q0, q1 = P.ld_cg_v2(src + Int64(m * ld_src + k0 + kk))
             codes.append((v, kk, m, q0, q1))
         scales = []
         for i in cutlass.range_constexpr((nsc + THREADS - 1) // THREADS):
@@ -668,7 +760,10 @@ def build_kernel(spec: KernelSpec):
             kb = v % (kc // 128)
             sc = Float32(0.0)
             if m < M:  # (v >= nsc gives m >= 8)
-                sc = P.ld_cg_f32(src_scale + Int64(m * ld_scale + k0 // 128 + kb) * 4)
+                if cutlass.const_expr(flagged):
+                    sc = P.ld_relaxed_f32(src_scale + Int64(m * ld_scale + k0 // 128 + kb) * 4)
+                else:
+                    sc = P.ld_cg_f32(src_scale + Int64(m * ld_scale + k0 // 128 + kb) * 4)
             scales.append((v, sc))
         return codes, scales
 
@@ -704,60 +799,40 @@ def build_kernel(spec: KernelSpec):
         if v < 8 * (kc // 128):
             P.sts_f32(sf + S_AS + v * 4, sc)
 
-    # The residual output, in the queue: each gate_up task writes GU_RES columns of its K chunk (its row tile's
-    # share) for every token. A gate_up task starts after every norm task has finished, so after every read of the
-    # residual input -- which out.residual may be (an in-place update). Loaded with the task's a_q, stored once
-    # the tokens are staged (the stores drain during the mma, before the task's release).
-    GU_RES = S.gu_kc // (2 * I // S.gu_rows)  # columns per gate_up task (TP8: 128, TP1: 32)
+    def fp8_acts_bad(codes, scales) -> Int32:
+        """1 if a word that fp8_acts_load loaded is still the sentinel (flagged data not yet written)."""
+        bad = Int32(0)
+        for _v, _kk, _m, q0, q1 in codes:
+            bad = bad | P.sel_i32(Int32(q0) == SENT, 1, 0) | P.sel_i32(Int32(q1) == SENT, 1, 0)
+        for _v, sc in scales:
+            bad = bad | P.sel_i32(P.f32_as_i32(sc) == SENT, 1, 0)
+        return bad
 
     @cute.jit
-    def gate_up_residual_load(k0: Int32, row_base: Int32, hidden: Int64, residual: Int64, tid: Int32):
-        """This thread's 4 columns (token tid // (GU_RES / 4)): (byte offset, the packed hidden and residual
-        values; zeros for a thread past the tokens)."""
-        L = GU_RES // 4  # threads per token (4 columns each)
-        m = tid // L
-        off = Int64(m * H + k0 + (row_base // S.gu_rows) * GU_RES + (tid - m * L) * 4) * 2
-        h0 = Uint32(0)
-        h1 = Uint32(0)
-        r0 = Uint32(0)
-        r1 = Uint32(0)
-        if m < M:
-            h0, h1 = P.ld_cg_v2(hidden + off)
-            r0, r1 = P.ld_cg_v2(residual + off)
-        return off, h0, h1, r0, r1
-
-    @cute.jit
-    def gate_up_residual_store(off: Int64, h0: Uint32, h1: Uint32, r0: Uint32, r1: Uint32, o_res: Int64, tid: Int32):
-        """... and its store: residual = bf16(hidden + residual), as the norm computes it."""
-        if tid // (GU_RES // 4) < M:
-            v = residual_add(h0, h1, r0, r1)
-            P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
-
-    @cute.jit
-    def stage_gate_up(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, o_aq: Int64, o_as: Int64, w13: Int64,
-                      w13_s: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
+    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
+                      si: Int32, tid: Int32, waits: Int32):
         if cutlass.const_expr("gemm" in WHATIF):
             wait_ready(waits, ws, si, tid)
             return
-        # A CTA that has already seen every norm task of this launch done (a router or gate_up task before this
-        # one waited for them) needs no poll: it loads this task's a_q slice first, then the weights, so the
-        # tokens are in shared memory when the weights land. Otherwise the weights go first (before the
-        # previous kernel has finished, for a CTA's first task) and the poll follows.
-        if waits == 1 and P.lds_b32(si + (SI_TASK + T_NORM_AT_START) * 4) != 0:
-            gate_up_task(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, True)
+        # A CTA's later task (its launch number known) loads its a_q slice first, then the weights, so that the
+        # tokens are in shared memory when the weights land (with flagged data it needs no poll first: the check
+        # after the loads says whether the norm had written them). A CTA's first task issues its weights first,
+        # before the previous kernel has finished, and reads the tokens after griddepcontrol.wait.
+        if waits == 1:
+            gate_up_task(tile, w13, w13_s, ws, sf, si, tid, waits, True)
         else:
-            gate_up_task(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, False)
+            gate_up_task(tile, w13, w13_s, ws, sf, si, tid, waits, False)
 
     @cute.jit
-    def gate_up_task(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, o_aq: Int64, o_as: Int64, w13: Int64,
-                     w13_s: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32,
-                     norm_seen: cutlass.Constexpr):
+    def gate_up_task(tile: Int32, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32,
+                     waits: Int32, acts_first: cutlass.Constexpr):
         warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
-        if cutlass.const_expr(norm_seen):
-            codes, scales = fp8_acts_load(o_aq, o_as, H, NG, k0, kc, tid)
-            res = gate_up_residual_load(k0, row_base, hidden, residual, tid)
+        if cutlass.const_expr(acts_first):
+            p = launch_parity(si)
+            aq, asc = ws + OFF_AQC + Int64(p * AQB), ws + OFF_ASC + Int64(p * ASB)
+            codes, scales = fp8_acts_load(aq, asc, H, NG, k0, kc, tid, True)
             raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
             stamp(GATE_UP, 0, tile, ws, tid)
             fp8_acts_store(codes, scales, kc, sf)
@@ -765,15 +840,33 @@ def build_kernel(spec: KernelSpec):
             raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
             wait_ready(waits, ws, si, tid)
             stamp(GATE_UP, 0, tile, ws, tid)
-            codes, scales = fp8_acts_load(o_aq, o_as, H, NG, k0, kc, tid)
-            res = gate_up_residual_load(k0, row_base, hidden, residual, tid)
+            p = launch_parity(si)
+            aq, asc = ws + OFF_AQC + Int64(p * AQB), ws + OFF_ASC + Int64(p * ASB)
+            codes, scales = fp8_acts_load(aq, asc, H, NG, k0, kc, tid, True)
             fp8_acts_store(codes, scales, kc, sf)
-        if waits != 0:  # (run alone, the norm stage writes it)
-            gate_up_residual_store(res[0], res[1], res[2], res[3], res[4], o_res, tid)
+        bad = Int32(0)
+        if cutlass.const_expr(FLAGS):
+            bad = fp8_acts_bad(codes, scales)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
-        cute.arch.sync_threads()
+        again = P.syncthreads_or(bad)
+        if cutlass.const_expr(FLAGS):
+            # the norm had not written all of this K chunk yet: load it again until it has
+            spins = Int32(0)
+            while again != 0 and spins < SPIN_LIMIT:
+                if spins >= HOT_SPINS:
+                    P.nanosleep(100)
+                codes2, scales2 = fp8_acts_load(aq, asc, H, NG, k0, kc, tid, True)
+                fp8_acts_store(codes2, scales2, kc, sf)
+                bad2 = fp8_acts_bad(codes2, scales2)
+                if cutlass.const_expr(QGMMA):
+                    P.fence_proxy_async_smem()
+                again = P.syncthreads_or(bad2)
+                spins = spins + 1
+            if again != 0 and tid == 0:
+                record_wait_failure(Int32(NORM), Int32(0), Int32(1), ws, si)
         stamp(GATE_UP, 1, tile, ws, tid)
+        gx = ws + Int64(launch_parity(si) * GXB)  # (this launch's fixed-point sums)
         outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
                         warp, lane, tid, raw0, sc0, B_GU)
         stamp(GATE_UP, 2, tile, ws, tid)
@@ -786,9 +879,9 @@ def build_kernel(spec: KernelSpec):
                 P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
                 if cutlass.const_expr(GU_FIXED):
                     if P.fabs(val) < GU_FIX_LIMIT:  # (false for NaN)
-                        P.red_add_u64(ws + OFF_GX + Int64(n * 2 * I + row_base + r) * 8, P.f32_to_fixed(val))
+                        P.red_add_u64(gx + OFF_GX + Int64(n * 2 * I + row_base + r) * 8, P.f32_to_fixed(val))
                     else:
-                        P.red_or_b32(ws + OFF_GXF + Int64(n) * 4, Int32(1))
+                        P.red_or_b32(gx + OFF_GXF + Int64(n) * 4, Int32(1))
 
     # ------------------------------------------------------------------------------------------------
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
@@ -807,14 +900,15 @@ def build_kernel(spec: KernelSpec):
         return g0, g1, g2, g3, u0, u1, u2, u3
 
     @cute.jit
-    def act_sums(m: Int32, g: Int32, lane: Int32, ws: Int64):
+    def act_sums(m: Int32, g: Int32, lane: Int32, ws: Int64, gx: Int64):
         """Token m, h columns g*128 + lane*4 .. + 3: the gate and up GEMM outputs (fp32, 4 each) from the split
-        partials -- their fixed-point sums (KernelSpec.gu_fixed), or the fp32 partials summed in split order."""
+        partials -- their fixed-point sums (KernelSpec.gu_fixed; gx + OFF_GX: this launch's block), or the fp32
+        partials summed in split order."""
         c = g * 128 + lane * 4
         if cutlass.const_expr(not GU_FIXED):
             return act_split_sums(m, c, ws)
-        fx = ws + OFF_GX + Int64(m * 2 * I + c) * 8
-        flag = P.ld_cg_b32(ws + OFF_GXF + Int64(m) * 4)
+        fx = gx + OFF_GX + Int64(m * 2 * I + c) * 8
+        flag = P.ld_cg_b32(gx + OFF_GXF + Int64(m) * 4)
         s0, s1 = P.ld_cg_v2_u64(fx)
         s2, s3 = P.ld_cg_v2_u64(fx + 16)
         t0, t1 = P.ld_cg_v2_u64(fx + I * 8)
@@ -862,7 +956,7 @@ def build_kernel(spec: KernelSpec):
         if cutlass.const_expr("act" in WHATIF):
             return
         if m < M:
-            v = act_sums(m, g, lane, ws)
+            v = act_sums(m, g, lane, ws, ws + Int64(launch_parity(si) * GXB))
             stamp(ACT, 1, g, ws, tid)
             q, scale = act_math(v)
             P.st_b32(ws + OFF_HQ + Int64(m * I + g * 128 + lane * 4), q)
@@ -882,7 +976,7 @@ def build_kernel(spec: KernelSpec):
             P.sts_f32(sf + S_AS + (m * (I // 128) + g) * 4, scale)
 
     @cute.jit
-    def stage_act_to_smem(ws: Int64, sf: Int32, tid: Int32, trace_tile: Int32):
+    def stage_act_to_smem(ws: Int64, sf: Int32, si: Int32, tid: Int32, trace_tile: Int32):
         """Fused act (S.fuse_act): the down task computes h itself, warp u = (token u // G, group u % G), and
         stages it for the down GEMM as stage_fp8_acts would have from h_q / h_scale (rows past M zero)."""
         if cutlass.const_expr("act" in WHATIF):
@@ -890,11 +984,12 @@ def build_kernel(spec: KernelSpec):
         G = I // 128
         warp = tid >> 5
         lane = tid & 31
+        gx = ws + Int64(launch_parity(si) * GXB)
         for r in cutlass.range_constexpr((M * G + WARPS - 1) // WARPS):
             u = warp + WARPS * r
             if cutlass.const_expr(r == 0 or (M * G) % WARPS == 0):
                 if u < M * G:
-                    v = act_sums(u // G, u % G, lane, ws)
+                    v = act_sums(u // G, u % G, lane, ws, gx)
                     stamp(ACT, 1, trace_tile + r, ws, tid)
                     q, scale = act_math(v)
                     act_to_smem(q, scale, u // G, u % G, sf, lane)
@@ -904,7 +999,7 @@ def build_kernel(spec: KernelSpec):
                 # loads before the first unit's math (behind `if u < M * G` they waited for it: one more L2 round
                 # trip at M = 5..7 than at M = 8, where the branch folds away).
                 uc = P.sel_i32(u < M * G, u, Int32(M * G - 1))
-                v = act_sums(uc // G, uc % G, lane, ws)
+                v = act_sums(uc // G, uc % G, lane, ws, gx)
                 stamp(ACT, 1, trace_tile + r, ws, tid)
                 q, scale = act_math(v)
                 if u < M * G:
@@ -950,7 +1045,7 @@ def build_kernel(spec: KernelSpec):
             wait_ready(waits, ws, si, tid)
         stamp(DOWN, 0, rt, ws, tid)
         if cutlass.const_expr(S.fuse_act):
-            stage_act_to_smem(ws, sf, tid, rt)
+            stage_act_to_smem(ws, sf, si, tid, rt)
         else:
             stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
         if cutlass.const_expr(QGMMA):
@@ -1260,7 +1355,7 @@ def build_kernel(spec: KernelSpec):
         if stage == ROUTER:
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
+            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
             stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:
@@ -1303,7 +1398,6 @@ def build_kernel(spec: KernelSpec):
             n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
             if tid == 0:
                 P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
-                P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(0))
                 P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(-1))
                 # Weights and the norm's inputs do not depend on the previous kernel: ask L2 for them before it
                 # has finished. (A prefetch is only a hint -- L2 is where every SM's writes land, so hidden /
@@ -1376,7 +1470,6 @@ def build_kernel(spec: KernelSpec):
                         P.sts_b32(si + (SI_TASK + 2) * 4, (word >> 6) & ((1 << TILE_BITS) - 1))  # tile
                         P.sts_b32(si + (SI_TASK + 3) * 4, ((word >> 3) & 7) - 1)  # wait counter (-1: none)
                         P.sts_b32(si + (SI_TASK + 4) * 4, (word >> 18) & ((1 << TARGET_BITS) - 1))  # wait target
-                        P.sts_b32(si + (SI_TASK + T_NORM_AT_START) * 4, P.lds_b32(si + (SI_TASK + T_NORM_SEEN) * 4))
                         # A terminal task taken from the queue: its CTA leaves after it, without the ticket
                         # round trip at the end of the call's last tasks (plan.exit_free_tasks counts them).
                         terminal = Int32(0)

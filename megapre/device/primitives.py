@@ -234,6 +234,46 @@ def warp_sum_f32(v: Float32) -> Float32:
     return v
 
 
+# Data that flags itself (KernelSpec.norm_flags): morally strong accesses, one per 32-bit word (PTX treats a
+# vector access as one access per element), so a consumer polling a word sees either the sentinel or the value.
+@cute.jit
+def ld_relaxed_v4(addr: Int64):
+    return _asm([Uint32] * 4, [addr], "ld.relaxed.gpu.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", True)
+
+
+@cute.jit
+def ld_relaxed_v2(addr: Int64):
+    return _asm([Uint32, Uint32], [addr], "ld.relaxed.gpu.global.v2.b32 {$0, $1}, [$2];", "=r,=r,l", True)
+
+
+@cute.jit
+def ld_relaxed_f32(addr: Int64) -> Float32:
+    return _asm([Float32], [addr], "ld.relaxed.gpu.global.f32 $0, [$1];", "=f,l", True)
+
+
+@cute.jit
+def st_relaxed_v2(addr: Int64, a: Uint32, b: Uint32):
+    _asm([], [addr, a, b], "st.relaxed.gpu.global.v2.b32 [$0], {$1, $2};", "l,r,r", True)
+
+
+@cute.jit
+def st_relaxed_b32(addr: Int64, v: Uint32):
+    _asm([], [addr, v], "st.relaxed.gpu.global.b32 [$0], $1;", "l,r", True)
+
+
+@cute.jit
+def st_relaxed_f32(addr: Int64, v: Float32):
+    _asm([], [addr, v], "st.relaxed.gpu.global.f32 [$0], $1;", "l,f", True)
+
+
+@cute.jit
+def syncthreads_or(pred: Int32) -> Int32:
+    """__syncthreads_or: a CTA barrier (barrier 0, every thread, the memory ordering of bar.sync) that returns 1 on
+    every thread if pred != 0 on any thread, else 0."""
+    return _asm([Int32], [pred], "{ .reg .pred p, q; setp.ne.s32 p, $1, 0; bar.red.or.pred q, 0, p; "
+                "selp.s32 $0, 1, 0, q; }", "=r,r", True)
+
+
 # ---- inter-CTA synchronization -------------------------------------------------------------------------
 @cute.jit
 def ld_relaxed_u64(addr: Int64) -> Int64:

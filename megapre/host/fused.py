@@ -125,6 +125,16 @@ def _entry(spec: KernelSpec):
         return _entries[spec]
 
 
+def fill_sentinels(spec: KernelSpec, ws: torch.Tensor) -> None:
+    """Both parity blocks of the norm's flagged outputs as plan.NORM_SENTINEL (0xff bytes) and both blocks of the
+    gate_up fixed-point sums as zeros: what a launch of any parity expects to find (KernelSpec.norm_flags). A new
+    workspace needs it, and so does one whose launch number was moved by hand (tests/test_gpu_reliability.py)."""
+    for off, nbytes in spec.sentinel_spans():
+        ws[off: off + nbytes].fill_(0xFF)
+    gx = spec.ws_layout()["gu_fixed"]
+    ws[gx: gx + 2 * spec.gu_fixed_bytes].zero_()
+
+
 def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
     """Workspace per (spec, device, stream) and task table per (spec, device). The table needs a host-to-device
     copy, so it must exist before any capture; a workspace first needed inside a capture is allocated there
@@ -148,6 +158,7 @@ def _prepare(spec: KernelSpec, device: torch.device, stream) -> tuple:
             _, err_dev = _error_record(device)
             with torch.cuda.stream(stream):
                 ws = torch.zeros(spec.ws_layout()["total"], dtype=torch.uint8, device=device)
+                fill_sentinels(spec, ws)
                 ws[WS_ERRPTR * 4: WS_ERRPTR * 4 + 8].view(torch.int64).fill_(err_dev)
             _workspaces[key] = ws
     return ws, table

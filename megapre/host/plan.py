@@ -54,6 +54,10 @@ N_COUNTERS = len(STAGE_NAMES)
 # Workspace control words (int32 index): the 64-bit ticket counter (indices 0-1), the error word (first failed
 # task + 1), the int64 address of the host-mapped error record (set by the host), then the counters.
 WS_HEAD, WS_ERROR = 0, 2
+# The value of every 32-bit word of the norm's flagged outputs before the norm has written it (KernelSpec.norm_flags):
+# two bf16 / four e4m3 NaNs with the sign set and every payload bit, or an fp32 NaN, none of which the norm's
+# arithmetic gives (its NaNs are canonical, and it writes canonical NaNs in place of this one to be sure).
+NORM_SENTINEL = 0xFFFFFFFF
 WS_ERRPTR = 4  # int32 index of an 8-byte field
 WS_COUNTERS = 16
 # Host-mapped error record (int32): [failed task + 1, stage, tile, counter, seen, target, 0, 0]
@@ -227,9 +231,6 @@ class KernelSpec:
             return f"shared intermediate {self.inter} does not tile"
         if not WARPS <= self.norm_groups <= 2 * WARPS or self.hidden_groups % self.norm_groups:
             return f"{self.norm_groups} groups per norm task (8..16, dividing hidden_size / {QUANT_GROUP})"
-        row_tiles = 2 * self.inter // self.gu_rows
-        if self.gu_kc % (4 * row_tiles) or self.m * (self.gu_kc // row_tiles // 4) > THREADS:
-            return "the gate_up tasks do not split the residual output (K chunk / row tiles columns, 4 per thread)"
         if self.staged and (self.trace or self.whatif):
             return "a stage-by-stage build with trace or what-if parts (those are fused-only)"
         if set(self.whatif) - set(WHATIF_PARTS):
@@ -307,12 +308,17 @@ class KernelSpec:
         off = {}
         pos = _align((WS_COUNTERS + N_COUNTERS) * 4)
         for name, nbytes in (
-            ("x", self.m * self.hidden * 2),  # bf16 normalized input of the router GEMM
+            # The norm's outputs as its consumers read them, in two blocks by launch parity (norm_flags): x, the bf16
+            # normalized input of the router GEMM, and copies of a_q / a_scale (the outputs themselves are the
+            # caller's); launch L writes block L % 2 and refills block (L + 1) % 2 with the sentinel
+            ("x", 2 * self.x_block),
+            ("aq_copy", 2 * self.aq_block),
+            ("as_copy", 2 * self.as_block),
             ("router_part", self.router_splits * self.m * self.experts * 4),  # fp32 split-K partials
             ("gu_part", self.gu_splits * self.m * 2 * self.inter * 4),  # fp32 split-K partials (fallback)
             # their sums in fixed point (int64, atomics: megakernel.py's gate_up_task), then one flag word per
-            # token; zeroed by the norm tasks of each launch
-            ("gu_fixed", self.gu_fixed_bytes),
+            # token; two blocks by launch parity: the norm tasks of launch L zero block (L + 1) % 2
+            ("gu_fixed", 2 * self.gu_fixed_bytes),
             ("h_q", self.m * self.inter),  # fp8 SiLU-and-mul output
             ("h_scale", self.m * (self.inter // QUANT_GROUP) * 4),
             ("trace", (sum(self.stage_tiles().values()) * TRACE_INTS * 8) if self.trace else 0),
@@ -322,6 +328,36 @@ class KernelSpec:
             pos = _align(pos + nbytes)
         off["total"] = pos
         return off
+
+    # ---- the norm's outputs flag themselves (norm_flags) ------------------------------------------------
+    @property
+    def norm_flags(self) -> bool:
+        """The router and gate_up tasks wait for the norm's data itself, not for its counter: every 32-bit word
+        of x and of the a_q / a_scale copies starts each launch as NORM_SENTINEL (which no norm computes), so a
+        consumer that has loaded its K chunk with no sentinel word in it holds this launch's values, and the
+        norm's release fence and the consumer's counter round trip leave both chains. The residual output then
+        comes from the norm tasks (after a wait of their own: in-place updates). Off in the stage-by-stage build
+        (a kernel boundary orders everything there) and in what-if builds whose norm writes nothing or whose
+        consumers do not wait."""
+        return not self.staged and not ({"norm", "norm_hop", "waits"} & set(self.whatif))
+
+    @property
+    def x_block(self) -> int:
+        return self.m * self.hidden * 2
+
+    @property
+    def aq_block(self) -> int:
+        return self.m * self.hidden
+
+    @property
+    def as_block(self) -> int:
+        return (self.m * self.hidden_groups * 4 + 15) // 16 * 16
+
+    def sentinel_spans(self) -> list[tuple[int, int]]:
+        """(byte offset, bytes) of the workspace that starts as NORM_SENTINEL words (0xff bytes): both blocks of
+        the norm's flagged outputs."""
+        lay = self.ws_layout()
+        return [(lay["x"], 2 * self.x_block), (lay["aq_copy"], 2 * self.aq_block), (lay["as_copy"], 2 * self.as_block)]
 
     @property
     def gu_fixed(self) -> bool:
@@ -393,7 +429,7 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
     rows = []
     for stage in (QUEUE_ORDER_TP8 if spec.small_shared else QUEUE_ORDER):
         ctr, target = (-1, 0) if "waits" in spec.whatif else waits[stage]
-        if "norm_hop" in spec.whatif and stage in (ROUTER, GATE_UP):
+        if (spec.norm_flags or "norm_hop" in spec.whatif) and stage in (ROUTER, GATE_UP):
             ctr, target = -1, 0
         for tile in range(tiles[stage]):
             rows.append([stage, tile, ctr, target, stage])
