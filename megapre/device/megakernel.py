@@ -88,10 +88,12 @@ def build_kernel(spec: KernelSpec):
     # int scratch layout (int32 index)
     SI_TASK, SI_RED, SI_PAD, SI_END, SI_WTOT, SI_TOPK, SI_CNT = 0, 16, 96, 352, 608, 640, 704
     # the task slot SI_TASK + : 0 ticket (task index), 1 stage (= the counter it signals), 2 tile, 3 wait
-    # counter, 4 wait target, 6 launch number (mod 2^32), 7 the next ticket when a terminal task took it early (-1:
-    # none), 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 12-13 / 14-15 trace: when the task
-    # was taken / its inputs were ready
-    T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_TAKEN, T_READY = 6, 7, 8, 10, 12, 14
+    # counter, 4 wait target, 5 whether this CTA had seen the norm complete before this task started (a copy of
+    # 11, taken when the task is decoded), 6 launch number (mod 2^32), 7 the next ticket when a terminal task took
+    # it early (-1: none), 8-9 the launch's first ticket (u64), 10 whether 6 and 8 are known, 11 whether a wait of
+    # this CTA has seen every norm task of this launch done (counter builds: not norm_flags), 12-13 / 14-15 trace:
+    # when the task was taken / its inputs were ready
+    T_NORM_AT_START, T_LAUNCH, T_NEXT, T_WINDOW, T_KNOWN, T_NORM_SEEN, T_TAKEN, T_READY = 5, 6, 7, 8, 10, 11, 12, 14
     # the table's terminal tasks (plan.TERMINAL_STAGES): the route task and the down tasks from D_FIRST to the end
     R_IDX, D_FIRST = terminal_tasks(S)
     STATIC_CAP = S.static_cap  # CTA b < min(grid, n_tasks, STATIC_CAP) starts on task b (KernelSpec.n_static)
@@ -99,7 +101,7 @@ def build_kernel(spec: KernelSpec):
     NORM_TASKS = S.stage_tiles()[NORM]  # the first tasks of the table: CTAs 0 .. NORM_TASKS - 1 start on them
     # The norm tasks signal their counter themselves and wait for each other before the residual output (stage_norm)
     # where no other task waits for the norm (KernelSpec.norm_flags, and the what-if builds without such waits).
-    NORM_SELF_RELEASE = NORM not in WAITED and "waits" not in WHATIF
+    NORM_SELF_RELEASE = FLAGS
     RELEASER = 32  # the thread that signals a finished task's counter (warp 1: not the ticket-taking thread 0)
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
@@ -197,7 +199,7 @@ def build_kernel(spec: KernelSpec):
         P.st_relaxed_v2(ws + OFF_X + Int64(p * XB) + off, unflag(x01, 0x7FFF7FFF), unflag(x23, 0x7FFF7FFF))
         P.st_relaxed_b32(ws + OFF_AQC + Int64(p * AQB + m * H + col), unflag(q, 0x7F7F7F7F))
         P.st_b32(o_aq + Int64(m * H + col), q)
-        if cutlass.const_expr(not S.staged):
+        if cutlass.const_expr(FLAGS):
             P.st_v2(ws + OFF_X + Int64(p_next * XB) + off, Uint32(0xFFFFFFFF), Uint32(0xFFFFFFFF))
             P.st_b32(ws + OFF_AQC + Int64(p_next * AQB + m * H + col), Uint32(0xFFFFFFFF))
 
@@ -206,7 +208,7 @@ def build_kernel(spec: KernelSpec):
         launch."""
         P.st_f32(o_as + Int64(m * NG + g) * 4, vals[3])
         P.st_relaxed_f32(ws + OFF_ASC + Int64(p * ASB) + Int64(m * NG + g) * 4, vals[3])
-        if cutlass.const_expr(not S.staged):
+        if cutlass.const_expr(FLAGS):
             P.st_b32(ws + OFF_ASC + Int64(p_next * ASB) + Int64(m * NG + g) * 4, Uint32(0xFFFFFFFF))
 
     @cute.jit
@@ -309,7 +311,7 @@ def build_kernel(spec: KernelSpec):
                 if lane == 0:
                     norm_group_store_scale(r2, g2, m, o_as, ws, p, p_next)
         stamp(NORM, 2, tile, ws, tid)
-        if cutlass.const_expr(NORM_SELF_RELEASE and not S.staged):
+        if cutlass.const_expr(NORM_SELF_RELEASE):
             # The residual output, in the queue: only after every norm task has read its rows (an in-place update
             # overwrites the residual input). No other task waits for the norm's counter (its consumers read the
             # flagged data itself), so the norm tasks signal it here and wait for each other's signals; this is off
@@ -319,10 +321,16 @@ def build_kernel(spec: KernelSpec):
                 P.red_release_add(ws + WS_COUNTERS * 4 + NORM * 4, Int32(1))
                 poll_counter(Int32(NORM), Int32(NORM_TASKS), ws, si)
             cute.arch.sync_threads()
-        norm_group_store_res(r1, g1, m, o_res, lane)
-        if cutlass.const_expr(G > WARPS):
-            if two != 0:
-                norm_group_store_res(r2, g2, m, o_res, lane)
+            norm_group_store_res(r1, g1, m, o_res, lane)
+            if cutlass.const_expr(G > WARPS):
+                if two != 0:
+                    norm_group_store_res(r2, g2, m, o_res, lane)
+        else:  # the gate_up tasks write it (gate_up_residual_*), once every norm task has finished; or run alone
+            if waits == 0:
+                norm_group_store_res(r1, g1, m, o_res, lane)
+                if cutlass.const_expr(G > WARPS):
+                    if two != 0:
+                        norm_group_store_res(r2, g2, m, o_res, lane)
 
     # ------------------------------------------------------------------------------------------------
     # GEMM building block: stream RPW rows per warp over KC columns against activations staged in smem
@@ -632,7 +640,11 @@ def build_kernel(spec: KernelSpec):
                 learn_launch(P.ld_relaxed_u64(ws + WS_HEAD * 4), si)
             wc = P.lds_b32(si + (SI_TASK + 3) * 4)
             if wc >= 0:
-                poll_counter(wc, P.lds_b32(si + (SI_TASK + 4) * 4), ws, si)
+                target = P.lds_b32(si + (SI_TASK + 4) * 4)
+                poll_counter(wc, target, ws, si)
+                if cutlass.const_expr(not FLAGS):
+                    if wc == NORM and target == NORM_TASKS:  # (poll_counter gave up otherwise: no matter)
+                        P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(1))  # (the counters only grow in a launch)
             if cutlass.const_expr(S.trace):
                 P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())
         cute.arch.sync_threads()
@@ -808,24 +820,59 @@ def build_kernel(spec: KernelSpec):
             bad = bad | P.sel_i32(P.f32_as_i32(sc) == SENT, 1, 0)
         return bad
 
+    # Counter builds (not norm_flags): the residual output, in the queue, comes from the gate_up tasks -- each writes
+    # GU_RES columns of its K chunk (its row tile's share) for every token. A gate_up task starts after every norm task
+    # has finished, so after every read of the residual input -- which out.residual may be (an in-place update).
+    # Loaded with the task's a_q, stored once the tokens are staged (the stores drain during the mma).
+    GU_RES = S.gu_kc // (2 * I // S.gu_rows)  # columns per gate_up task (TP8: 128, TP1: 32)
+
     @cute.jit
-    def stage_gate_up(tile: Int32, o_aq: Int64, o_as: Int64, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32,
-                      si: Int32, tid: Int32, waits: Int32):
+    def gate_up_residual_load(k0: Int32, row_base: Int32, hidden: Int64, residual: Int64, tid: Int32):
+        """This thread's 4 columns (token tid // (GU_RES / 4)): (byte offset, the packed hidden and residual
+        values; zeros for a thread past the tokens)."""
+        L = GU_RES // 4  # threads per token (4 columns each)
+        m = tid // L
+        off = Int64(m * H + k0 + (row_base // S.gu_rows) * GU_RES + (tid - m * L) * 4) * 2
+        h0 = Uint32(0)
+        h1 = Uint32(0)
+        r0 = Uint32(0)
+        r1 = Uint32(0)
+        if m < M:
+            h0, h1 = P.ld_cg_v2(hidden + off)
+            r0, r1 = P.ld_cg_v2(residual + off)
+        return off, h0, h1, r0, r1
+
+    @cute.jit
+    def gate_up_residual_store(off: Int64, h0: Uint32, h1: Uint32, r0: Uint32, r1: Uint32, o_res: Int64, tid: Int32):
+        """... and its store: residual = bf16(hidden + residual), as the norm computes it."""
+        if tid // (GU_RES // 4) < M:
+            v = residual_add(h0, h1, r0, r1)
+            P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
+
+    @cute.jit
+    def stage_gate_up(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, w13: Int64, w13_s: Int64, ws: Int64,
+                      sf: Int32, si: Int32, tid: Int32, waits: Int32):
         if cutlass.const_expr("gemm" in WHATIF):
             wait_ready(waits, ws, si, tid)
             return
-        # A CTA's later task (its launch number known) loads its a_q slice first, then the weights, so that the
-        # tokens are in shared memory when the weights land (with flagged data it needs no poll first: the check
-        # after the loads says whether the norm had written them). A CTA's first task issues its weights first,
-        # before the previous kernel has finished, and reads the tokens after griddepcontrol.wait.
+        # A CTA's later task loads its a_q slice first, then the weights, so that the tokens are in shared memory
+        # when the weights land: with flagged data always (the check after the loads says whether the norm had
+        # written them); with the counters once its CTA has seen every norm task done (an earlier wait of this
+        # launch). Otherwise the weights go first (before the previous kernel has finished, for a CTA's first
+        # task) and the tokens follow the wait.
+        early = Int32(0)
         if waits == 1:
-            gate_up_task(tile, w13, w13_s, ws, sf, si, tid, waits, True)
+            early = 1
+            if cutlass.const_expr(not FLAGS):
+                early = P.lds_b32(si + (SI_TASK + T_NORM_AT_START) * 4)
+        if early != 0:
+            gate_up_task(tile, hidden, residual, o_res, w13, w13_s, ws, sf, si, tid, waits, True)
         else:
-            gate_up_task(tile, w13, w13_s, ws, sf, si, tid, waits, False)
+            gate_up_task(tile, hidden, residual, o_res, w13, w13_s, ws, sf, si, tid, waits, False)
 
     @cute.jit
-    def gate_up_task(tile: Int32, w13: Int64, w13_s: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32,
-                     waits: Int32, acts_first: cutlass.Constexpr):
+    def gate_up_task(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, w13: Int64, w13_s: Int64, ws: Int64,
+                     sf: Int32, si: Int32, tid: Int32, waits: Int32, acts_first: cutlass.Constexpr):
         warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
@@ -833,6 +880,8 @@ def build_kernel(spec: KernelSpec):
             p = launch_parity(si)
             aq, asc = ws + OFF_AQC + Int64(p * AQB), ws + OFF_ASC + Int64(p * ASB)
             codes, scales = fp8_acts_load(aq, asc, H, NG, k0, kc, tid, True)
+            if cutlass.const_expr(not FLAGS):
+                res = gate_up_residual_load(k0, row_base, hidden, residual, tid)
             raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
             stamp(GATE_UP, 0, tile, ws, tid)
             fp8_acts_store(codes, scales, kc, sf)
@@ -843,7 +892,12 @@ def build_kernel(spec: KernelSpec):
             p = launch_parity(si)
             aq, asc = ws + OFF_AQC + Int64(p * AQB), ws + OFF_ASC + Int64(p * ASB)
             codes, scales = fp8_acts_load(aq, asc, H, NG, k0, kc, tid, True)
+            if cutlass.const_expr(not FLAGS):
+                res = gate_up_residual_load(k0, row_base, hidden, residual, tid)
             fp8_acts_store(codes, scales, kc, sf)
+        if cutlass.const_expr(not FLAGS):
+            if waits != 0:  # (run alone, the norm stage writes it)
+                gate_up_residual_store(res[0], res[1], res[2], res[3], res[4], o_res, tid)
         bad = Int32(0)
         if cutlass.const_expr(FLAGS):
             bad = fp8_acts_bad(codes, scales)
@@ -1355,7 +1409,7 @@ def build_kernel(spec: KernelSpec):
         if stage == ROUTER:
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
+            stage_gate_up(tile, hidden, residual, o_res, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
             stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:
@@ -1398,6 +1452,7 @@ def build_kernel(spec: KernelSpec):
             n_norm = P.sel_i32(n_static < NORM_TASKS, n_static, Int32(NORM_TASKS))  # ... of which norm tasks
             if tid == 0:
                 P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
+                P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(0))
                 P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(-1))
                 # Weights and the norm's inputs do not depend on the previous kernel: ask L2 for them before it
                 # has finished. (A prefetch is only a hint -- L2 is where every SM's writes land, so hidden /
@@ -1470,6 +1525,7 @@ def build_kernel(spec: KernelSpec):
                         P.sts_b32(si + (SI_TASK + 2) * 4, (word >> 6) & ((1 << TILE_BITS) - 1))  # tile
                         P.sts_b32(si + (SI_TASK + 3) * 4, ((word >> 3) & 7) - 1)  # wait counter (-1: none)
                         P.sts_b32(si + (SI_TASK + 4) * 4, (word >> 18) & ((1 << TARGET_BITS) - 1))  # wait target
+                        P.sts_b32(si + (SI_TASK + T_NORM_AT_START) * 4, P.lds_b32(si + (SI_TASK + T_NORM_SEEN) * 4))
                         # A terminal task taken from the queue: its CTA leaves after it, without the ticket
                         # round trip at the end of the call's last tasks (plan.exit_free_tasks counts them).
                         terminal = Int32(0)

@@ -231,6 +231,9 @@ class KernelSpec:
             return f"shared intermediate {self.inter} does not tile"
         if not WARPS <= self.norm_groups <= 2 * WARPS or self.hidden_groups % self.norm_groups:
             return f"{self.norm_groups} groups per norm task (8..16, dividing hidden_size / {QUANT_GROUP})"
+        row_tiles = 2 * self.inter // self.gu_rows
+        if self.gu_kc % (4 * row_tiles) or self.m * (self.gu_kc // row_tiles // 4) > THREADS:
+            return "the gate_up tasks do not split the residual output (K chunk / row tiles columns, 4 per thread)"
         if self.staged and (self.trace or self.whatif):
             return "a stage-by-stage build with trace or what-if parts (those are fused-only)"
         if set(self.whatif) - set(WHATIF_PARTS):
@@ -336,10 +339,11 @@ class KernelSpec:
         of x and of the a_q / a_scale copies starts each launch as NORM_SENTINEL (which no norm computes), so a
         consumer that has loaded its K chunk with no sentinel word in it holds this launch's values, and the
         norm's release fence and the consumer's counter round trip leave both chains. The residual output then
-        comes from the norm tasks (after a wait of their own: in-place updates). Off in the stage-by-stage build
-        (a kernel boundary orders everything there) and in what-if builds whose norm writes nothing or whose
+        comes from the norm tasks (after a wait of their own: in-place updates). TP8 shapes only: at TP1 the norm
+        CTAs' own wait held their next gate_up tasks back (M = 8 +1.9 us, session 24). Off in the stage-by-stage
+        build (a kernel boundary orders everything there) and in what-if builds whose norm writes nothing or whose
         consumers do not wait."""
-        return not self.staged and not ({"norm", "norm_hop", "waits"} & set(self.whatif))
+        return self.small_shared and not self.staged and not ({"norm", "norm_hop", "waits"} & set(self.whatif))
 
     @property
     def x_block(self) -> int:
