@@ -114,6 +114,7 @@ def test_norm_flags_only_where_the_norm_writes_and_its_consumers_wait():
         assert not other.norm_flags
     assert KernelSpec.from_config(cfg, 4, whatif=("norm",)).waited_counters()[0] == NORM  # (consumers wait)
     assert not KernelSpec.from_config(CONFIGS[2], 4).norm_flags  # TP1: counters (its norm CTAs' next tasks)
+    assert [KernelSpec.from_config(cfg, m).norm_flags for m in range(1, 9)] == [True] * 5 + [False] * 3
     lay = spec.ws_layout()
     spans = spec.sentinel_spans()
     assert spans[0] == (lay["x"], 2 * 4 * cfg.hidden_size * 2) and spans[1] == (lay["aq_copy"], 2 * 4 * cfg.hidden_size)

@@ -154,7 +154,7 @@ def build_kernel(spec: KernelSpec):
         ss = P.warp_sum_f32(ss)
         if lane == 0:
             P.sts_f32(si + (SI_RED + warp) * 4, ss)
-        if cutlass.const_expr(not S.staged):
+        if cutlass.const_expr(FLAGS):
             if tid == 0 and P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
                 learn_launch(t_head, si)
         cute.arch.sync_threads()
@@ -196,8 +196,11 @@ def build_kernel(spec: KernelSpec):
         off = Int64(m * H + col) * 2
         x01 = P.f32x2_to_bf16x2(x[0], x[1])
         x23 = P.f32x2_to_bf16x2(x[2], x[3])
-        P.st_relaxed_v2(ws + OFF_X + Int64(p * XB) + off, unflag(x01, 0x7FFF7FFF), unflag(x23, 0x7FFF7FFF))
-        P.st_relaxed_b32(ws + OFF_AQC + Int64(p * AQB + m * H + col), unflag(q, 0x7F7F7F7F))
+        if cutlass.const_expr(FLAGS):
+            P.st_relaxed_v2(ws + OFF_X + Int64(p * XB) + off, unflag(x01, 0x7FFF7FFF), unflag(x23, 0x7FFF7FFF))
+            P.st_relaxed_b32(ws + OFF_AQC + Int64(p * AQB + m * H + col), unflag(q, 0x7F7F7F7F))
+        else:
+            P.st_v2(ws + OFF_X + off, x01, x23)
         P.st_b32(o_aq + Int64(m * H + col), q)
         if cutlass.const_expr(FLAGS):
             P.st_v2(ws + OFF_X + Int64(p_next * XB) + off, Uint32(0xFFFFFFFF), Uint32(0xFFFFFFFF))
@@ -207,8 +210,8 @@ def build_kernel(spec: KernelSpec):
         """Lane 0: the group's scale (never a NaN: amax >= 1e-10), its copy, and the copy's sentinel for the next
         launch."""
         P.st_f32(o_as + Int64(m * NG + g) * 4, vals[3])
-        P.st_relaxed_f32(ws + OFF_ASC + Int64(p * ASB) + Int64(m * NG + g) * 4, vals[3])
         if cutlass.const_expr(FLAGS):
+            P.st_relaxed_f32(ws + OFF_ASC + Int64(p * ASB) + Int64(m * NG + g) * 4, vals[3])
             P.st_b32(ws + OFF_ASC + Int64(p_next * ASB) + Int64(m * NG + g) * 4, Uint32(0xFFFFFFFF))
 
     @cute.jit
@@ -285,13 +288,13 @@ def build_kernel(spec: KernelSpec):
             return
         # the launch number (for the parity blocks), read with the row: norm_row learns it behind the row's loads
         t_head = Int64(0)
-        if cutlass.const_expr(not S.staged):
+        if cutlass.const_expr(FLAGS):
             if tid == 0 and P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
                 t_head = P.ld_relaxed_u64(ws + WS_HEAD * 4)
         mine, rstd = norm_row(m, hidden, residual, si, tid, tile, ws, t_head)
         p = launch_parity(si)
-        p_next = p  # (run alone: one block, which this stage's kernel writes before the next stage's reads it)
-        if cutlass.const_expr(not S.staged):
+        p_next = p  # (no flags: one block, which the counters -- or the kernel boundary -- order)
+        if cutlass.const_expr(FLAGS):
             p_next = 1 - p
         if cutlass.const_expr(GU_FIXED):
             gu_fixed_zero(tile, ws + Int64(p_next * GXB), tid)  # the next launch's block (this one's: the last's)
@@ -588,9 +591,9 @@ def build_kernel(spec: KernelSpec):
     @cute.jit
     def launch_parity(si: Int32) -> Int32:
         """Which of the two blocks this launch's flagged data (and fixed-point sums) use: the launch number's lowest
-        bit, once the CTA knows it (a stage run alone has one block)."""
+        bit, once the CTA knows it. Builds without flags use block 0 only (the counters order its reuse)."""
         p = Int32(0)
-        if cutlass.const_expr(not S.staged):
+        if cutlass.const_expr(FLAGS):
             p = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) & 1
         return p
 
@@ -611,8 +614,9 @@ def build_kernel(spec: KernelSpec):
                 P.st_sys_b32(rec, task + 1)
 
     @cute.jit
-    def poll_counter(wc: Int32, target: Int32, ws: Int64, si: Int32):
-        """Thread 0, launch number known: spin until this launch's signals on counter wc reach target (acquire)."""
+    def poll_counter(wc: Int32, target: Int32, ws: Int64, si: Int32) -> Int32:
+        """Thread 0, launch number known: spin until this launch's signals on counter wc reach target (acquire);
+        returns the count seen (below target: the wait gave up and recorded the failure)."""
         addr = ws + WS_COUNTERS * 4 + Int64(wc) * 4
         # the counter holds (earlier launches) x (its stage's tiles) + this launch's signals
         tiles_per_launch = Int32(0)
@@ -626,8 +630,12 @@ def build_kernel(spec: KernelSpec):
                 P.nanosleep(100)
             seen = P.ld_acquire(addr) - base
             spins = spins + 1
+        if cutlass.const_expr(not FLAGS):
+            if wc == NORM and seen >= target and target == NORM_TASKS:
+                P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(1))  # (the counters only grow in a launch)
         if seen < target:
             record_wait_failure(wc, seen, target, ws, si)
+        return seen
 
     @cute.jit
     def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
@@ -640,11 +648,7 @@ def build_kernel(spec: KernelSpec):
                 learn_launch(P.ld_relaxed_u64(ws + WS_HEAD * 4), si)
             wc = P.lds_b32(si + (SI_TASK + 3) * 4)
             if wc >= 0:
-                target = P.lds_b32(si + (SI_TASK + 4) * 4)
-                poll_counter(wc, target, ws, si)
-                if cutlass.const_expr(not FLAGS):
-                    if wc == NORM and target == NORM_TASKS:  # (poll_counter gave up otherwise: no matter)
-                        P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(1))  # (the counters only grow in a launch)
+                poll_counter(wc, P.lds_b32(si + (SI_TASK + 4) * 4), ws, si)
             if cutlass.const_expr(S.trace):
                 P.sts_u64(si + (SI_TASK + T_READY) * 4, P.globaltimer())
         cute.arch.sync_threads()
@@ -687,7 +691,10 @@ def build_kernel(spec: KernelSpec):
                 m = v // (kc // 8)
                 kk = (v % (kc // 8)) * 8
                 if m < M:
-                    u0, u1, u2, u3 = P.ld_relaxed_v4(xb + Int64(m * H + k0 + kk) * 2)
+                    if cutlass.const_expr(FLAGS):
+                        u0, u1, u2, u3 = P.ld_relaxed_v4(xb + Int64(m * H + k0 + kk) * 2)
+                    else:
+                        u0, u1, u2, u3 = P.ld_cg_v4(xb + Int64(m * H + k0 + kk) * 2)
                     P.sts_v4(sf + S_ACT + (m * kc + kk) * 2, u0, u1, u2, u3)
                     if cutlass.const_expr(FLAGS):
                         bad = bad | is_sentinel4(u0, u1, u2, u3)
@@ -714,8 +721,11 @@ def build_kernel(spec: KernelSpec):
         # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M; with flagged data, until no word of it is the
         # sentinel (the norm has written it)
         xb = ws + OFF_X + Int64(launch_parity(si) * XB)
-        again = P.syncthreads_or(stage_router_x(xb, k0, kc, sf, tid))
-        if cutlass.const_expr(FLAGS):
+        if cutlass.const_expr(not FLAGS):
+            stage_router_x(xb, k0, kc, sf, tid)
+            cute.arch.sync_threads()
+        else:
+            again = P.syncthreads_or(stage_router_x(xb, k0, kc, sf, tid))
             spins = Int32(0)
             while again != 0 and spins < SPIN_LIMIT:
                 if spins >= HOT_SPINS:
@@ -849,9 +859,16 @@ def build_kernel(spec: KernelSpec):
             v = residual_add(h0, h1, r0, r1)
             P.st_v2(o_res + off, P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
 
+    def gate_up_tokens(o_aq: Int64, o_as: Int64, ws: Int64, si: Int32):
+        """Where a gate_up task reads a_q / a_scale: this launch's flagged copies, or (counters) the outputs."""
+        if cutlass.const_expr(FLAGS):
+            p = launch_parity(si)
+            return ws + OFF_AQC + Int64(p * AQB), ws + OFF_ASC + Int64(p * ASB)
+        return o_aq, o_as
+
     @cute.jit
-    def stage_gate_up(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, w13: Int64, w13_s: Int64, ws: Int64,
-                      sf: Int32, si: Int32, tid: Int32, waits: Int32):
+    def stage_gate_up(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, o_aq: Int64, o_as: Int64, w13: Int64,
+                      w13_s: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32):
         if cutlass.const_expr("gemm" in WHATIF):
             wait_ready(waits, ws, si, tid)
             return
@@ -860,26 +877,27 @@ def build_kernel(spec: KernelSpec):
         # written them); with the counters once its CTA has seen every norm task done (an earlier wait of this
         # launch). Otherwise the weights go first (before the previous kernel has finished, for a CTA's first
         # task) and the tokens follow the wait.
-        early = Int32(0)
-        if waits == 1:
-            early = 1
-            if cutlass.const_expr(not FLAGS):
-                early = P.lds_b32(si + (SI_TASK + T_NORM_AT_START) * 4)
-        if early != 0:
-            gate_up_task(tile, hidden, residual, o_res, w13, w13_s, ws, sf, si, tid, waits, True)
+        if cutlass.const_expr(FLAGS):
+            if waits == 1:
+                gate_up_task(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, True)
+            else:
+                gate_up_task(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, False)
         else:
-            gate_up_task(tile, hidden, residual, o_res, w13, w13_s, ws, sf, si, tid, waits, False)
+            if waits == 1 and P.lds_b32(si + (SI_TASK + T_NORM_AT_START) * 4) != 0:
+                gate_up_task(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, True)
+            else:
+                gate_up_task(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits, False)
 
     @cute.jit
-    def gate_up_task(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, w13: Int64, w13_s: Int64, ws: Int64,
-                     sf: Int32, si: Int32, tid: Int32, waits: Int32, acts_first: cutlass.Constexpr):
+    def gate_up_task(tile: Int32, hidden: Int64, residual: Int64, o_res: Int64, o_aq: Int64, o_as: Int64, w13: Int64,
+                     w13_s: Int64, ws: Int64, sf: Int32, si: Int32, tid: Int32, waits: Int32,
+                     acts_first: cutlass.Constexpr):
         warp, lane = tid >> 5, tid & 31
         kc = S.gu_kc
         split, k0, row_base = split_k_tile(tile, S.gu_splits, kc, S.gu_rows)
         if cutlass.const_expr(acts_first):
-            p = launch_parity(si)
-            aq, asc = ws + OFF_AQC + Int64(p * AQB), ws + OFF_ASC + Int64(p * ASB)
-            codes, scales = fp8_acts_load(aq, asc, H, NG, k0, kc, tid, True)
+            aq, asc = gate_up_tokens(o_aq, o_as, ws, si)
+            codes, scales = fp8_acts_load(aq, asc, H, NG, k0, kc, tid, FLAGS)
             if cutlass.const_expr(not FLAGS):
                 res = gate_up_residual_load(k0, row_base, hidden, residual, tid)
             raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
@@ -889,22 +907,20 @@ def build_kernel(spec: KernelSpec):
             raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
             wait_ready(waits, ws, si, tid)
             stamp(GATE_UP, 0, tile, ws, tid)
-            p = launch_parity(si)
-            aq, asc = ws + OFF_AQC + Int64(p * AQB), ws + OFF_ASC + Int64(p * ASB)
-            codes, scales = fp8_acts_load(aq, asc, H, NG, k0, kc, tid, True)
+            aq, asc = gate_up_tokens(o_aq, o_as, ws, si)
+            codes, scales = fp8_acts_load(aq, asc, H, NG, k0, kc, tid, FLAGS)
             if cutlass.const_expr(not FLAGS):
                 res = gate_up_residual_load(k0, row_base, hidden, residual, tid)
             fp8_acts_store(codes, scales, kc, sf)
         if cutlass.const_expr(not FLAGS):
             if waits != 0:  # (run alone, the norm stage writes it)
                 gate_up_residual_store(res[0], res[1], res[2], res[3], res[4], o_res, tid)
-        bad = Int32(0)
-        if cutlass.const_expr(FLAGS):
-            bad = fp8_acts_bad(codes, scales)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()  # the tokens are read by wgmma (async proxy)
-        again = P.syncthreads_or(bad)
-        if cutlass.const_expr(FLAGS):
+        if cutlass.const_expr(not FLAGS):
+            cute.arch.sync_threads()
+        else:
+            again = P.syncthreads_or(fp8_acts_bad(codes, scales))
             # the norm had not written all of this K chunk yet: load it again until it has
             spins = Int32(0)
             while again != 0 and spins < SPIN_LIMIT:
@@ -1409,7 +1425,7 @@ def build_kernel(spec: KernelSpec):
         if stage == ROUTER:
             stage_router(tile, gate_w, ws, sf, si, tid, waits)
         if stage == GATE_UP:
-            stage_gate_up(tile, hidden, residual, o_res, w13, w13_s, ws, sf, si, tid, waits)
+            stage_gate_up(tile, hidden, residual, o_res, o_aq, o_as, w13, w13_s, ws, sf, si, tid, waits)
         if stage == ROUTE:
             stage_route(bias, o_logits, o_w, o_ids, o_sorted, o_eids, o_ntpp, first_local, ws, si, tid, waits)
         if stage == ACT:

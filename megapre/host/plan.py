@@ -339,11 +339,14 @@ class KernelSpec:
         of x and of the a_q / a_scale copies starts each launch as NORM_SENTINEL (which no norm computes), so a
         consumer that has loaded its K chunk with no sentinel word in it holds this launch's values, and the
         norm's release fence and the consumer's counter round trip leave both chains. The residual output then
-        comes from the norm tasks (after a wait of their own: in-place updates). TP8 shapes only: at TP1 the norm
-        CTAs' own wait held their next gate_up tasks back (M = 8 +1.9 us, session 24). Off in the stage-by-stage
-        build (a kernel boundary orders everything there) and in what-if builds whose norm writes nothing or whose
-        consumers do not wait."""
-        return self.small_shared and not self.staged and not ({"norm", "norm_hop", "waits"} & set(self.whatif))
+        comes from the norm tasks (after a wait of their own: in-place updates).
+        Where (H200, session 24, against the counters in the same calls): TP8 at M <= 5, -0.2..-0.45 us (M = 1..5,
+        two calls). Not at TP8 M >= 6 (M = 6 +0.1..+0.25, M = 7 -0.15..-0.3, M = 8 -0.05..+0.3: even on the whole)
+        nor at TP1 (the norm CTAs' own wait held their next gate_up tasks back: M = 8 +1.9). Off in the
+        stage-by-stage build (a kernel boundary orders everything there) and in what-if builds whose norm writes
+        nothing or whose consumers do not wait. Without flags the kernel uses block 0 of each area only."""
+        return (self.small_shared and self.m <= 5 and not self.staged
+                and not ({"norm", "norm_hop", "waits"} & set(self.whatif)))
 
     @property
     def x_block(self) -> int:
