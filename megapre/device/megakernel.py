@@ -155,8 +155,9 @@ def build_kernel(spec: KernelSpec):
         if lane == 0:
             P.sts_f32(si + (SI_RED + warp) * 4, ss)
         if cutlass.const_expr(FLAGS):
-            if tid == 0 and P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
-                learn_launch(t_head, si)
+            if tid == 0:  # (nested: `tid == 0 and lds(...)` has every thread read the slot thread 0 writes)
+                if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+                    learn_launch(t_head, si)
         cute.arch.sync_threads()
         stamp(NORM, 1, trace_tile, ws, tid)
         tot = Float32(0.0)
@@ -289,8 +290,9 @@ def build_kernel(spec: KernelSpec):
         # the launch number (for the parity blocks), read with the row: norm_row learns it behind the row's loads
         t_head = Int64(0)
         if cutlass.const_expr(FLAGS):
-            if tid == 0 and P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
-                t_head = P.ld_relaxed_u64(ws + WS_HEAD * 4)
+            if tid == 0:
+                if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
+                    t_head = P.ld_relaxed_u64(ws + WS_HEAD * 4)
         mine, rstd = norm_row(m, hidden, residual, si, tid, tile, ws, t_head)
         p = launch_parity(si)
         p_next = p  # (no flags: one block, which the counters -- or the kernel boundary -- order)
