@@ -10,8 +10,8 @@ off):
 
     norm     (token x 1024 cols)   residual add, RMSNorm (whole row), x (bf16, workspace), a_q / a_scale
     router   (row tile x K split)  x @ gate_weight.T partials (fp32, workspace)
-    gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace); its share of the
-                                   residual output (the norm writes it only when run alone: in-place updates)
+    gate_up  (row tile x K split)  block-scaled FP8 partials of a_q @ w13.T (fp32, workspace); in counter builds its
+                                   share of the residual output (with norm_flags, or run alone, the norm writes it)
     route    (one task)            warp m: logits = sum of partials, sigmoid, grouped top-k, weights of token m;
                                    then the CTA: moe_align_block_size over the local experts
     act      (one task per 128 h)  TP1 only: gate_up = bf16(sum of partials); h = silu(gate) * up; FP8 of h
@@ -20,6 +20,10 @@ off):
 
 Nothing is reset between launches: the ticket counter and the counters only grow, and a CTA derives its launch
 number from the ticket counter (plan.py, learn_launch). Stages nobody waits on (route, down) signal nothing.
+TP8 at M <= 5 (KernelSpec.norm_flags / down_flags): the norm's outputs and the gate_up partials flag themselves
+instead -- written into a launch-parity block whose words start as a sentinel, which the producer refills in the
+other block for the next launch; their consumers (router, gate_up, the act inside the down tasks) load until no word
+is the sentinel, and the norm and gate_up tasks signal nothing (docs/design.md).
 
 GEMMs (M <= 8 makes them weight streams), "swap AB" with the weights as the A operand and the <= 8 tokens as B:
 the bf16 router on mma.sync m16n8k16, the FP8 GEMMs on wgmma m64n8k32 e4m3 (QGMMA) with A from registers, see
@@ -61,6 +65,8 @@ def build_kernel(spec: KernelSpec):
     OFF_AQC, OFF_ASC = LAY["aq_copy"], LAY["as_copy"]
     XB, AQB, ASB, GXB = S.x_block, S.aq_block, S.as_block, S.gu_fixed_bytes
     FLAGS = S.norm_flags
+    DFLAGS = S.down_flags  # the gate_up partials flag themselves too (the act inside the down tasks polls them)
+    GUB = S.gu_block
     SENT = -1  # plan.NORM_SENTINEL as an int32
     # A gate_up partial goes into the fixed-point sum when |p| < GU_FIX_LIMIT, so that the sum of all splits
     # stays below 2^63 (primitives.FIX_BITS); else (NaN, inf, huge) its token's flag is set, and the act sums
@@ -939,6 +945,7 @@ def build_kernel(spec: KernelSpec):
                 record_wait_failure(Int32(NORM), Int32(0), Int32(1), ws, si)
         stamp(GATE_UP, 1, tile, ws, tid)
         gx = ws + Int64(launch_parity(si) * GXB)  # (this launch's fixed-point sums)
+        gu_p = launch_parity(si)  # (DFLAGS: this launch's block of the partials; the sentinel into the other)
         outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
                         warp, lane, tid, raw0, sc0, B_GU)
         stamp(GATE_UP, 2, tile, ws, tid)
@@ -948,7 +955,12 @@ def build_kernel(spec: KernelSpec):
                 # reads instead: 8 bytes per element instead of 4 per split (M = 8: 32 KB per down task's act
                 # instead of 114 KB, every down task reading it at once); the fp32 partials are then read only for
                 # a flagged token
-                P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
+                if cutlass.const_expr(DFLAGS):
+                    off = Int64((split * M + n) * 2 * I + row_base + r) * 4
+                    P.st_relaxed_b32(ws + OFF_GU + Int64(gu_p * GUB) + off, unflag(Uint32(P.f32_as_i32(val)), 0x7FFFFFFF))
+                    P.st_b32(ws + OFF_GU + Int64((1 - gu_p) * GUB) + off, Uint32(0xFFFFFFFF))
+                else:
+                    P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
                 if cutlass.const_expr(GU_FIXED):
                     if P.fabs(val) < GU_FIX_LIMIT:  # (false for NaN)
                         P.red_add_u64(gx + OFF_GX + Int64(n * 2 * I + row_base + r) * 8, P.f32_to_fixed(val))
@@ -970,6 +982,23 @@ def build_kernel(spec: KernelSpec):
             g0, g1, g2, g3 = g0 + a0, g1 + a1, g2 + a2, g3 + a3
             u0, u1, u2, u3 = u0 + b0, u1 + b1, u2 + b2, u3 + b3
         return g0, g1, g2, g3, u0, u1, u2, u3
+
+    @cute.jit
+    def act_split_sums_flagged(m: Int32, c: Int32, gu: Int64):
+        """act_split_sums on flagged partials (DFLAGS; gu: this launch's block): (the 8 sums, 1 if a loaded word was
+        still the sentinel). Every load is issued before any check."""
+        g0, g1, g2, g3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
+        u0, u1, u2, u3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
+        bad = Int32(0)
+        for s in cutlass.range_constexpr(S.gu_splits):
+            base = gu + Int64((s * M + m) * 2 * I + c) * 4
+            a0, a1, a2, a3 = P.ld_relaxed_v4f(base)
+            b0, b1, b2, b3 = P.ld_relaxed_v4f(base + I * 4)
+            g0, g1, g2, g3 = g0 + a0, g1 + a1, g2 + a2, g3 + a3
+            u0, u1, u2, u3 = u0 + b0, u1 + b1, u2 + b2, u3 + b3
+            for x in (a0, a1, a2, a3, b0, b1, b2, b3):
+                bad = bad | P.sel_i32(P.f32_as_i32(x) == SENT, 1, 0)
+        return g0, g1, g2, g3, u0, u1, u2, u3, bad
 
     @cute.jit
     def act_sums(m: Int32, g: Int32, lane: Int32, ws: Int64, gx: Int64):
@@ -1051,17 +1080,24 @@ def build_kernel(spec: KernelSpec):
     def stage_act_to_smem(ws: Int64, sf: Int32, si: Int32, tid: Int32, trace_tile: Int32):
         """Fused act (S.fuse_act): the down task computes h itself, warp u = (token u // G, group u % G), and
         stages it for the down GEMM as stage_fp8_acts would have from h_q / h_scale (rows past M zero)."""
+        bad = Int32(0)
         if cutlass.const_expr("act" in WHATIF):
-            return
+            return bad
         G = I // 128
         warp = tid >> 5
         lane = tid & 31
         gx = ws + Int64(launch_parity(si) * GXB)
+        gu = ws + OFF_GU + Int64(launch_parity(si) * GUB)
         for r in cutlass.range_constexpr((M * G + WARPS - 1) // WARPS):
             u = warp + WARPS * r
             if cutlass.const_expr(r == 0 or (M * G) % WARPS == 0):
                 if u < M * G:
-                    v = act_sums(u // G, u % G, lane, ws, gx)
+                    if cutlass.const_expr(DFLAGS):
+                        w = act_split_sums_flagged(u // G, (u % G) * 128 + lane * 4, gu)
+                        v = w[:8]
+                        bad = bad | w[8]
+                    else:
+                        v = act_sums(u // G, u % G, lane, ws, gx)
                     stamp(ACT, 1, trace_tile + r, ws, tid)
                     q, scale = act_math(v)
                     act_to_smem(q, scale, u // G, u % G, sf, lane)
@@ -1071,7 +1107,12 @@ def build_kernel(spec: KernelSpec):
                 # loads before the first unit's math (behind `if u < M * G` they waited for it: one more L2 round
                 # trip at M = 5..7 than at M = 8, where the branch folds away).
                 uc = P.sel_i32(u < M * G, u, Int32(M * G - 1))
-                v = act_sums(uc // G, uc % G, lane, ws, gx)
+                if cutlass.const_expr(DFLAGS):
+                    w = act_split_sums_flagged(uc // G, (uc % G) * 128 + lane * 4, gu)
+                    v = w[:8]
+                    bad = bad | w[8]
+                else:
+                    v = act_sums(uc // G, uc % G, lane, ws, gx)
                 stamp(ACT, 1, trace_tile + r, ws, tid)
                 q, scale = act_math(v)
                 if u < M * G:
@@ -1091,6 +1132,7 @@ def build_kernel(spec: KernelSpec):
                     P.sts_v4(sf + S_ACT + (M * I + v * 8) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
         if tid < (8 - M) * G:
             P.sts_f32(sf + S_AS + (M * G + tid) * 4, Float32(0.0))
+        return bad
 
     # ------------------------------------------------------------------------------------------------
     # stage: shared expert down GEMM (block-scaled FP8) -> shared_out bf16
@@ -1116,13 +1158,29 @@ def build_kernel(spec: KernelSpec):
             raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
             wait_ready(waits, ws, si, tid)
         stamp(DOWN, 0, rt, ws, tid)
+        bad = Int32(0)
         if cutlass.const_expr(S.fuse_act):
-            stage_act_to_smem(ws, sf, si, tid, rt)
+            bad = stage_act_to_smem(ws, sf, si, tid, rt)
         else:
             stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()
-        cute.arch.sync_threads()
+        if cutlass.const_expr(not DFLAGS):
+            cute.arch.sync_threads()
+        else:
+            # the gate_up partials flag themselves: redo the act until none of its loads was the sentinel
+            again = P.syncthreads_or(bad)
+            spins = Int32(0)
+            while again != 0 and spins < SPIN_LIMIT:
+                if spins >= HOT_SPINS:
+                    P.nanosleep(100)
+                bad2 = stage_act_to_smem(ws, sf, si, tid, rt)
+                if cutlass.const_expr(QGMMA):
+                    P.fence_proxy_async_smem()
+                again = P.syncthreads_or(bad2)
+                spins = spins + 1
+            if again != 0 and tid == 0:
+                record_wait_failure(Int32(GATE_UP), Int32(0), Int32(1), ws, si)
         stamp(DOWN, 1, rt, ws, tid)
         outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)

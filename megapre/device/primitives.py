@@ -247,6 +247,11 @@ def ld_relaxed_v2(addr: Int64):
 
 
 @cute.jit
+def ld_relaxed_v4f(addr: Int64):
+    return _asm([Float32] * 4, [addr], "ld.relaxed.gpu.global.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,l", True)
+
+
+@cute.jit
 def ld_relaxed_f32(addr: Int64) -> Float32:
     return _asm([Float32], [addr], "ld.relaxed.gpu.global.f32 $0, [$1];", "=f,l", True)
 

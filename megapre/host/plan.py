@@ -18,7 +18,8 @@ the counters only grow. Every launch takes exactly per_launch = n_tasks - n_stat
 tickets (tickets_per_launch: each CTA stops at its first ticket past the table, except those that leave after a
 terminal task from the queue), so a CTA knows its launch number L from the ticket counter (its
 first ticket, or a plain read in a static task's wait), and a wait in launch L is for
-counters[c] >= L * tiles[c] + target (32-bit wrapping arithmetic). Launches on one
+counters[c] >= L * tiles[c] + target (32-bit wrapping arithmetic). (TP8 at M <= 5 the router, gate_up and down
+tasks wait on no counter: they poll the data itself, which flags itself -- KernelSpec.norm_flags.) Launches on one
 workspace never overlap: stream order, and with PDL the griddepcontrol.wait before the first ticket and
 before any task reads a counter or an input.
 """
@@ -318,7 +319,8 @@ class KernelSpec:
             ("aq_copy", 2 * self.aq_block),
             ("as_copy", 2 * self.as_block),
             ("router_part", self.router_splits * self.m * self.experts * 4),  # fp32 split-K partials
-            ("gu_part", self.gu_splits * self.m * 2 * self.inter * 4),  # fp32 split-K partials (fallback)
+            # fp32 split-K partials (two blocks by launch parity when they flag themselves: down_flags)
+            ("gu_part", 2 * self.gu_block),
             # their sums in fixed point (int64, atomics: megakernel.py's gate_up_task), then one flag word per
             # token; two blocks by launch parity: the norm tasks of launch L zero block (L + 1) % 2
             ("gu_fixed", 2 * self.gu_fixed_bytes),
@@ -360,11 +362,23 @@ class KernelSpec:
     def as_block(self) -> int:
         return (self.m * self.hidden_groups * 4 + 15) // 16 * 16
 
+    @property
+    def down_flags(self) -> bool:
+        """The down tasks (TP8: the act inside them) wait for the gate_up partials themselves, as the router and
+        gate_up tasks do for the norm's outputs (norm_flags): every gate_up partial word starts each launch as the
+        sentinel, the gate_up tasks publish nothing, and a down task repeats its act's loads until none is."""
+        return self.norm_flags and self.fuse_act  # (H200, session 24, on top of norm_flags: M = 1 / 2 -0.06..-0.36 us)
+
+    @property
+    def gu_block(self) -> int:
+        return self.gu_splits * self.m * 2 * self.inter * 4
+
     def sentinel_spans(self) -> list[tuple[int, int]]:
         """(byte offset, bytes) of the workspace that starts as NORM_SENTINEL words (0xff bytes): both blocks of
-        the norm's flagged outputs."""
+        the flagged data (the norm's outputs, the gate_up partials)."""
         lay = self.ws_layout()
-        return [(lay["x"], 2 * self.x_block), (lay["aq_copy"], 2 * self.aq_block), (lay["as_copy"], 2 * self.as_block)]
+        return [(lay["x"], 2 * self.x_block), (lay["aq_copy"], 2 * self.aq_block), (lay["as_copy"], 2 * self.as_block),
+                (lay["gu_part"], 2 * self.gu_block)]
 
     @property
     def gu_fixed(self) -> bool:
@@ -437,6 +451,8 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
     for stage in (QUEUE_ORDER_TP8 if spec.small_shared else QUEUE_ORDER):
         ctr, target = (-1, 0) if "waits" in spec.whatif else waits[stage]
         if (spec.norm_flags or "norm_hop" in spec.whatif) and stage in (ROUTER, GATE_UP):
+            ctr, target = -1, 0
+        if spec.down_flags and stage == DOWN:
             ctr, target = -1, 0
         for tile in range(tiles[stage]):
             rows.append([stage, tile, ctr, target, stage])
