@@ -348,7 +348,7 @@ class KernelSpec:
         stage-by-stage build (a kernel boundary orders everything there) and in what-if builds whose norm writes
         nothing or whose consumers do not wait. Without flags the kernel uses block 0 of each area only."""
         return (self.small_shared and self.m <= 5 and not self.staged
-                and not ({"norm", "norm_hop", "waits"} & set(self.whatif)))
+                and not ({"norm", "norm_hop", "waits", "gemm"} & set(self.whatif)))
 
     @property
     def x_block(self) -> int:
@@ -367,7 +367,9 @@ class KernelSpec:
         """The down tasks (TP8: the act inside them) wait for the gate_up partials themselves, as the router and
         gate_up tasks do for the norm's outputs (norm_flags): every gate_up partial word starts each launch as the
         sentinel, the gate_up tasks publish nothing, and a down task repeats its act's loads until none is."""
-        return self.norm_flags and self.fuse_act  # (H200, session 24, on top of norm_flags: M = 1 / 2 -0.06..-0.36 us)
+        # (H200, session 24, on top of norm_flags: M = 1 / 2 -0.06..-0.36 us.) Not in what-if builds without the act's
+        # loads, whose down tasks would then wait for nothing.
+        return self.norm_flags and self.fuse_act and "act" not in self.whatif
 
     @property
     def gu_block(self) -> int:
