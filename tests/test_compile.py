@@ -60,8 +60,9 @@ def test_staged_build_is_its_own_cubin(tmp_path):
     fused_cubin = (build.compile_spec(fused_spec, cache_dir=tmp_path) / "megapre.cubin").read_bytes()
     staged_cubin = (build.compile_spec(staged_spec, cache_dir=tmp_path) / "megapre.cubin").read_bytes()
     assert fused_cubin != staged_cubin
-    # either alone is well under the 112-KB cubin that held both paths (session 20's EP8 M = 1 build: 117792 B)
-    assert len(fused_cubin) < 90_000 and len(staged_cubin) < 90_000, (len(fused_cubin), len(staged_cubin))
+    # either alone is well under the 112-KB cubin that held both paths (session 20's EP8 M = 1 build: 117792 B; the
+    # fused one 90144 B with session 24's flagged hops)
+    assert len(fused_cubin) < 100_000 and len(staged_cubin) < 90_000, (len(fused_cubin), len(staged_cubin))
 
 
 def test_cache_key_depends_on_shape_and_sources():

@@ -79,7 +79,7 @@ def test_ticket_count_per_launch(cfg, m, sms):
 
 
 def test_check_table_catches_a_forward_wait():
-    spec = KernelSpec.from_config(CONFIGS[0], 4)
+    spec = KernelSpec.from_config(CONFIGS[0], 8)  # (at TP8 M <= 5 no task waits on a counter: the data flags itself)
     rows = task_table(spec)
     with pytest.raises(AssertionError, match="waits for"):
         check_table(rows[::-1])
@@ -109,7 +109,8 @@ def test_norm_flags_only_where_the_norm_writes_and_its_consumers_wait():
     cfg = CONFIGS[0]
     spec = KernelSpec.from_config(cfg, 4)
     assert spec.norm_flags and NORM not in spec.waited_counters()
-    assert all(r[2] == -1 for r in task_table(spec) if r[0] in (ROUTER, GATE_UP, DOWN))  # (down_flags: TP8)
+    assert all(r[2] == -1 for r in task_table(spec) if r[0] in (ROUTER, GATE_UP, DOWN, ROUTE))  # (TP8)
+    assert spec.route_flags and ROUTER not in spec.waited_counters()
     assert spec.down_flags and GATE_UP not in spec.waited_counters()
     for other in (KernelSpec.from_config(cfg, 4, staged=True), KernelSpec.from_config(cfg, 4, whatif=("norm",)),
                   KernelSpec.from_config(cfg, 4, whatif=("norm_hop",))):
@@ -182,8 +183,8 @@ def test_whatif_specs(monkeypatch):
     # same -- and the same as the real table's, whose consumers poll the norm's flagged data instead (norm_flags)
     monkeypatch.delenv("MEGAPRE_WHATIF")
     real = task_table(KernelSpec.from_config(cfg, 4, whatif=("norm",)))
-    assert [r for r in task_table(KernelSpec.from_config(cfg, 4)) if r[0] != DOWN] == [
-        r for r in task_table(KernelSpec.from_config(cfg, 4, whatif=("norm_hop",))) if r[0] != DOWN]
+    assert [r for r in task_table(KernelSpec.from_config(cfg, 4)) if r[0] not in (DOWN, ROUTE)] == [
+        r for r in task_table(KernelSpec.from_config(cfg, 4, whatif=("norm_hop",))) if r[0] not in (DOWN, ROUTE)]
     monkeypatch.setenv("MEGAPRE_WHATIF", "norm_hop")
     rows = task_table(KernelSpec.from_config(cfg, 4))
     check_table(rows)

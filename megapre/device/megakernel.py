@@ -67,6 +67,8 @@ def build_kernel(spec: KernelSpec):
     FLAGS = S.norm_flags
     DFLAGS = S.down_flags  # the gate_up partials flag themselves too (the act inside the down tasks polls them)
     GUB = S.gu_block
+    RFLAGS = S.route_flags  # ... and the router partials (the route polls them)
+    RPB = S.router_block
     SENT = -1  # plan.NORM_SENTINEL as an int32
     # A gate_up partial goes into the fixed-point sum when |p| < GU_FIX_LIMIT, so that the sum of all splits
     # stays below 2^63 (primitives.FIX_BITS); else (NaN, inf, huge) its token's flag is set, and the act sums
@@ -746,9 +748,15 @@ def build_kernel(spec: KernelSpec):
         outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_ROUTER)
         stamp(ROUTER, 2, tile, ws, tid)
+        rp_p = launch_parity(si)
         for r, n, val in outs:
             if n < M:
-                P.st_f32(ws + OFF_RP + Int64((split * M + n) * E + row_base + r) * 4, val)
+                if cutlass.const_expr(RFLAGS):
+                    off = Int64((split * M + n) * E + row_base + r) * 4
+                    P.st_relaxed_b32(ws + OFF_RP + Int64(rp_p * RPB) + off, unflag(Uint32(P.f32_as_i32(val)), 0x7FFFFFFF))
+                    P.st_b32(ws + OFF_RP + Int64((1 - rp_p) * RPB) + off, Uint32(0xFFFFFFFF))
+                else:
+                    P.st_f32(ws + OFF_RP + Int64((split * M + n) * E + row_base + r) * 4, val)
 
     # ------------------------------------------------------------------------------------------------
     # stage: shared expert gate_up GEMM partials (block-scaled FP8)
@@ -1295,6 +1303,21 @@ def build_kernel(spec: KernelSpec):
         stamp(ROUTE, 7, stamp_tile, ws, tid)
 
     @cute.jit
+    def route_logits(rp: Int64, m: Int32, e0: Int32):
+        """(RFLAGS) Token m's logits of experts e0 .. e0 + 7 (the router partials of block rp summed in split order),
+        and 1 if a loaded word was still the sentinel. Every load is issued before any check."""
+        assert EPL == 8
+        lg = [Float32(0.0)] * EPL
+        bad = Int32(0)
+        for s in cutlass.range_constexpr(S.router_splits):
+            for v in cutlass.range_constexpr(EPL // 4):
+                a = P.ld_relaxed_v4f(rp + Int64((s * M + m) * E + e0 + 4 * v) * 4)
+                for j in cutlass.range_constexpr(4):
+                    lg[4 * v + j] = lg[4 * v + j] + a[j]
+                    bad = bad | P.sel_i32(P.f32_as_i32(a[j]) == SENT, 1, 0)
+        return lg[0], lg[1], lg[2], lg[3], lg[4], lg[5], lg[6], lg[7], bad
+
+    @cute.jit
     def stage_route(bias: Int64, o_logits: Int64, o_w: Int64, o_ids: Int64, o_sorted: Int64, o_eids: Int64,
                     o_ntpp: Int64, first_local: Int32, ws: Int64, si: Int32, tid: Int32, waits: Int32):
         """Routing in one task: warp m scores token m (sigmoid, grouped top-k, weights), then the whole CTA
@@ -1335,14 +1358,30 @@ def build_kernel(spec: KernelSpec):
                 wait_ready(waits, ws, si, tid)  # (its barrier orders the fills before the pair stores below)
                 stamp(ROUTE, 0, Int32(0), ws, tid)
             if warp < M:
-                lg = [Float32(0.0)] * EPL
-                for s in cutlass.range_constexpr(S.router_splits):
-                    for v in cutlass.range_constexpr(EPL // 4):
-                        a0, a1, a2, a3 = P.ld_cg_v4f(ws + OFF_RP + Int64((s * M + m) * E + e0 + 4 * v) * 4)
-                        lg[4 * v] = lg[4 * v] + a0
-                        lg[4 * v + 1] = lg[4 * v + 1] + a1
-                        lg[4 * v + 2] = lg[4 * v + 2] + a2
-                        lg[4 * v + 3] = lg[4 * v + 3] + a3
+                if cutlass.const_expr(RFLAGS):
+                    # the router partials flag themselves: in the real pass, load them again until no word was
+                    # the sentinel. The warm-up pass reads the other block -- the previous launch's partials, finite
+                    # until this launch's router tasks refill it --, so that it runs the code paths of real logits
+                    rp = ws + OFF_RP + Int64((launch_parity(si) ^ (1 - p)) * RPB)
+                    l0, l1, l2, l3, l4, l5, l6, l7, bad = route_logits(rp, m, e0)
+                    spins = Int32(0)
+                    while P.warp_any(bad * p) != 0 and spins < SPIN_LIMIT:
+                        if spins >= HOT_SPINS:
+                            P.nanosleep(100)
+                        l0, l1, l2, l3, l4, l5, l6, l7, bad = route_logits(rp, m, e0)
+                        spins = spins + 1
+                    if bad * p != 0 and lane == 0:
+                        record_wait_failure(Int32(ROUTER), Int32(0), Int32(1), ws, si)
+                    lg = [l0, l1, l2, l3, l4, l5, l6, l7]
+                else:
+                    lg = [Float32(0.0)] * EPL
+                    for s in cutlass.range_constexpr(S.router_splits):
+                        for v in cutlass.range_constexpr(EPL // 4):
+                            a0, a1, a2, a3 = P.ld_cg_v4f(ws + OFF_RP + Int64((s * M + m) * E + e0 + 4 * v) * 4)
+                            lg[4 * v] = lg[4 * v] + a0
+                            lg[4 * v + 1] = lg[4 * v + 1] + a1
+                            lg[4 * v + 2] = lg[4 * v + 2] + a2
+                            lg[4 * v + 3] = lg[4 * v + 3] + a3
                 if p == 1:
                     for v in cutlass.range_constexpr(EPL // 4):
                         P.st_v4f(o_logits + Int64(m * E + e0 + 4 * v) * 4, lg[4 * v], lg[4 * v + 1], lg[4 * v + 2],

@@ -318,7 +318,7 @@ class KernelSpec:
             ("x", 2 * self.x_block),
             ("aq_copy", 2 * self.aq_block),
             ("as_copy", 2 * self.as_block),
-            ("router_part", self.router_splits * self.m * self.experts * 4),  # fp32 split-K partials
+            ("router_part", 2 * self.router_block),  # fp32 split-K partials (two parity blocks: route_flags)
             # fp32 split-K partials (two blocks by launch parity when they flag themselves: down_flags)
             ("gu_part", 2 * self.gu_block),
             # their sums in fixed point (int64, atomics: megakernel.py's gate_up_task), then one flag word per
@@ -372,6 +372,16 @@ class KernelSpec:
         return self.norm_flags and self.fuse_act and "act" not in self.whatif
 
     @property
+    def route_flags(self) -> bool:
+        """The route waits for the router partials themselves (as the down tasks for the gate_up partials). Not in
+        what-if builds whose route or router tasks do not load or write them."""
+        return self.norm_flags and "route" not in self.whatif
+
+    @property
+    def router_block(self) -> int:
+        return self.router_splits * self.m * self.experts * 4
+
+    @property
     def gu_block(self) -> int:
         return self.gu_splits * self.m * 2 * self.inter * 4
 
@@ -380,7 +390,7 @@ class KernelSpec:
         the flagged data (the norm's outputs, the gate_up partials)."""
         lay = self.ws_layout()
         return [(lay["x"], 2 * self.x_block), (lay["aq_copy"], 2 * self.aq_block), (lay["as_copy"], 2 * self.as_block),
-                (lay["gu_part"], 2 * self.gu_block)]
+                (lay["gu_part"], 2 * self.gu_block), (lay["router_part"], 2 * self.router_block)]
 
     @property
     def gu_fixed(self) -> bool:
@@ -454,7 +464,7 @@ def task_table(spec: KernelSpec) -> list[list[int]]:
         ctr, target = (-1, 0) if "waits" in spec.whatif else waits[stage]
         if (spec.norm_flags or "norm_hop" in spec.whatif) and stage in (ROUTER, GATE_UP):
             ctr, target = -1, 0
-        if spec.down_flags and stage == DOWN:
+        if (spec.down_flags and stage == DOWN) or (spec.route_flags and stage == ROUTE):
             ctr, target = -1, 0
         for tile in range(tiles[stage]):
             rows.append([stage, tile, ctr, target, stage])
