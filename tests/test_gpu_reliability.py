@@ -51,8 +51,8 @@ def test_planted_never_signalled_wait_gives_up_and_the_next_call_raises():
     rows = task_table(spec)
     n_router = spec.stage_tiles()[ROUTER]
     for row in rows:
-        if row[0] == ROUTE:
-            row[3] = n_router + 1000  # never reached
+        if row[0] == ROUTE:  # (the counter set too: with flagged data -- TP8 M <= 5 -- the route waits on none)
+            row[2], row[3] = ROUTER, n_router + 1000  # never reached
     bad = torch.tensor(pack_table(rows), dtype=torch.int32, device="cuda")
     torch.cuda.synchronize()
     t0 = time.time()
