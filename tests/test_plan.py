@@ -124,6 +124,27 @@ def test_norm_flags_only_where_the_norm_writes_and_its_consumers_wait():
     assert all(off + n <= lay["total"] for off, n in spans)
 
 
+def test_fill_sentinels_sets_every_flagged_word_and_zeroes_the_fixed_point_sums():
+    """fused.fill_sentinels (a new workspace, or one whose launch number was moved): both parity blocks of every
+    flagged area read as plan.NORM_SENTINEL words, both blocks of the fixed-point sums as zeros, the rest untouched."""
+    import torch
+    from megapre.host import fused
+    from megapre.host.plan import NORM_SENTINEL
+    spec = KernelSpec.from_config(CONFIGS[0], 8)  # (gu_fixed at TP8 M = 8)
+    lay = spec.ws_layout()
+    ws = torch.full((lay["total"],), 7, dtype=torch.uint8)
+    fused.fill_sentinels(spec, ws)
+    covered = torch.zeros(lay["total"], dtype=torch.bool)
+    for off, n in spec.sentinel_spans():
+        words = ws[off: off + n].view(torch.int32)
+        assert n % 4 == 0 and bool((words == NORM_SENTINEL - (1 << 32)).all())
+        covered[off: off + n] = True
+    gx = lay["gu_fixed"]
+    assert spec.gu_fixed and bool((ws[gx: gx + 2 * spec.gu_fixed_bytes] == 0).all())
+    covered[gx: gx + 2 * spec.gu_fixed_bytes] = True
+    assert bool((ws[~covered] == 7).all())
+
+
 def test_unsupported_shapes_say_why():
     assert "M = 9" in KernelSpec.from_config(CONFIGS[0], 9).unsupported()
     small = megapre.PreambleConfig(hidden_size=512, n_routed_experts=64, n_group=4, topk_group=2, top_k=4,
