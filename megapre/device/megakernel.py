@@ -229,6 +229,12 @@ def build_kernel(spec: KernelSpec):
         produce) replaced by the canonical NaNs, so that a consumer never takes a written word for an unwritten one."""
         return Uint32(P.sel_i32(Int32(w) == SENT, Int32(canonical), Int32(w)))
 
+    def store_flagged_f32(addr0: Int64, block: cutlass.Constexpr, p: Int32, val: Float32):
+        """A flagged fp32 word (a GEMM partial): val at addr0 in block p (canonical NaN for the sentinel pattern),
+        the sentinel at the same place in the other block, for the next launch."""
+        P.st_relaxed_b32(addr0 + Int64(p * block), unflag(Uint32(P.f32_as_i32(val)), 0x7FFFFFFF))
+        P.st_b32(addr0 + Int64((1 - p) * block), Uint32(0xFFFFFFFF))
+
     def norm_group_store_res(vals, g, m: Int32, o_res: Int64, lane: Int32):
         """The group's residual output. In the queue only once every norm task has read its rows (stage_norm):
         out.residual may be the residual input (an in-place update, vLLM's habit), and a norm task reads its
@@ -753,8 +759,7 @@ def build_kernel(spec: KernelSpec):
             if n < M:
                 if cutlass.const_expr(RFLAGS):
                     off = Int64((split * M + n) * E + row_base + r) * 4
-                    P.st_relaxed_b32(ws + OFF_RP + Int64(rp_p * RPB) + off, unflag(Uint32(P.f32_as_i32(val)), 0x7FFFFFFF))
-                    P.st_b32(ws + OFF_RP + Int64((1 - rp_p) * RPB) + off, Uint32(0xFFFFFFFF))
+                    store_flagged_f32(ws + OFF_RP + off, RPB, rp_p, val)
                 else:
                     P.st_f32(ws + OFF_RP + Int64((split * M + n) * E + row_base + r) * 4, val)
 
@@ -965,8 +970,7 @@ def build_kernel(spec: KernelSpec):
                 # a flagged token
                 if cutlass.const_expr(DFLAGS):
                     off = Int64((split * M + n) * 2 * I + row_base + r) * 4
-                    P.st_relaxed_b32(ws + OFF_GU + Int64(gu_p * GUB) + off, unflag(Uint32(P.f32_as_i32(val)), 0x7FFFFFFF))
-                    P.st_b32(ws + OFF_GU + Int64((1 - gu_p) * GUB) + off, Uint32(0xFFFFFFFF))
+                    store_flagged_f32(ws + OFF_GU + off, GUB, gu_p, val)
                 else:
                     P.st_f32(ws + OFF_GU + Int64((split * M + n) * 2 * I + row_base + r) * 4, val)
                 if cutlass.const_expr(GU_FIXED):
