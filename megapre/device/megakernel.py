@@ -957,8 +957,8 @@ def build_kernel(spec: KernelSpec):
             if again != 0 and tid == 0:
                 record_wait_failure(Int32(NORM), Int32(0), Int32(1), ws, si)
         stamp(GATE_UP, 1, tile, ws, tid)
-        gx = ws + Int64(launch_parity(si) * GXB)  # (this launch's fixed-point sums)
-        gu_p = launch_parity(si)  # (DFLAGS: this launch's block of the partials; the sentinel into the other)
+        gu_p = launch_parity(si)  # (this launch's block of the fixed-point sums, and with DFLAGS of the partials)
+        gx = ws + Int64(gu_p * GXB)
         outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
                         warp, lane, tid, raw0, sc0, B_GU)
         stamp(GATE_UP, 2, tile, ws, tid)
@@ -983,33 +983,25 @@ def build_kernel(spec: KernelSpec):
     # stage: SiLU-and-mul + FP8 quantization of one 128-column group of h
     # ------------------------------------------------------------------------------------------------
     @cute.jit
-    def act_split_sums(m: Int32, c: Int32, ws: Int64):
-        """Token m, gate and up columns c .. c + 3: the fp32 split partials summed in split order."""
-        g0, g1, g2, g3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
-        u0, u1, u2, u3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
-        for s in cutlass.range_constexpr(S.gu_splits):
-            base = ws + OFF_GU + Int64((s * M + m) * 2 * I + c) * 4
-            a0, a1, a2, a3 = P.ld_cg_v4f(base)
-            b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
-            g0, g1, g2, g3 = g0 + a0, g1 + a1, g2 + a2, g3 + a3
-            u0, u1, u2, u3 = u0 + b0, u1 + b1, u2 + b2, u3 + b3
-        return g0, g1, g2, g3, u0, u1, u2, u3
-
-    @cute.jit
-    def act_split_sums_flagged(m: Int32, c: Int32, gu: Int64):
-        """act_split_sums on flagged partials (DFLAGS; gu: this launch's block): (the 8 sums, 1 if a loaded word was
-        still the sentinel). Every load is issued before any check."""
+    def act_split_sums(m: Int32, c: Int32, gu: Int64, flagged: cutlass.Constexpr):
+        """Token m, gate and up columns c .. c + 3: the fp32 split partials of block gu summed in split order, and
+        (flagged: DFLAGS) 1 if a loaded word was still the sentinel -- every load is issued before any check."""
         g0, g1, g2, g3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
         u0, u1, u2, u3 = Float32(0.0), Float32(0.0), Float32(0.0), Float32(0.0)
         bad = Int32(0)
         for s in cutlass.range_constexpr(S.gu_splits):
             base = gu + Int64((s * M + m) * 2 * I + c) * 4
-            a0, a1, a2, a3 = P.ld_relaxed_v4f(base)
-            b0, b1, b2, b3 = P.ld_relaxed_v4f(base + I * 4)
+            if cutlass.const_expr(flagged):
+                a0, a1, a2, a3 = P.ld_relaxed_v4f(base)
+                b0, b1, b2, b3 = P.ld_relaxed_v4f(base + I * 4)
+            else:
+                a0, a1, a2, a3 = P.ld_cg_v4f(base)
+                b0, b1, b2, b3 = P.ld_cg_v4f(base + I * 4)
             g0, g1, g2, g3 = g0 + a0, g1 + a1, g2 + a2, g3 + a3
             u0, u1, u2, u3 = u0 + b0, u1 + b1, u2 + b2, u3 + b3
-            for x in (a0, a1, a2, a3, b0, b1, b2, b3):
-                bad = bad | P.sel_i32(P.f32_as_i32(x) == SENT, 1, 0)
+            if cutlass.const_expr(flagged):
+                for x in (a0, a1, a2, a3, b0, b1, b2, b3):
+                    bad = bad | P.sel_i32(P.f32_as_i32(x) == SENT, 1, 0)
         return g0, g1, g2, g3, u0, u1, u2, u3, bad
 
     @cute.jit
@@ -1019,7 +1011,7 @@ def build_kernel(spec: KernelSpec):
         partials summed in split order."""
         c = g * 128 + lane * 4
         if cutlass.const_expr(not GU_FIXED):
-            return act_split_sums(m, c, ws)
+            return act_split_sums(m, c, ws + OFF_GU, False)[:8]
         fx = gx + OFF_GX + Int64(m * 2 * I + c) * 8
         flag = P.ld_cg_b32(gx + OFF_GXF + Int64(m) * 4)
         s0, s1 = P.ld_cg_v2_u64(fx)
@@ -1031,7 +1023,7 @@ def build_kernel(spec: KernelSpec):
         if flag != 0:
             # a partial of this token was not finite or out of the fixed-point range: the fp32 partials in split
             # order (NaN and inf as the GEMM would give them)
-            g0, g1, g2, g3, u0, u1, u2, u3 = act_split_sums(m, c, ws)
+            g0, g1, g2, g3, u0, u1, u2, u3, _ = act_split_sums(m, c, ws + OFF_GU, False)
         return g0, g1, g2, g3, u0, u1, u2, u3
 
     @cute.jit
@@ -1105,7 +1097,7 @@ def build_kernel(spec: KernelSpec):
             if cutlass.const_expr(r == 0 or (M * G) % WARPS == 0):
                 if u < M * G:
                     if cutlass.const_expr(DFLAGS):
-                        w = act_split_sums_flagged(u // G, (u % G) * 128 + lane * 4, gu)
+                        w = act_split_sums(u // G, (u % G) * 128 + lane * 4, gu, True)
                         v = w[:8]
                         bad = bad | w[8]
                     else:
@@ -1120,7 +1112,7 @@ def build_kernel(spec: KernelSpec):
                 # trip at M = 5..7 than at M = 8, where the branch folds away).
                 uc = P.sel_i32(u < M * G, u, Int32(M * G - 1))
                 if cutlass.const_expr(DFLAGS):
-                    w = act_split_sums_flagged(uc // G, (uc % G) * 128 + lane * 4, gu)
+                    w = act_split_sums(uc // G, (uc % G) * 128 + lane * 4, gu, True)
                     v = w[:8]
                     bad = bad | w[8]
                 else:
