@@ -126,8 +126,9 @@ def _entry(spec: KernelSpec):
 
 
 def fill_sentinels(spec: KernelSpec, ws: torch.Tensor) -> None:
-    """Both parity blocks of the norm's flagged outputs as plan.NORM_SENTINEL (0xff bytes) and both blocks of the
-    gate_up fixed-point sums as zeros: what a launch of any parity expects to find (KernelSpec.norm_flags). A new
+    """Both parity blocks of every flagged area (the norm's outputs, the router and gate_up partials:
+    KernelSpec.sentinel_spans) as plan.NORM_SENTINEL (0xff bytes) and both blocks of the gate_up fixed-point sums as
+    zeros: what a launch of any parity expects to find (KernelSpec.norm_flags). A new
     workspace needs it, and so does one whose launch number was moved by hand (tests/test_gpu_reliability.py)."""
     for off, nbytes in spec.sentinel_spans():
         ws[off: off + nbytes].fill_(0xFF)
