@@ -11,8 +11,8 @@ import torch
 
 import megapre
 from megapre.host import fused
-from megapre.host.plan import (N_COUNTERS, ROUTE, ROUTER, WS_COUNTERS, WS_HEAD, KernelSpec, pack_table, task_table,
-                               tickets_per_launch)
+from megapre.host.plan import (N_COUNTERS, ROUTE, ROUTER, WS_COUNTERS, WS_HEAD, WS_TOKCTR, KernelSpec, pack_table,
+                               task_table, tickets_per_launch)
 from megapre.host.reference import reference
 
 from .compare import check_output
@@ -93,6 +93,9 @@ def test_launch_counters_across_the_32_bit_wrap(m):
     for c in range(N_COUNTERS):
         v = (launch_no * tiles[c]) % (1 << 32)
         ctr[c] = v - (1 << 32) if v >= 1 << 31 else v
+    tok = ws[WS_TOKCTR * 4: (WS_TOKCTR + 8) * 4].view(torch.int32)  # (the norm's per-token counters: flags)
+    v = (launch_no * spec.norm_tasks_per_token) % (1 << 32)
+    tok.fill_(v - (1 << 32) if v >= 1 << 31 else v)
     want = reference(h, r, w)
     for _ in range(4):
         out.poison()

@@ -42,7 +42,7 @@ from cutlass.memory import SmemAllocator
 
 from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
                          TRACE_POINTS, TARGET_BITS, TERMINAL_STAGES, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR,
-                         WS_HEAD, KernelSpec, task_table, terminal_tasks)
+                         WS_HEAD, WS_TOKCTR, KernelSpec, task_table, terminal_tasks)
 from . import primitives as P
 
 SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
@@ -331,19 +331,22 @@ def build_kernel(spec: KernelSpec):
                     norm_group_store_scale(r2, g2, m, o_as, ws, p, p_next)
         stamp(NORM, 2, tile, ws, tid)
         if cutlass.const_expr(NORM_SELF_RELEASE):
-            # The residual output, in the queue: only after every norm task has read its rows (an in-place update
-            # overwrites the residual input). No other task waits for the norm's counter (its consumers read the
-            # flagged data itself), so the norm tasks signal it here and wait for each other's signals; this is off
-            # both chains (the consumers already have their data).
-            cute.arch.sync_threads()  # every thread's reads of the row happened before the release below
-            if tid == 0 and waits != 0:
-                P.red_release_add(ws + WS_COUNTERS * 4 + NORM * 4, Int32(1))
-                poll_counter(Int32(NORM), Int32(NORM_TASKS), ws, si)
+            # The residual output, in the queue: only after every norm task of the token has read its row (an
+            # in-place update overwrites the residual input). The last of them to count itself in the token's counter
+            # (acquire-release: the others' reads happened before their increments) writes the whole row -- it has
+            # every value of it in registers. The others leave at once: no task waits for another here (a wait of
+            # every norm task for all the others held TP1's norm CTAs ~2 us from their next gate_up tasks, session 24).
+            cute.arch.sync_threads()  # every thread's reads of the row happened before the increment below
+            if tid == 0:
+                seen = P.atom_add_acq_rel(ws + (WS_TOKCTR + m) * 4, Int32(1))
+                base = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) * NCHUNK
+                P.sts_b32(si + SI_RED * 4, P.sel_i32(seen - base == NCHUNK - 1, 1, 0))
             cute.arch.sync_threads()
-            norm_group_store_res(r1, g1, m, o_res, lane)
-            if cutlass.const_expr(G > WARPS):
-                if two != 0:
-                    norm_group_store_res(r2, g2, m, o_res, lane)
+            if P.lds_b32(si + SI_RED * 4) != 0:
+                for i in cutlass.range_constexpr(ROW_ITERS):
+                    v = mine[i]
+                    P.st_v2(o_res + Int64(m * H + (warp + WARPS * i) * 128 + lane * 4) * 2,
+                            P.f32x2_to_bf16x2(v[0], v[1]), P.f32x2_to_bf16x2(v[2], v[3]))
         else:  # the gate_up tasks write it (gate_up_residual_*), once every norm task has finished; or run alone
             if waits == 0:
                 norm_group_store_res(r1, g1, m, o_res, lane)

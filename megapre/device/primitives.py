@@ -523,6 +523,11 @@ def lanemask_lt() -> Int32:
 
 
 @cute.jit
+def atom_add_acq_rel(addr: Int64, v: Int32) -> Int32:
+    return _asm([Int32], [addr, v], "atom.acq_rel.gpu.global.add.u32 $0, [$1], $2;", "=r,l,r", True)
+
+
+@cute.jit
 def atom_add_relaxed_u64(addr: Int64, v: Int64) -> Int64:
     return _asm([Int64], [addr, v], "atom.relaxed.gpu.global.add.u64 $0, [$1], $2;", "=l,l,l", True)
 

@@ -61,6 +61,9 @@ WS_HEAD, WS_ERROR = 0, 2
 NORM_SENTINEL = 0xFFFFFFFF
 WS_ERRPTR = 4  # int32 index of an 8-byte field
 WS_COUNTERS = 16
+# Per-token counters of the norm tasks that have read the token's row (flagged builds: the last reader writes the row's
+# residual output), int32 index WS_TOKCTR + m; launch L leaves (L + 1) x (norm tasks per token) in each.
+WS_TOKCTR = 24
 # Host-mapped error record (int32): [failed task + 1, stage, tile, counter, seen, target, 0, 0]
 ERR_INTS = 8
 
@@ -310,7 +313,7 @@ class KernelSpec:
     # ---- workspace layout (bytes) -----------------------------------------------------------------------
     def ws_layout(self) -> dict[str, int]:
         off = {}
-        pos = _align((WS_COUNTERS + N_COUNTERS) * 4)
+        pos = _align((WS_TOKCTR + 8) * 4)  # control words, counters, per-token counters (M <= 8)
         for name, nbytes in (
             # The norm's outputs as its consumers read them, in two blocks by launch parity (norm_flags): x, the bf16
             # normalized input of the router GEMM, and copies of a_q / a_scale (the outputs themselves are the
@@ -342,13 +345,19 @@ class KernelSpec:
         consumer that has loaded its K chunk with no sentinel word in it holds this launch's values, and the
         norm's release fence and the consumer's counter round trip leave both chains. The residual output then
         comes from the norm tasks (after a wait of their own: in-place updates).
+        (Branch next/tp1-flags, not yet run: TP1 at every M as well, with the residual output from each token's
+        last-reading norm task instead of a wait of every norm task for all the others.)
         Where (H200, session 24, against the counters in the same calls): TP8 at M <= 5, -0.2..-0.45 us (M = 1..5,
         two calls). Not at TP8 M >= 6 (M = 6 +0.1..+0.25, M = 7 -0.15..-0.3, M = 8 -0.05..+0.3: even on the whole)
         nor at TP1 (the norm CTAs' own wait held their next gate_up tasks back: M = 8 +1.9). Off in the
         stage-by-stage build (a kernel boundary orders everything there) and in what-if builds whose norm writes
         nothing or whose consumers do not wait. Without flags the kernel uses block 0 of each area only."""
-        return (self.small_shared and self.m <= 5 and not self.staged
+        return ((not self.small_shared or self.m <= 5) and not self.staged
                 and not ({"norm", "norm_hop", "waits", "gemm"} & set(self.whatif)))
+
+    @property
+    def norm_tasks_per_token(self) -> int:
+        return self.hidden_groups // self.norm_groups
 
     @property
     def x_block(self) -> int:
