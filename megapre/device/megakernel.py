@@ -113,7 +113,10 @@ def build_kernel(spec: KernelSpec):
     RELEASER = 32  # the thread that signals a finished task's counter (warp 1: not the ticket-taking thread 0)
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
-    assert SI_CNT + PAIR_WARPS * THREADS <= KernelSpec.SMEM_INTS
+    # the L2 weight prefetch a CTA's first GEMM task issues after its own weight loads: slice (-1: none), slices,
+    # then the w13 and w2 addresses (u64)
+    SI_PF = 1272
+    assert SI_CNT + PAIR_WARPS * THREADS <= SI_PF and SI_PF + 6 <= KernelSpec.SMEM_INTS
     # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
     SORT8 = (((0, 2), (1, 3), (4, 6), (5, 7)), ((0, 4), (1, 5), (2, 6), (3, 7)), ((0, 1), (2, 3), (4, 5), (6, 7)),
              ((2, 4), (3, 5)), ((1, 4), (3, 6)), ((1, 2), (3, 4), (5, 6)))
@@ -617,6 +620,19 @@ def build_kernel(spec: KernelSpec):
         return p
 
     @cute.jit
+    def prefetch_after_weights(waits: Int32, si: Int32, tid: Int32):
+        """Thread 0 of a CTA's first GEMM task, its weight loads issued: the CTA's slice of the shared expert's L2
+        prefetch (the prologue chose it), behind this task's own weights rather than ahead of them."""
+        if waits == FIRST_TASK and tid == 0:
+            k = P.lds_b32(si + SI_PF * 4)
+            if k >= 0:
+                n_pf = P.lds_b32(si + (SI_PF + 1) * 4)
+                if cutlass.const_expr("gu_w" not in WHATIF):
+                    prefetch_slice(P.lds_u64(si + (SI_PF + 2) * 4), 2 * I * H, k, n_pf)
+                if cutlass.const_expr("down_w" not in WHATIF):
+                    prefetch_slice(P.lds_u64(si + (SI_PF + 4) * 4), H * I, k, n_pf)
+
+    @cute.jit
     def record_wait_failure(wc: Int32, seen: Int32, target: Int32, ws: Int64, si: Int32):
         """A dependency never arrived: give up (never hang the GPU), record the first failure in the workspace and
         in the host-mapped record that megapre.run checks before its next launch."""
@@ -735,6 +751,7 @@ def build_kernel(spec: KernelSpec):
         kc = S.router_kc
         split, k0, row_base = split_k_tile(tile, S.router_splits, kc, S.router_rows)
         raw0, sc0 = mma_issue(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, warp, lane, 0, B_ROUTER)
+        prefetch_after_weights(waits, si, tid)
         wait_ready(waits, ws, si, tid)
         stamp(ROUTER, 0, tile, ws, tid)
         # stage x[:, k0:k0+kc] (bf16) for 8 token rows, zeros past M; with flagged data, until no word of it is the
@@ -929,6 +946,7 @@ def build_kernel(spec: KernelSpec):
             fp8_acts_store(codes, scales, kc, sf)
         else:
             raw0, sc0 = mma_issue(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, warp, lane, 0, B_GU)
+            prefetch_after_weights(waits, si, tid)
             wait_ready(waits, ws, si, tid)
             stamp(GATE_UP, 0, tile, ws, tid)
             aq, asc = gate_up_tokens(o_aq, o_as, ws, si)
@@ -1568,6 +1586,7 @@ def build_kernel(spec: KernelSpec):
                 P.sts_b32(si + (SI_TASK + T_KNOWN) * 4, Int32(0))
                 P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(0))
                 P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(-1))
+                P.sts_b32(si + SI_PF * 4, Int32(-1))
                 # Weights and the norm's inputs do not depend on the previous kernel: ask L2 for them before it
                 # has finished. (A prefetch is only a hint -- L2 is where every SM's writes land, so hidden /
                 # residual prefetched before the previous kernel wrote them are still read fresh after
@@ -1595,10 +1614,11 @@ def build_kernel(spec: KernelSpec):
                     k = bid - n_norm
                     n_pf = P.sel_i32(prefetch_ctas < grid - n_norm, prefetch_ctas, grid - n_norm)
                     if k < n_pf and not WHATIF_NO_WEIGHTS:
-                        if cutlass.const_expr("gu_w" not in WHATIF):
-                            prefetch_slice(w13, 2 * I * H, k, n_pf)
-                        if cutlass.const_expr("down_w" not in WHATIF):
-                            prefetch_slice(w2, H * I, k, n_pf)
+                        # issued by the CTA's first GEMM task behind its own weight loads (prefetch_after_weights)
+                        P.sts_b32(si + SI_PF * 4, k)
+                        P.sts_b32(si + (SI_PF + 1) * 4, n_pf)
+                        P.sts_u64(si + (SI_PF + 2) * 4, w13)
+                        P.sts_u64(si + (SI_PF + 4) * 4, w2)
             # The task table (one packed word per task, uploaded before any launch that uses it) into shared
             # memory, while the previous kernel may still run.
             for i in cutlass.range_constexpr((NT + THREADS - 1) // THREADS):
