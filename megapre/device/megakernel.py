@@ -113,8 +113,8 @@ def build_kernel(spec: KernelSpec):
     RELEASER = 32  # the thread that signals a finished task's counter (warp 1: not the ticket-taking thread 0)
     FIRST_TASK = 2  # the stages' `waits` argument: 0 = run alone (mode >= 0), 1 = queue task, 2 = a CTA's first
     PAIR_WARPS = (P_PAIRS + 31) // 32  # warps holding one (token, expert) pair per lane in the token sort
-    # the L2 weight prefetch a CTA's first GEMM task issues after its own weight loads: slice (-1: none), slices,
-    # then the w13 and w2 addresses (u64)
+    # the L2 weight prefetch a CTA's first GEMM task issues after its own weight loads (prefetch_after_weights): its
+    # slice (-1: none), the number of slices, then the w13 and w2 addresses (u64); set by thread 0 in the prologue
     SI_PF = 1272
     assert SI_CNT + PAIR_WARPS * THREADS <= SI_PF and SI_PF + 6 <= KernelSpec.SMEM_INTS
     # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
@@ -1591,11 +1591,14 @@ def build_kernel(spec: KernelSpec):
                 # has finished. (A prefetch is only a hint -- L2 is where every SM's writes land, so hidden /
                 # residual prefetched before the previous kernel wrote them are still read fresh after
                 # griddepcontrol.wait.) The norm's inputs first, whole; the shared expert's weight matrices are
-                # split between the prefetch_ctas CTAs after the norm CTAs, which issue nothing else, so that the
-                # norm weight (the only HBM read on the routing chain's first task) is not queued behind the
-                # weight stream. Not the router's: its tasks are all static first tasks (every M), which load their
-                # own weights under PDL; prefetching them too was 40% of the prefetch bytes, and dropping it made
-                # EP8 M = 1 / 2 / 4 0.1-0.3 us faster (session 13, H200, two calls).
+                # split between the prefetch_ctas CTAs after the norm CTAs, so that the norm weight (the only HBM
+                # read on the routing chain's first task) is not queued behind the weight stream. Each of those
+                # CTAs issues its slice from its first GEMM task, right after that task's own weight loads
+                # (prefetch_after_weights): ahead of them, the router's weights queued behind 86 KB of prefetch per
+                # SM (H200, session 25: EP8 M = 1 / 2 -0.11 / -0.06 us, M = 4 / 8 even). Not the router's
+                # weights: its tasks are all static first tasks (every M), which load their own under PDL;
+                # prefetching them too was 40% of the prefetch bytes, and dropping it made EP8 M = 1 / 2 / 4
+                # 0.1-0.3 us faster (session 13, H200, two calls).
                 if prefetch_ctas > 0:
                     if bid == 0:
                         P.prefetch_l2_bulk(norm_w, Int32(H * 2))
@@ -1613,8 +1616,7 @@ def build_kernel(spec: KernelSpec):
                         pass
                     k = bid - n_norm
                     n_pf = P.sel_i32(prefetch_ctas < grid - n_norm, prefetch_ctas, grid - n_norm)
-                    if k < n_pf and not WHATIF_NO_WEIGHTS:
-                        # issued by the CTA's first GEMM task behind its own weight loads (prefetch_after_weights)
+                    if k < n_pf and not WHATIF_NO_WEIGHTS:  # (for prefetch_after_weights)
                         P.sts_b32(si + SI_PF * 4, k)
                         P.sts_b32(si + (SI_PF + 1) * 4, n_pf)
                         P.sts_u64(si + (SI_PF + 2) * 4, w13)
