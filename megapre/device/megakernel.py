@@ -633,6 +633,15 @@ def build_kernel(spec: KernelSpec):
                     prefetch_slice(P.lds_u64(si + (SI_PF + 4) * 4), H * I, k, n_pf)
 
     @cute.jit
+    def route_parity(si: Int32) -> Int32:
+        """The router partials' block: launch_parity where they flag themselves (RFLAGS, also without FLAGS at TP8
+        M >= 6), else block 0."""
+        p = Int32(0)
+        if cutlass.const_expr(RFLAGS):
+            p = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) & 1
+        return p
+
+    @cute.jit
     def record_wait_failure(wc: Int32, seen: Int32, target: Int32, ws: Int64, si: Int32):
         """A dependency never arrived: give up (never hang the GPU), record the first failure in the workspace and
         in the host-mapped record that megapre.run checks before its next launch."""
@@ -774,7 +783,7 @@ def build_kernel(spec: KernelSpec):
         outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_ROUTER)
         stamp(ROUTER, 2, tile, ws, tid)
-        rp_p = launch_parity(si)
+        rp_p = route_parity(si)
         for r, n, val in outs:
             if n < M:
                 if cutlass.const_expr(RFLAGS):
@@ -1379,7 +1388,7 @@ def build_kernel(spec: KernelSpec):
                     # the router partials flag themselves: in the real pass, load them again until no word was
                     # the sentinel. The warm-up pass reads the other block -- the previous launch's partials, finite
                     # until this launch's router tasks refill it --, so that it runs the code paths of real logits
-                    rp = ws + OFF_RP + Int64((launch_parity(si) ^ (1 - p)) * RPB)
+                    rp = ws + OFF_RP + Int64((route_parity(si) ^ (1 - p)) * RPB)
                     l0, l1, l2, l3, l4, l5, l6, l7, bad = route_logits(rp, m, e0)
                     spins = Int32(0)
                     while P.warp_any(bad * p) != 0 and spins < SPIN_LIMIT:

@@ -384,7 +384,11 @@ class KernelSpec:
     def route_flags(self) -> bool:
         """The route waits for the router partials themselves (as the down tasks for the gate_up partials). Not in
         what-if builds whose route or router tasks do not load or write them."""
-        return self.norm_flags and "route" not in self.whatif
+        # TP8 at M >= 6 too, without the norm's flags (route_flags alone: the router tasks still wait on the norm's
+        # counter, and signal nothing)
+        return ("route" not in self.whatif and (self.norm_flags or (
+            self.small_shared and self.m >= 6 and not self.staged
+            and not ({"norm", "norm_hop", "waits", "gemm"} & set(self.whatif)))))
 
     @property
     def router_block(self) -> int:
