@@ -414,7 +414,7 @@ def build_kernel(spec: KernelSpec):
                             list(P.ld_nc_v4(base8)) + list(P.ld_nc_v4(base8 + 16))))
         return raw, scales
 
-    def mma_consume(acc, raw, scales, fp8: bool, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
+    def mma_consume(acc, raw, scales, fp8: bool, rows: int, kc: int, first: int, s_act, s_as, warp, lane, zq=None):
         """acc (4 fp32: C[g][2tq], C[g][2tq+1], C[g+8][2tq], C[g+8][2tq+1]) += this warp's chunks.
         bf16 (the router): each chunk's four k16 steps form their own chain, added in chunk order afterwards --
         one chain through all chunks (16 mma.sync deep, ~0.27 us) was the router's mma phase once its weights
@@ -422,7 +422,7 @@ def build_kernel(spec: KernelSpec):
         chunks was measured at 0c3c4d6, when the weights still arrived late: no change, and TP1 spilled.)
         FP8 on a QGMMA build goes to qgmma_consume."""
         if fp8 and QGMMA:
-            return qgmma_consume(acc, raw, scales, rows, kc, first, s_act, s_as, warp, lane)
+            return qgmma_consume(acc, raw, scales, rows, kc, first, s_act, s_as, warp, lane, zq)
         g = lane >> 2
         tq = lane & 3
         part = []  # bf16: one accumulator chain per chunk, added to acc in chunk order at the end
@@ -451,7 +451,7 @@ def build_kernel(spec: KernelSpec):
             acc = [acc[i] + d[i] for i in range(4)]
         return acc
 
-    def qgmma_consume(acc, raw, scales, rows: int, kc: int, first: int, s_act, s_as, warp, lane):
+    def qgmma_consume(acc, raw, scales, rows: int, kc: int, first: int, s_act, s_as, warp, lane, zq=None):
         """FP8 on the warpgroup MMA: the same per-thread weight loads as mma_issue made (16 bytes of rows g and
         g + 8 per 64-K chunk, K 16 tq .. 16 tq + 15) are the A fragments of two k32 steps: step t takes words
         2t, 2t + 1, i.e. its K slot 4 tq + j is physical K 16 tq + 8 t + j and slot 16 + 4 tq + j is
@@ -474,7 +474,12 @@ def build_kernel(spec: KernelSpec):
                 chunk = chunk_of(warp, first + j + h, rows, kc, True)
                 lo, hi = raw[j + h]
                 desc = P.wgmma_desc(s_act + (chunk * 2 + t) * P.WGMMA_B_STEP)
-                accs[c] = P.wgmma_e4m3(lo[2 * t], hi[2 * t], lo[2 * t + 1], hi[2 * t + 1], desc, accs[c], step > 0)
+                quad = [lo[2 * t], hi[2 * t], lo[2 * t + 1], hi[2 * t + 1]]
+                if zq is not None:
+                    # the quad built here, by adds of a runtime zero: its registers are defined right before the
+                    # wgmma, not by moves that ptxas puts right behind the 16-byte loads (which wait for them)
+                    quad = [P.add_u32(x, zq) for x in quad]
+                accs[c] = P.wgmma_e4m3(quad[0], quad[1], quad[2], quad[3], desc, accs[c], step > 0)
         ds = [v for d in accs for v in d]
         P.wgmma_commit()
         ds = P.wgmma_wait(ds)
@@ -510,16 +515,24 @@ def build_kernel(spec: KernelSpec):
         return outs
 
     def mma_task(w_ptr, ldw: int, fp8: bool, row_base, k0, rows: int, kc: int, w_scale, lds_scale: int,
-                 s_act, s_as, s_red, warp, lane, tid, raw0, sc0, batch: int):
+                 s_act, s_as, s_red, warp, lane, tid, raw0, sc0, batch: int, zq=None):
         """Finish a GEMM task whose first ``batch`` chunks of weight loads were issued before the wait."""
         _, _, per_warp = mma_plan(rows, kc)
         acc = [Float32(0.0)] * 4
-        acc = mma_consume(acc, raw0, sc0, fp8, rows, kc, 0, s_act, s_as, warp, lane)
+        acc = mma_consume(acc, raw0, sc0, fp8, rows, kc, 0, s_act, s_as, warp, lane, zq)
         for first in range(batch, per_warp, batch):
             raw, sc = mma_issue(w_ptr, ldw, fp8, row_base, k0, rows, kc, w_scale, lds_scale, warp, lane, first,
                                 min(batch, per_warp - first))
-            acc = mma_consume(acc, raw, sc, fp8, rows, kc, first, s_act, s_as, warp, lane)
+            acc = mma_consume(acc, raw, sc, fp8, rows, kc, first, s_act, s_as, warp, lane, zq)
         return mma_reduce(acc, rows, kc, s_red, warp, lane, tid)
+
+    def quad_zero(tile):
+        """A zero that ptxas cannot prove (the task's tile, read from shared memory, is never negative), for the adds
+        that build the wgmma quads (qgmma_consume) -- where the task's inputs come through counters. With flagged
+        data (FLAGS) None: the moves behind the weight loads stay (see qgmma_consume)."""
+        if cutlass.const_expr(FLAGS):
+            return None
+        return P.sel_i32(tile < 0, 1, 0)
 
     def mma_batch(rows: int, kc: int, fp8: bool) -> int:
         """Chunks per load batch: at most 128 registers of weights in flight per thread (a whole task's weights
@@ -990,7 +1003,7 @@ def build_kernel(spec: KernelSpec):
         gu_p = launch_parity(si)  # (this launch's block of the fixed-point sums, and with DFLAGS of the partials)
         gx = ws + Int64(gu_p * GXB)
         outs = mma_task(w13, H, True, row_base, k0, S.gu_rows, kc, w13_s, NG, sf + S_ACT, sf + S_AS, sf + S_RED,
-                        warp, lane, tid, raw0, sc0, B_GU)
+                        warp, lane, tid, raw0, sc0, B_GU, quad_zero(tile))
         stamp(GATE_UP, 2, tile, ws, tid)
         for r, n, val in outs:
             if n < M:
@@ -1217,7 +1230,7 @@ def build_kernel(spec: KernelSpec):
                 record_wait_failure(Int32(GATE_UP), Int32(0), Int32(1), ws, si)
         stamp(DOWN, 1, rt, ws, tid)
         outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
-                        sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN)
+                        sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN, quad_zero(rt))
         stamp(DOWN, 2, rt, ws, tid)
         t_next = next_ticket_early(waits, ws, si, tid)
         for r, n, val in outs:

@@ -52,6 +52,12 @@ def ld_nc_b32(addr: Int64) -> Uint32:
 
 
 @cute.jit
+def add_u32(a: Uint32, b: Int32) -> Uint32:
+    """a + b as one integer add that ptxas cannot fold (b: a runtime value)."""
+    return _asm([Uint32], [a, b], "add.u32 $0, $1, $2;", "=r,r,r", True)
+
+
+@cute.jit
 def ld_nc_v2(addr: Int64):
     return _asm([Uint32, Uint32], [addr], "ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2];", "=r,=r,l", True)
 
