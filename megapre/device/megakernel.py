@@ -1248,7 +1248,7 @@ def build_kernel(spec: KernelSpec):
         lane = tid & 31
         row_base = rt * S.down_rows
         bad = Int32(0)
-        if cutlass.const_expr(DFLAGS):
+        if cutlass.const_expr(DFLAGS and M == 2):
             # flagged partials: the act's loads first, then the weights (whose registers ptxas moves into the wgmma
             # quads right behind their loads, waiting for them), so that both are in flight together
             wait_ready(waits, ws, si, tid)
@@ -1267,7 +1267,7 @@ def build_kernel(spec: KernelSpec):
         else:
             raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
             wait_ready(waits, ws, si, tid)
-        if cutlass.const_expr(not DFLAGS):
+        if cutlass.const_expr(not (DFLAGS and M == 2)):
             stamp(DOWN, 0, rt, ws, tid)
             if cutlass.const_expr(S.fuse_act):
                 bad = stage_act_to_smem(ws, sf, si, tid, rt)
