@@ -1169,6 +1169,13 @@ def build_kernel(spec: KernelSpec):
                 q, scale = act_math(v)
                 if u < M * G:
                     act_to_smem(q, scale, u // G, u % G, sf, lane)
+        act_zero_rows(sf, tid)
+        return bad
+
+    @cute.jit
+    def act_zero_rows(sf: Int32, tid: Int32):
+        """The down GEMM's staged token rows M .. 7 and their scales: zeros."""
+        G = I // 128
         if cutlass.const_expr(QGMMA):
             # zero rows M .. 7: 16 bytes per (k32 step, core matrix, row)
             RZ = 8 - M
@@ -1184,7 +1191,49 @@ def build_kernel(spec: KernelSpec):
                     P.sts_v4(sf + S_ACT + (M * I + v * 8) * 2, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
         if tid < (8 - M) * G:
             P.sts_f32(sf + S_AS + (M * G + tid) * 4, Float32(0.0))
+
+    def act_issue_flagged(gu, warp, lane):
+        """(DFLAGS) The loads of every act unit of this warp (warp + 8 r), predicated off past the units: a list
+        per unit of its splits' (gate, up) vectors, not yet read."""
+        G = I // 128
+        pend = []
+        for r in range((M * G + WARPS - 1) // WARPS):
+            u = warp + WARPS * r
+            ok = P.sel_i32(u < M * G, 1, 0)
+            uc = P.sel_i32(u < M * G, u, Int32(M * G - 1))
+            c = (uc % G) * 128 + lane * 4
+            vecs = []
+            for s_ in range(S.gu_splits):
+                base = gu + Int64((s_ * M + uc // G) * 2 * I + c) * 4
+                vecs.append((P.ld_relaxed_v4f_if(base, ok), P.ld_relaxed_v4f_if(base + I * 4, ok)))
+            pend.append(vecs)
+        return pend
+
+    def act_finish_flagged(pend, sf, warp, lane, tid):
+        """... then their sums in split order, the sentinel check, SiLU-and-mul, quantization and staging, as
+        stage_act_to_smem; returns 1 if a loaded word was the sentinel."""
+        G = I // 128
+        bad = Int32(0)
+        for r in range(len(pend)):
+            u = warp + WARPS * r
+            g = [Float32(0.0)] * 4
+            up = [Float32(0.0)] * 4
+            for a, b in pend[r]:
+                for j in range(4):
+                    g[j] = g[j] + a[j]
+                    up[j] = up[j] + b[j]
+                for x in list(a) + list(b):
+                    bad = bad | P.sel_i32(P.f32_as_i32(x) == SENT, 1, 0)
+            q, scale = act_math(g + up)
+            act_stage_if(q, scale, u, sf, lane)
+        act_zero_rows(sf, tid)
         return bad
+
+    @cute.jit
+    def act_stage_if(q: Uint32, scale: Float32, u: Int32, sf: Int32, lane: Int32):
+        G = I // 128
+        if u < M * G:
+            act_to_smem(q, scale, u // G, u % G, sf, lane)
 
     # ------------------------------------------------------------------------------------------------
     # stage: shared expert down GEMM (block-scaled FP8) -> shared_out bf16
@@ -1198,7 +1247,16 @@ def build_kernel(spec: KernelSpec):
         warp = tid >> 5
         lane = tid & 31
         row_base = rt * S.down_rows
-        if cutlass.const_expr(S.fuse_act and M <= 2):
+        bad = Int32(0)
+        if cutlass.const_expr(DFLAGS and M == 2):
+            # flagged partials: the act's loads first, then the weights (whose registers ptxas moves into the wgmma
+            # quads right behind their loads, waiting for them), so that both are in flight together
+            wait_ready(waits, ws, si, tid)
+            pend = act_issue_flagged(ws + OFF_GU + Int64(launch_parity(si) * GUB), warp, lane)
+            raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
+            stamp(DOWN, 0, rt, ws, tid)
+            bad = act_finish_flagged(pend, sf, warp, lane, tid)
+        elif cutlass.const_expr(S.fuse_act and M <= 2):
             # M <= 2: the weights after the wait, together with the act's loads (their latency hides behind the
             # act's math): issued before it, the dynamic down tasks' polls came back only ~1.2-1.6 us after the
             # task was taken, long after the last gate_up (8fb98a5's task-by-task trace; not w2 from HBM:
@@ -1209,12 +1267,12 @@ def build_kernel(spec: KernelSpec):
         else:
             raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
             wait_ready(waits, ws, si, tid)
-        stamp(DOWN, 0, rt, ws, tid)
-        bad = Int32(0)
-        if cutlass.const_expr(S.fuse_act):
-            bad = stage_act_to_smem(ws, sf, si, tid, rt)
-        else:
-            stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
+        if cutlass.const_expr(not (DFLAGS and M == 2)):
+            stamp(DOWN, 0, rt, ws, tid)
+            if cutlass.const_expr(S.fuse_act):
+                bad = stage_act_to_smem(ws, sf, si, tid, rt)
+            else:
+                stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
         if cutlass.const_expr(QGMMA):
             P.fence_proxy_async_smem()
         if cutlass.const_expr(not DFLAGS):

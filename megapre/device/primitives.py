@@ -253,6 +253,15 @@ def ld_relaxed_v2(addr: Int64):
 
 
 @cute.jit
+def ld_relaxed_v4f_if(addr: Int64, pred: Int32):
+    """ld_relaxed_v4f where pred != 0, else four zeros and no memory access."""
+    return _asm([Float32] * 4, [addr, pred],
+                "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.f32 $0, 0f00000000; mov.f32 $1, 0f00000000; "
+                "mov.f32 $2, 0f00000000; mov.f32 $3, 0f00000000; "
+                "@p ld.relaxed.gpu.global.v4.f32 {$0, $1, $2, $3}, [$4]; }", "=f,=f,=f,=f,l,r", True)
+
+
+@cute.jit
 def ld_relaxed_v4f(addr: Int64):
     return _asm([Float32] * 4, [addr], "ld.relaxed.gpu.global.v4.f32 {$0, $1, $2, $3}, [$4];", "=f,=f,=f,=f,l", True)
 
