@@ -116,7 +116,7 @@ def test_norm_flags_only_where_the_norm_writes_and_its_consumers_wait():
                   KernelSpec.from_config(cfg, 4, whatif=("norm_hop",))):
         assert not other.norm_flags
     assert KernelSpec.from_config(cfg, 4, whatif=("norm",)).waited_counters()[0] == NORM  # (consumers wait)
-    assert all(KernelSpec.from_config(CONFIGS[2], m).norm_flags for m in range(1, 9))  # TP1: every M (branch)
+    assert all(KernelSpec.from_config(CONFIGS[2], m).norm_flags for m in range(1, 9))  # TP1: every M
     assert [KernelSpec.from_config(cfg, m).norm_flags for m in range(1, 9)] == [True] * 5 + [False] * 3
     lay = spec.ws_layout()
     spans = spec.sentinel_spans()

@@ -84,7 +84,7 @@ def build_kernel(spec: KernelSpec):
     LPG = S.experts_per_group // EPL  # lanes per group
     P_PAIRS = M * S.top_k
     SF = S.smem_floats()
-    NCHUNK = NG // S.norm_groups  # norm tasks per token, each norm_groups 128-groups: one or two per warp
+    NCHUNK = S.norm_tasks_per_token  # norm tasks per token, each norm_groups 128-groups: one or two per warp
     ROW_ITERS = NG // WARPS  # a norm task reads its token's whole row: group warp + 8 i in iteration i
     SL = S.smem_layout()
     NT = S.n_tasks
@@ -633,11 +633,13 @@ def build_kernel(spec: KernelSpec):
                 P.sts_b32(si + (SI_TASK + T_NEXT) * 4, ticket_index(t64, si))
 
     @cute.jit
-    def launch_parity(si: Int32) -> Int32:
+    def launch_parity(si: Int32, flagged: cutlass.Constexpr = FLAGS) -> Int32:
         """Which of the two blocks this launch's flagged data (and fixed-point sums) use: the launch number's lowest
-        bit, once the CTA knows it. Builds without flags use block 0 only (the counters order its reuse)."""
+        bit, once the CTA knows it. Where the area does not flag itself (flagged: FLAGS for the norm's outputs, the
+        gate_up partials and the fixed-point sums; RFLAGS for the router partials, which flag themselves at TP8
+        M >= 6 too) block 0 only (the counters order its reuse)."""
         p = Int32(0)
-        if cutlass.const_expr(FLAGS):
+        if cutlass.const_expr(flagged):
             p = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) & 1
         return p
 
@@ -653,15 +655,6 @@ def build_kernel(spec: KernelSpec):
                     prefetch_slice(P.lds_u64(si + (SI_PF + 2) * 4), 2 * I * H, k, n_pf)
                 if cutlass.const_expr("down_w" not in WHATIF):
                     prefetch_slice(P.lds_u64(si + (SI_PF + 4) * 4), H * I, k, n_pf)
-
-    @cute.jit
-    def route_parity(si: Int32) -> Int32:
-        """The router partials' block: launch_parity where they flag themselves (RFLAGS, also without FLAGS at TP8
-        M >= 6), else block 0."""
-        p = Int32(0)
-        if cutlass.const_expr(RFLAGS):
-            p = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) & 1
-        return p
 
     @cute.jit
     def record_wait_failure(wc: Int32, seen: Int32, target: Int32, ws: Int64, si: Int32):
@@ -805,7 +798,7 @@ def build_kernel(spec: KernelSpec):
         outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_ROUTER)
         stamp(ROUTER, 2, tile, ws, tid)
-        rp_p = route_parity(si)
+        rp_p = launch_parity(si, RFLAGS)
         for r, n, val in outs:
             if n < M:
                 if cutlass.const_expr(RFLAGS):
@@ -1468,7 +1461,7 @@ def build_kernel(spec: KernelSpec):
                     # the router partials flag themselves: in the real pass, load them again until no word was
                     # the sentinel. The warm-up pass reads the other block -- the previous launch's partials, finite
                     # until this launch's router tasks refill it --, so that it runs the code paths of real logits
-                    rp = ws + OFF_RP + Int64((route_parity(si) ^ (1 - p)) * RPB)
+                    rp = ws + OFF_RP + Int64((launch_parity(si, RFLAGS) ^ (1 - p)) * RPB)
                     l0, l1, l2, l3, l4, l5, l6, l7, bad = route_logits(rp, m, e0)
                     spins = Int32(0)
                     while P.warp_any(bad * p) != 0 and spins < SPIN_LIMIT:

@@ -344,12 +344,12 @@ class KernelSpec:
         of x and of the a_q / a_scale copies starts each launch as NORM_SENTINEL (which no norm computes), so a
         consumer that has loaded its K chunk with no sentinel word in it holds this launch's values, and the
         norm's release fence and the consumer's counter round trip leave both chains. The residual output then
-        comes from the norm tasks (after a wait of their own: in-place updates).
-        (Branch next/tp1-flags, not yet run: TP1 at every M as well, with the residual output from each token's
-        last-reading norm task instead of a wait of every norm task for all the others.)
-        Where (H200, session 24, against the counters in the same calls): TP8 at M <= 5, -0.2..-0.45 us (M = 1..5,
-        two calls). Not at TP8 M >= 6 (M = 6 +0.1..+0.25, M = 7 -0.15..-0.3, M = 8 -0.05..+0.3: even on the whole)
-        nor at TP1 (the norm CTAs' own wait held their next gate_up tasks back: M = 8 +1.9). Off in the
+        comes from the norm tasks: each token's last-reading norm task writes its row (a per-token counter at
+        WS_TOKCTR; in-place updates).
+        Where (H200, against the counters in the same calls): TP8 at M <= 5, -0.2..-0.45 us (M = 1..5, session 24, two
+        calls), and TP1 at every M, -0.15..-0.6 at M = 1 / 2 / 4 (session 25; with a wait of every norm task for all the
+        others instead of the last reader it was M = 8 +1.9). Not at TP8 M >= 6 (M = 6 +0.1..+0.25, M = 7 -0.15..-0.3,
+        M = 8 -0.05..+0.3: even on the whole). Off in the
         stage-by-stage build (a kernel boundary orders everything there) and in what-if builds whose norm writes
         nothing or whose consumers do not wait. Without flags the kernel uses block 0 of each area only."""
         return ((not self.small_shared or self.m <= 5) and not self.staged
@@ -357,6 +357,7 @@ class KernelSpec:
 
     @property
     def norm_tasks_per_token(self) -> int:
+        """Norm tasks per token (norm_groups 128-groups each): what one launch adds to each per-token counter."""
         return self.hidden_groups // self.norm_groups
 
     @property
