@@ -73,6 +73,12 @@ def build_kernel(spec: KernelSpec):
     # H200, session 25, against weights first (whose moves hold the act's loads until the weights are in): M = 2
     # -0.05..-0.23 us (six rounds, two calls), but M = 1 +0.2..+0.35, M = 3 / 4 +0.4..+0.65, M = 5 +0.8..+1.06.
     ACT_LOADS_FIRST = DFLAGS and M == 2
+    # A flagged down task at M >= 2 votes on the sentinel check right after its act's loads and does the act's math
+    # only in the round where every partial was in (act_bad_flagged, act_math_flagged): on the sentinel NaNs a
+    # too-early round's SiLU took its double-precision fallback, so a failed round was slow as well as wasted.
+    # H200, session 26, against the math in every round: M = 3 / 4 / 5 -0.2..-0.34 / -0.23..-0.27 / -0.45 us, M = 2
+    # even; at M = 1 (whose first round mostly succeeds) +0.1..+0.16, so M = 1 keeps the math in every round.
+    VOTE_FIRST = DFLAGS and M >= 2
     SENT = -1  # plan.NORM_SENTINEL as an int32
     # A gate_up partial goes into the fixed-point sum when |p| < GU_FIX_LIMIT, so that the sum of all splits
     # stays below 2^63 (primitives.FIX_BITS); else (NaN, inf, huge) its token's flag is set, and the act sums
@@ -1206,11 +1212,17 @@ def build_kernel(spec: KernelSpec):
             pend.append(vecs)
         return pend
 
-    def act_finish_flagged(pend, sf, warp, lane, tid):
-        """... then their sums in split order, the sentinel check, SiLU-and-mul, quantization and staging, as
-        stage_act_to_smem; returns 1 if a loaded word was the sentinel."""
-        G = I // 128
+    def act_bad_flagged(pend) -> Int32:
+        """1 if a word act_issue_flagged loaded was still the sentinel (the gate_up task had not written it)."""
         bad = Int32(0)
+        for vecs in pend:
+            for a, b in vecs:
+                for x in list(a) + list(b):
+                    bad = bad | P.sel_i32(P.f32_as_i32(x) == SENT, 1, 0)
+        return bad
+
+    def act_math_flagged(pend, sf, warp, lane, tid):
+        """The loaded partials summed in split order, SiLU-and-mul, quantization and staging, as stage_act_to_smem."""
         for r in range(len(pend)):
             u = warp + WARPS * r
             g = [Float32(0.0)] * 4
@@ -1219,12 +1231,9 @@ def build_kernel(spec: KernelSpec):
                 for j in range(4):
                     g[j] = g[j] + a[j]
                     up[j] = up[j] + b[j]
-                for x in list(a) + list(b):
-                    bad = bad | P.sel_i32(P.f32_as_i32(x) == SENT, 1, 0)
             q, scale = act_math(g + up)
             act_stage_if(q, scale, u, sf, lane)
         act_zero_rows(sf, tid)
-        return bad
 
     @cute.jit
     def act_stage_if(q: Uint32, scale: Float32, u: Int32, sf: Int32, lane: Int32):
@@ -1245,14 +1254,19 @@ def build_kernel(spec: KernelSpec):
         lane = tid & 31
         row_base = rt * S.down_rows
         bad = Int32(0)
+        gu_blk = ws
+        if cutlass.const_expr(DFLAGS):
+            gu_blk = ws + OFF_GU + Int64(launch_parity(si) * GUB)
         if cutlass.const_expr(ACT_LOADS_FIRST):
             # the act's first loads, then the weights (whose registers ptxas moves into the wgmma quads right behind
             # their loads, waiting for them), so that both are in flight together
             wait_ready(waits, ws, si, tid)
-            pend = act_issue_flagged(ws + OFF_GU + Int64(launch_parity(si) * GUB), warp, lane)
+            pend = act_issue_flagged(gu_blk, warp, lane)
             raw0, sc0 = mma_issue(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, warp, lane, 0, B_DOWN)
             stamp(DOWN, 0, rt, ws, tid)
-            bad = act_finish_flagged(pend, sf, warp, lane, tid)
+            bad = P.syncthreads_or(act_bad_flagged(pend))
+            if bad == 0:
+                act_math_flagged(pend, sf, warp, lane, tid)
         elif cutlass.const_expr(S.fuse_act and M <= 2):
             # M <= 2: the weights after the wait, together with the act's loads (their latency hides behind the
             # act's math): issued before it, the dynamic down tasks' polls came back only ~1.2-1.6 us after the
@@ -1266,16 +1280,35 @@ def build_kernel(spec: KernelSpec):
             wait_ready(waits, ws, si, tid)
         if cutlass.const_expr(not ACT_LOADS_FIRST):
             stamp(DOWN, 0, rt, ws, tid)
-            if cutlass.const_expr(S.fuse_act):
+            if cutlass.const_expr(VOTE_FIRST):
+                bad = Int32(1)  # (the first attempt is the loop's first round below)
+            elif cutlass.const_expr(S.fuse_act):
                 bad = stage_act_to_smem(ws, sf, si, tid, rt)
             else:
                 stage_fp8_acts(ws + OFF_HQ, ws + OFF_HS, I, I // 128, Int32(0), I, sf, tid)
-        if cutlass.const_expr(QGMMA):
-            P.fence_proxy_async_smem()
-        if cutlass.const_expr(not DFLAGS):
+        if cutlass.const_expr(VOTE_FIRST):
+            # the gate_up partials flag themselves: load them until none is the sentinel (a vote right after the
+            # loads), then the act's math and staging once -- an early attempt costs its loads and a barrier, not
+            # the math (on the sentinel NaNs SiLU would take its double-precision fallback)
+            again = bad
+            spins = Int32(0)
+            while again != 0 and spins < SPIN_LIMIT:
+                if spins > HOT_SPINS:
+                    P.nanosleep(100)
+                pend2 = act_issue_flagged(gu_blk, warp, lane)
+                again = P.syncthreads_or(act_bad_flagged(pend2))
+                if again == 0:
+                    act_math_flagged(pend2, sf, warp, lane, tid)
+                spins = spins + 1
+            if again != 0 and tid == 0:
+                record_wait_failure(Int32(GATE_UP), Int32(0), Int32(1), ws, si)
+            if cutlass.const_expr(QGMMA):
+                P.fence_proxy_async_smem()
             cute.arch.sync_threads()
-        else:
-            # the gate_up partials flag themselves: redo the act until none of its loads was the sentinel
+        elif cutlass.const_expr(DFLAGS):
+            # M = 1: the act's math in every round, the vote after it (its first round mostly succeeds)
+            if cutlass.const_expr(QGMMA):
+                P.fence_proxy_async_smem()
             again = P.syncthreads_or(bad)
             spins = Int32(0)
             while again != 0 and spins < SPIN_LIMIT:
@@ -1288,6 +1321,10 @@ def build_kernel(spec: KernelSpec):
                 spins = spins + 1
             if again != 0 and tid == 0:
                 record_wait_failure(Int32(GATE_UP), Int32(0), Int32(1), ws, si)
+        else:
+            if cutlass.const_expr(QGMMA):
+                P.fence_proxy_async_smem()
+            cute.arch.sync_threads()
         stamp(DOWN, 1, rt, ws, tid)
         outs = mma_task(w2, I, True, row_base, 0, S.down_rows, I, w2_s, I // 128, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_DOWN, quad_zero(rt))
