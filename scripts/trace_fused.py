@@ -96,7 +96,9 @@ for name, m in runs:
         print(f"  {st:8s} n={len(xs):4d} taken {us(min(x['ticket'] for x in xs)):6.2f}..{us(max(x['ticket'] for x in xs)):6.2f}"
               f"  ready {us(min(x['ready'] for x in xs)):6.2f}..{us(max(x['ready'] for x in xs)):6.2f}"
               f"  done {us(min(x['done'] for x in xs)):6.2f}..{us(max(x['done'] for x in xs)):6.2f}"
-              f"  run mean {us(sum(x['done'] - x['ready'] for x in xs) / len(xs)):5.2f} max {us(max(x['done'] - x['ready'] for x in xs)):5.2f}")
+              f"  run mean {us(sum(x['done'] - x['ready'] for x in xs) / len(xs)):5.2f} max {us(max(x['done'] - x['ready'] for x in xs)):5.2f}"
+              + (f"  failed polls mean {sum(x['retries'] for x in xs) / len(xs):.2f} max {max(x['retries'] for x in xs)}"
+                 if any(x.get("retries", 0) for x in xs) else ""))
         print(f"           tile 0: " + ", ".join(pts))
         if st in DUMP:
             prev = {}  # cta -> stage of its task before this one
@@ -106,6 +108,7 @@ for name, m in runs:
             for x in sorted(xs, key=lambda x: x["ready"]):
                 pts = " ".join(f"{us(p):6.2f}" if p >= 0 else "     -" for p in x.get("points", [])[1:])
                 print(f"             tile {x['tile']:3d} cta {x['cta']:3d} after {x['prev']:7s} taken {us(x['ticket']):6.2f}"
-                      f" ready {us(x['ready']):6.2f} done {us(x['done']):6.2f}  ({' / '.join(POINTS[st][1:3])}: {pts})")
+                      f" ready {us(x['ready']):6.2f} done {us(x['done']):6.2f}  ({' / '.join(POINTS[st][1:3])}: {pts})"
+                      f" failed polls {x.get('retries', 0)}")
             for line in phase_summary(xs, POINTS[st][1:3]):
                 print("           " + line)

@@ -41,7 +41,7 @@ from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
 from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
-                         TRACE_POINTS, TARGET_BITS, TERMINAL_STAGES, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR,
+                         TRACE_POINTS, TRACE_RETRIES, TARGET_BITS, TERMINAL_STAGES, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR,
                          WS_HEAD, WS_TOKCTR, KernelSpec, task_table, terminal_tasks)
 from . import primitives as P
 
@@ -730,6 +730,14 @@ def build_kernel(spec: KernelSpec):
                     P.st_u64(ws + OFF_TR + Int64(FIRST_ROW[stage] + tile) * (TRACE_INTS * 8) + (4 + slot) * 8,
                              P.globaltimer())
 
+    @cute.jit
+    def trace_retries(stage: cutlass.Constexpr, tile: Int32, spins: Int32, ws: Int64, tid: Int32):
+        """Trace builds: how many rounds of the task's poll of flagged data came back with a sentinel."""
+        if cutlass.const_expr(S.trace and stage in FIRST_ROW):
+            if tid == 0 and tile >= 0:
+                P.st_u64(ws + OFF_TR + Int64(FIRST_ROW[stage] + tile) * (TRACE_INTS * 8) + TRACE_RETRIES * 8,
+                         Int64(spins))
+
     # ------------------------------------------------------------------------------------------------
     # L2 prefetch: at kernel start every CTA asks for its slice of every weight matrix, so the whole
     # weight stream is in flight from the first cycle, not only when the task that reads it starts
@@ -800,6 +808,7 @@ def build_kernel(spec: KernelSpec):
                 spins = spins + 1
             if again != 0 and tid == 0:
                 record_wait_failure(Int32(NORM), Int32(0), Int32(1), ws, si)
+            trace_retries(ROUTER, tile, spins, ws, tid)
         stamp(ROUTER, 1, tile, ws, tid)
         outs = mma_task(gate_w, H, False, row_base, k0, S.router_rows, kc, gate_w, 0, sf + S_ACT, sf + S_AS,
                         sf + S_RED, warp, lane, tid, raw0, sc0, B_ROUTER)
@@ -1007,6 +1016,7 @@ def build_kernel(spec: KernelSpec):
                 spins = spins + 1
             if again != 0 and tid == 0:
                 record_wait_failure(Int32(NORM), Int32(0), Int32(1), ws, si)
+            trace_retries(GATE_UP, tile, spins, ws, tid)
         stamp(GATE_UP, 1, tile, ws, tid)
         gu_p = launch_parity(si)  # (this launch's block of the fixed-point sums, and with DFLAGS of the partials)
         gx = ws + Int64(gu_p * GXB)
@@ -1266,6 +1276,7 @@ def build_kernel(spec: KernelSpec):
             stamp(DOWN, 0, rt, ws, tid)
             bad = P.syncthreads_or(act_bad_flagged(pend))
             if bad == 0:
+                stamp(ACT, 1, rt, ws, tid)
                 act_math_flagged(pend, sf, warp, lane, tid)
         elif cutlass.const_expr(S.fuse_act and M <= 2):
             # M <= 2: the weights after the wait, together with the act's loads (their latency hides behind the
@@ -1298,10 +1309,12 @@ def build_kernel(spec: KernelSpec):
                 pend2 = act_issue_flagged(gu_blk, warp, lane)
                 again = P.syncthreads_or(act_bad_flagged(pend2))
                 if again == 0:
+                    stamp(ACT, 1, rt, ws, tid)
                     act_math_flagged(pend2, sf, warp, lane, tid)
                 spins = spins + 1
             if again != 0 and tid == 0:
                 record_wait_failure(Int32(GATE_UP), Int32(0), Int32(1), ws, si)
+            trace_retries(DOWN, rt, spins, ws, tid)
             if cutlass.const_expr(QGMMA):
                 P.fence_proxy_async_smem()
             cute.arch.sync_threads()
@@ -1321,6 +1334,7 @@ def build_kernel(spec: KernelSpec):
                 spins = spins + 1
             if again != 0 and tid == 0:
                 record_wait_failure(Int32(GATE_UP), Int32(0), Int32(1), ws, si)
+            trace_retries(DOWN, rt, spins, ws, tid)
         else:
             if cutlass.const_expr(QGMMA):
                 P.fence_proxy_async_smem()
@@ -1508,6 +1522,7 @@ def build_kernel(spec: KernelSpec):
                         spins = spins + 1
                     if bad * p != 0 and lane == 0:
                         record_wait_failure(Int32(ROUTER), Int32(0), Int32(1), ws, si)
+                    trace_retries(ROUTE, stamp_tile, spins, ws, tid)
                     lg = [l0, l1, l2, l3, l4, l5, l6, l7]
                 else:
                     lg = [Float32(0.0)] * EPL

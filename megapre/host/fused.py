@@ -20,7 +20,7 @@ import torch
 from ..output import PreambleOutput
 from ..weights import PreambleWeights
 from . import build, launch
-from .plan import (ERR_INTS, PHASE_SLOTS, STAGE_NAMES, TRACE_INTS, TRACE_POINTS, WHATIF_BENCH_ENV, WHATIF_ENV, WS_ERROR,
+from .plan import (ERR_INTS, PHASE_SLOTS, STAGE_NAMES, TRACE_INTS, TRACE_POINTS, TRACE_RETRIES, WHATIF_BENCH_ENV, WHATIF_ENV, WS_ERROR,
                    WS_ERRPTR, KernelSpec, check_table, pack_table, task_table)
 
 
@@ -293,11 +293,13 @@ def _traced_workspace(config, m: int, device) -> tuple:
 
 def read_trace(config, m: int, device=None) -> list[dict]:
     """The last traced launch's timeline (synchronizes): one dict per task, times in ns from the first ticket
-    (points: the task's first stamped points, plan.TRACE_POINTS; -1 where not passed)."""
+    (points: the task's first stamped points, plan.TRACE_POINTS; -1 where not passed; retries: its failed polls of
+    flagged data)."""
     spec, _, rec, t0 = _traced_workspace(config, m, device)
     return [dict(task=i, stage=STAGE_NAMES[r[0]], tile=r[1], cta=int(rec[i, 0]), ticket=int(rec[i, 1]) - t0,
                  ready=int(rec[i, 2]) - t0, done=int(rec[i, 3]) - t0,
-                 points=[int(rec[i, 4 + j]) - t0 if int(rec[i, 4 + j]) else -1 for j in range(TRACE_POINTS)])
+                 points=[int(rec[i, 4 + j]) - t0 if int(rec[i, 4 + j]) else -1 for j in range(TRACE_POINTS)],
+                 retries=int(rec[i, TRACE_RETRIES]))
             for i, r in enumerate(task_table(spec))]
 
 
