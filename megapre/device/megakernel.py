@@ -1314,7 +1314,8 @@ def build_kernel(spec: KernelSpec):
                 spins = spins + 1
             if again != 0 and tid == 0:
                 record_wait_failure(Int32(GATE_UP), Int32(0), Int32(1), ws, si)
-            trace_retries(DOWN, rt, spins, ws, tid)
+            # (without ACT_LOADS_FIRST the first round is the loop's first: not a failed one)
+            trace_retries(DOWN, rt, spins - (0 if ACT_LOADS_FIRST else 1), ws, tid)
             if cutlass.const_expr(QGMMA):
                 P.fence_proxy_async_smem()
             cute.arch.sync_threads()
