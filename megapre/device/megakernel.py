@@ -727,16 +727,18 @@ def build_kernel(spec: KernelSpec):
                 P.st_u64(ws + OFF_PH + Int64(stage * PHASE_SLOTS + slot) * 8, P.globaltimer())
             if cutlass.const_expr(slot < TRACE_POINTS and stage in FIRST_ROW):
                 if tid == 0 and tile >= 0:  # (the route's warm-up pass stamps tile -1)
-                    P.st_u64(ws + OFF_TR + Int64(FIRST_ROW[stage] + tile) * (TRACE_INTS * 8) + (4 + slot) * 8,
-                             P.globaltimer())
+                    P.st_u64(trace_word(stage, tile, ws, 4 + slot), P.globaltimer())
 
     @cute.jit
     def trace_retries(stage: cutlass.Constexpr, tile: Int32, spins: Int32, ws: Int64, tid: Int32):
         """Trace builds: how many rounds of the task's poll of flagged data came back with a sentinel."""
         if cutlass.const_expr(S.trace and stage in FIRST_ROW):
             if tid == 0 and tile >= 0:
-                P.st_u64(ws + OFF_TR + Int64(FIRST_ROW[stage] + tile) * (TRACE_INTS * 8) + TRACE_RETRIES * 8,
-                         Int64(spins))
+                P.st_u64(trace_word(stage, tile, ws, TRACE_RETRIES), Int64(spins))
+
+    def trace_word(stage: int, tile: Int32, ws: Int64, k: int) -> Int64:
+        """Address of int64 k of the trace record of the stage's task `tile` (plan.TRACE_INTS per task)."""
+        return ws + OFF_TR + Int64(FIRST_ROW[stage] + tile) * (TRACE_INTS * 8) + k * 8
 
     # ------------------------------------------------------------------------------------------------
     # L2 prefetch: at kernel start every CTA asks for its slice of every weight matrix, so the whole
@@ -1304,7 +1306,7 @@ def build_kernel(spec: KernelSpec):
             again = bad
             spins = Int32(0)
             while again != 0 and spins < SPIN_LIMIT:
-                if spins > HOT_SPINS:
+                if spins > HOT_SPINS:  # (>: without ACT_LOADS_FIRST the first round is the loop's first, not a retry)
                     P.nanosleep(100)
                 pend2 = act_issue_flagged(gu_blk, warp, lane)
                 again = P.syncthreads_or(act_bad_flagged(pend2))

@@ -35,12 +35,11 @@ from ..config import QUANT_GROUP, PreambleConfig
 THREADS = 256
 WARPS = THREADS // 32
 # int64 per task in trace mode: cta, ticket taken, dependencies met, done, then the task's first three stamped points
-# (megakernel.py's stamp: for a GEMM task ready, tokens staged, mma done) -- globaltimer ns, 0 where not passed
+# (megakernel.py's stamp: for a GEMM task ready, tokens staged, mma done) -- globaltimer ns, 0 where not passed --,
+# then how many rounds of its poll of flagged data came back with a sentinel (megakernel.py's trace_retries)
 TRACE_POINTS = 3
-# a task's trace record: cta, ticket, ready, done, TRACE_POINTS points, then how many times its poll of flagged data
-# came back with a sentinel (failed rounds: the first round is not counted)
-TRACE_INTS = 4 + TRACE_POINTS + 1
 TRACE_RETRIES = 4 + TRACE_POINTS
+TRACE_INTS = TRACE_RETRIES + 1
 PHASE_SLOTS = 8  # trace mode: int64 timestamps of points inside tile 0 of each stage (see the stages' stamp calls)
 
 # Stage ids (also the index of the counter their tasks signal), numbered in a valid dependency order.
