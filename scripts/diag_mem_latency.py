@@ -21,12 +21,14 @@ PAGE = 2 << 20  # bytes
 HOPS = 64
 
 
+# %globaltimer, read only once `dep` is known: the read is predicated on a test of it. (An operand the asm does not
+# otherwise use orders nothing: LLVM moved a chain's loads past such a read, and ptxas may move ALU work the same way.)
+_TIMER_ASM = tl.constexpr("{ .reg .pred p; setp.ne.s64 p, $1, -7; mov.u64 $0, 0; @p mov.u64 $0, %globaltimer; }")
+
+
 @triton.jit
 def _timer(dep):
-    # %globaltimer, read only once `dep` is known: the read is predicated on a test of it (an operand the asm does not
-    # otherwise use would not order anything: LLVM moved the loads of a chain past such a read, and ptxas may too)
-    return tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s64 p, $1, -7; mov.u64 $0, 0; @p mov.u64 $0, %globaltimer; }",
-                                     "=l,l", [dep.to(tl.int64)], dtype=tl.int64, is_pure=False, pack=1)
+    return tl.inline_asm_elementwise(_TIMER_ASM, "=l,l", [dep.to(tl.int64)], dtype=tl.int64, is_pure=False, pack=1)
 
 
 @triton.jit
