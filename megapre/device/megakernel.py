@@ -476,7 +476,8 @@ def build_kernel(spec: KernelSpec):
         # Step-major: the chunk pairs' first k32 steps, then their second ones, ... so that consecutive wgmmas
         # write different accumulators. Measured against chain-major order (session 19, H200): EP8 even, TP1
         # -0.1..-0.25 us. The tensor core pipelines a wgmma behind the one it accumulates on; at N = 8 each costs
-        # ~25 cycles whatever the order (~0.45 us per 64 KB of weights per SM), so this phase is throughput.
+        # ~17.5 clocks with A from registers (~23 from shared memory: scripts/diag_wgmma.py, session 27), i.e.
+        # ~0.28 us per 64 KB of weights per SM; the traces' ~0.45 us phases add the folds and the K groups' reduction.
         accs = [[Float32(0.0)] * 4 for _ in range(0, len(raw), 2)]
         for step in range(4):
             h, t = step // 2, step % 2
