@@ -17,18 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from _diag_stream import CHUNK, N_STREAM, spin, stream, stream_buffer, timer
+
 WAIT_NS = 4000
 GAP_NS = 5000
-
-
-# %globaltimer, read only once `dep` is known: the read is predicated on a test of it. (An operand the asm does not
-# otherwise use orders nothing: LLVM moved a chain's loads past such a read, and ptxas may move ALU work the same way.)
-_TIMER_ASM = tl.constexpr("{ .reg .pred p; setp.ne.s64 p, $1, -7; mov.u64 $0, 0; @p mov.u64 $0, %globaltimer; }")
-
-
-@triton.jit
-def _timer(dep):
-    return tl.inline_asm_elementwise(_TIMER_ASM, "=l,l", [dep.to(tl.int64)], dtype=tl.int64, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -38,19 +30,10 @@ def icache_probe(buf, sink, times, n_stream, a, b, wait_ns, gap_ns,
     last = tl.num_programs(0) - 1
     lanes = tl.arange(0, BLOCK)
     if pid < last:
-        # a streamer: n_stream chunks of CHUNK int32 (16-byte loads), far apart, summed so they are not dead
-        acc = tl.zeros([CHUNK], dtype=tl.int32)
-        offs = tl.arange(0, CHUNK)
-        for i in range(n_stream):
-            chunk = (pid + i * last).to(tl.int64) * CHUNK  # every streamer's chunks distinct, 64 KB apart
-            acc += tl.load(buf + chunk + offs)
-        tl.store(sink + pid, tl.sum(acc, axis=0))
+        stream(buf, sink, pid, last, n_stream, CHUNK)
     else:
         zero_i = lanes * 0
-        t_begin = tl.max(_timer(zero_i), axis=0)
-        t = t_begin
-        while t - t_begin < wait_ns:
-            t = tl.max(_timer(zero_i), axis=0)
+        t = spin(zero_i, wait_ns)
         x0 = lanes.to(tl.float32) + (t >> 62).to(tl.float32)
         x1 = x0 + 1.0
         x2 = x0 + 2.0
@@ -61,11 +44,8 @@ def icache_probe(buf, sink, times, n_stream, a, b, wait_ns, gap_ns,
         x7 = x0 + 7.0
         for rep in range(3):
             if rep == 2:  # idle before the third pass: does the code stay?
-                t = tl.max(_timer(zero_i), axis=0)
-                t_idle = t
-                while t - t_idle < gap_ns:
-                    t = tl.max(_timer(zero_i), axis=0)
-            t0 = tl.max(_timer(x0.to(tl.int32, bitcast=True)), axis=0)
+                t = spin(zero_i, gap_ns)
+            t0 = tl.max(timer(x0.to(tl.int32, bitcast=True)), axis=0)
             x0 = x0 + (t0 >> 62).to(tl.float32)
             for j in tl.static_range(N // 8):
                 x0 = x0 * a + b
@@ -77,7 +57,7 @@ def icache_probe(buf, sink, times, n_stream, a, b, wait_ns, gap_ns,
                 x6 = x6 * a + b
                 x7 = x7 * a + b
             s = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-            t1 = tl.max(_timer(s.to(tl.int32, bitcast=True)), axis=0)
+            t1 = tl.max(timer(s.to(tl.int32, bitcast=True)), axis=0)
             tl.store(times + rep, t1 - t0)
             x0 = s
         tl.store(sink + pid, tl.sum(x0.to(tl.int32, bitcast=True), axis=0))
@@ -89,19 +69,17 @@ def main():
     args = ap.parse_args()
     dev = torch.cuda.current_device()
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    chunk = 16384  # int32: 64 KB per streamer per step, 16 x 16-byte loads per thread at 8 warps
-    n_stream = 24
-    buf = torch.randint(0, 7, (chunk * sms * n_stream + chunk,), dtype=torch.int32, device="cuda")
+    buf = stream_buffer(sms)
     sink = torch.zeros(sms, dtype=torch.int32, device="cuda")
     times = torch.zeros(3, dtype=torch.int64, device="cuda")
     rows = []
     for n in (1024, 2048, 4096):
-        for streaming in (0, n_stream):
+        for streaming in (0, N_STREAM):
             for warps in (4, 8):
                 res = []
                 for trial in range(7):
                     icache_probe[(sms,)](buf, sink, times, streaming, 1.0000001, 1e-7, WAIT_NS, GAP_NS,
-                                         N=n, CHUNK=chunk, BLOCK=32 * warps, num_warps=warps)
+                                         N=n, CHUNK=CHUNK, BLOCK=32 * warps, num_warps=warps)
                     torch.cuda.synchronize()
                     res.append(times.tolist())
                 cold, warm, after_gap = (statistics.median(r[i] for r in res) for i in range(3))

@@ -16,19 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
+from _diag_stream import CHUNK, N_STREAM, spin, stream, stream_buffer, timer
+
 WAIT_NS = 4000
 PAGE = 2 << 20  # bytes
 HOPS = 64
-
-
-# %globaltimer, read only once `dep` is known: the read is predicated on a test of it. (An operand the asm does not
-# otherwise use orders nothing: LLVM moved a chain's loads past such a read, and ptxas may move ALU work the same way.)
-_TIMER_ASM = tl.constexpr("{ .reg .pred p; setp.ne.s64 p, $1, -7; mov.u64 $0, 0; @p mov.u64 $0, %globaltimer; }")
-
-
-@triton.jit
-def _timer(dep):
-    return tl.inline_asm_elementwise(_TIMER_ASM, "=l,l", [dep.to(tl.int64)], dtype=tl.int64, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -48,41 +40,34 @@ def probe(buf, chain_one, chain_pages, row, sink, times, n_stream, wait_ns, hops
     pid = tl.program_id(0)
     last = tl.num_programs(0) - 1
     if pid < last:
-        acc = tl.zeros([CHUNK], dtype=tl.int32)
-        offs = tl.arange(0, CHUNK)
-        for i in range(n_stream):
-            acc += tl.load(buf + (pid + i * last).to(tl.int64) * CHUNK + offs)
-        tl.store(sink + pid, tl.sum(acc, axis=0))
+        stream(buf, sink, pid, last, n_stream, CHUNK)
     else:
         z = tl.zeros([1], dtype=tl.int64)
-        t_begin = tl.max(_timer(z), axis=0)
-        t = t_begin
-        while t - t_begin < wait_ns:
-            t = tl.max(_timer(z), axis=0)
+        t = spin(z, wait_ns)
         # one page
-        t0 = _timer(z + t)
+        t0 = timer(z + t)
         idx = z + (t0 >> 62)  # (0: the first load's address waits for the start stamp)
         for h in range(hops):
             idx = tl.load(chain_one + idx, volatile=True)
-        t1 = _timer(idx)
+        t1 = timer(idx)
         tl.store(times + tl.arange(0, 1), t1 - t0)
         # page after page, `passes` times over the same chain
         idx = z + (t1 >> 62)
         for p in range(passes):
-            t0 = _timer(idx)
+            t0 = timer(idx)
             idx = idx + (t0 >> 62)
             for h in range(hops):
                 idx = tl.load(chain_pages + idx, volatile=True)
-            t1 = _timer(idx)
+            t1 = timer(idx)
             tl.store(times + 1 + p + tl.arange(0, 1), t1 - t0)
         # burst: 14 loads of 8 bytes per thread from a 28-KB row, all issued, then used
         lanes = tl.arange(0, BLOCK)
-        t0 = tl.max(_timer(lanes + (t1 >> 62).to(tl.int32)), axis=0)
+        t0 = tl.max(timer(lanes + (t1 >> 62).to(tl.int32)), axis=0)
         base = lanes * 2 + (t0 >> 62).to(tl.int32)
         s = tl.zeros([BLOCK], dtype=tl.int64)
         for i in tl.static_range(14):
             s += tl.load(row + base + i * (2 * BLOCK), volatile=True)
-        t1 = tl.max(_timer(s), axis=0)
+        t1 = tl.max(timer(s), axis=0)
         tl.store(times + 1 + passes + tl.arange(0, 1), (t1 - t0) + 0 * tl.sum(s, axis=0))
         tl.store(sink + pid + tl.arange(0, 1), tl.sum(idx, axis=0).to(tl.int32))
 
@@ -93,8 +78,8 @@ def main():
     args = ap.parse_args()
     dev = torch.cuda.current_device()
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    chunk, n_stream, warps = 16384, 24, 8
-    buf = torch.randint(0, 7, (chunk * sms * n_stream + chunk,), dtype=torch.int32, device="cuda")
+    warps = 8
+    buf = stream_buffer(sms)
     sink = torch.zeros(sms, dtype=torch.int32, device="cuda")
     per_page = PAGE // 8
     # chain within one page: HOPS lines 4 KB apart (element indices), cyclic
@@ -114,13 +99,13 @@ def main():
         # the chain must start at element 0: rotate so that hop 0 is at index 0 (pos[0] = 0 by construction)
         assert pos[0] == 0 and one[0] == 0
         times = torch.zeros(8, dtype=torch.int64, device="cuda")
-        for streaming in (0, n_stream):
+        for streaming in (0, N_STREAM):
             res = []
             for trial in range(7):
                 touch[(1,)](chain_pages, HOPS, sink, num_warps=1)
                 touch[(1,)](chain_one, HOPS, sink, num_warps=1)
                 probe[(sms,)](buf, chain_one, chain_pages, row, sink, times, streaming, WAIT_NS, HOPS, 3,
-                              CHUNK=chunk, BLOCK=32 * warps, num_warps=warps)
+                              CHUNK=CHUNK, BLOCK=32 * warps, num_warps=warps)
                 torch.cuda.synchronize()
                 res.append(times.tolist())
             med = [statistics.median(r[i] for r in res) for i in range(5)]

@@ -62,6 +62,17 @@ def build():
         return s
 
     @cute.jit
+    def timed_rounds(tiled_mma, tCrA, tCrB, reps: Int32, a_has_stage: cutlass.Constexpr, out_ptr: Int64, tidx: Int32):
+        """rounds() between two %globaltimer stamps; thread 0 stores (ns, the accumulators' sum) at out_ptr[CTA]."""
+        t0 = P.globaltimer()
+        s = rounds(tiled_mma, tCrA, tCrB, reps, a_has_stage)
+        t1 = P.globaltimer()
+        if tidx == 0:
+            bid = cute.arch.block_idx()[0]
+            P.st_u64(out_ptr + Int64(bid) * 16, t1 - t0)
+            P.st_f32(out_ptr + Int64(bid) * 16 + 8, s)
+
+    @cute.jit
     def stage_b(gX, sB, tidx: Int32):
         atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), Float8E4M3FN, num_bits_per_copy=128)
         g2s = cute.make_tiled_copy_tv(atom, cute.make_layout((BN, BK // 16), stride=(BK // 16, 1)),
@@ -91,13 +102,7 @@ def build():
         thr = tiled_mma.get_slice(tidx)
         tCrA = tiled_mma.make_fragment_A(thr.partition_A(sA))
         tCrB = tiled_mma.make_fragment_B(thr.partition_B(sB))
-        t0 = P.globaltimer()
-        s = rounds(tiled_mma, tCrA, tCrB, reps, True)
-        t1 = P.globaltimer()
-        if tidx == 0:
-            bid = cute.arch.block_idx()[0]
-            P.st_u64(out_ptr + Int64(bid) * 16, t1 - t0)
-            P.st_f32(out_ptr + Int64(bid) * 16 + 8, s)
+        timed_rounds(tiled_mma, tCrA, tCrB, reps, True, out_ptr, tidx)
 
     @cute.kernel
     def k_rs(w_ptr: cute.Pointer, x_ptr: cute.Pointer, out_ptr: Int64, reps: Int32):
@@ -115,13 +120,7 @@ def build():
         tCrA = tiled_mma.make_fragment_A(tCgA)
         cute.autovec_copy(tCgA, tCrA)
         tCrB = tiled_mma.make_fragment_B(thr.partition_B(sB))
-        t0 = P.globaltimer()
-        s = rounds(tiled_mma, tCrA, tCrB, reps, False)
-        t1 = P.globaltimer()
-        if tidx == 0:
-            bid = cute.arch.block_idx()[0]
-            P.st_u64(out_ptr + Int64(bid) * 16, t1 - t0)
-            P.st_f32(out_ptr + Int64(bid) * 16 + 8, s)
+        timed_rounds(tiled_mma, tCrA, tCrB, reps, False, out_ptr, tidx)
 
     k_ss.set_name_prefix("diag_wgmma_ss", remove_cutlass_symbol=True, keep_mangled_name=False)
     k_rs.set_name_prefix("diag_wgmma_rs", remove_cutlass_symbol=True, keep_mangled_name=False)

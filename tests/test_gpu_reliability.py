@@ -89,13 +89,16 @@ def test_launch_counters_across_the_32_bit_wrap(m):
     launch_no = (1 << 32) // most - 1  # the busiest counter wraps during the next two launches
     ws[WS_HEAD * 4: WS_HEAD * 4 + 8].view(torch.int64).fill_(launch_no * per_launch)
     fused.fill_sentinels(spec, ws)  # (the norm's flagged outputs by launch parity: a jump may land on either)
+
+    def counter_value(per_launch_count: int) -> int:  # what a 32-bit counter holds after launch_no launches
+        v = (launch_no * per_launch_count) % (1 << 32)
+        return v - (1 << 32) if v >= 1 << 31 else v
+
     ctr = ws[WS_COUNTERS * 4: (WS_COUNTERS + N_COUNTERS) * 4].view(torch.int32)
     for c in range(N_COUNTERS):
-        v = (launch_no * tiles[c]) % (1 << 32)
-        ctr[c] = v - (1 << 32) if v >= 1 << 31 else v
+        ctr[c] = counter_value(tiles[c])
     tok = ws[WS_TOKCTR * 4: (WS_TOKCTR + 8) * 4].view(torch.int32)  # (the norm's per-token counters: flags)
-    v = (launch_no * spec.norm_tasks_per_token) % (1 << 32)
-    tok.fill_(v - (1 << 32) if v >= 1 << 31 else v)
+    tok.fill_(counter_value(spec.norm_tasks_per_token))
     want = reference(h, r, w)
     for _ in range(4):
         out.poison()
