@@ -112,6 +112,25 @@ def test_inplace_residual_in_a_graph(backend, shape, m):
         check_output(outs[-1], want, w)  # the last layer's outputs, from the in-place updated residual
 
 
+@pytest.mark.parametrize("shape", list(CONFIGS))
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_inplace_residual_stages(shape, m):
+    """The stage-by-stage debug path with out.residual = residual: its norm stage, run alone, writes the residual
+    output from the norm tasks themselves, so it has to read a copy (each norm task reads its token's whole row)."""
+    w = _weights(shape)
+    _skip_unless_available("stages", w.config, m)
+    seed = int.from_bytes(os.urandom(4), "little")
+    hidden, residual = _inputs(m, w.config.hidden_size, seed)
+    want = reference(hidden, residual.clone(), w)
+    out = megapre.PreambleOutput.empty(w.config, m, "cuda").poison()
+    out.residual = residual
+    fused.run_stages(hidden, residual, w, out)
+    torch.cuda.synchronize()
+    print(f"seed={seed} stages {shape} M={m}")
+    assert torch.equal(residual, want.residual), "in-place residual differs from the reference's"
+    check_output(out, want, w)
+
+
 @pytest.mark.parametrize("pdl", ["1", "0"])
 @pytest.mark.parametrize("m", [1, 8])
 def test_fused_with_and_without_pdl_in_a_graph_of_back_to_back_calls(monkeypatch, pdl, m):

@@ -92,10 +92,14 @@ def test_workspace_layout_is_disjoint_and_aligned(cfg):
     offs = sorted((v, k) for k, v in lay.items() if k != "total")
     assert all(v % 256 == 0 for v, _ in offs)
     inter = spec.inter
-    # (x, the a_q / a_scale copies and the fixed-point sums: two blocks each, by launch parity -- norm_flags)
-    sizes = {"x": 2 * 8 * 7168 * 2, "aq_copy": 2 * 8 * 7168, "as_copy": 2 * 8 * 56 * 4,
-             "router_part": spec.router_splits * 8 * 256 * 4,
-             "gu_part": 2 * spec.gu_splits * 8 * 2 * inter * 4, "h_q": 8 * inter, "h_scale": 8 * inter // 128 * 4,
+    # (x, the a_q / a_scale copies, the partials: two blocks each by launch parity where they flag themselves;
+    # the fixed-point sums: always two)
+    nb, rb, db = (2 if f else 1 for f in (spec.norm_flags, spec.route_flags, spec.down_flags))
+    # (TP8 M = 8: only the router -> route hop flags itself; TP1: all but gate_up -> act, on its counter)
+    assert (nb, rb, db) == ((1, 2, 1) if cfg == 0 else (2, 2, 1))
+    sizes = {"x": nb * 8 * 7168 * 2, "aq_copy": nb * 8 * 7168, "as_copy": nb * 8 * 56 * 4,
+             "router_part": rb * spec.router_splits * 8 * 256 * 4,
+             "gu_part": db * spec.gu_splits * 8 * 2 * inter * 4, "h_q": 8 * inter, "h_scale": 8 * inter // 128 * 4,
              "gu_fixed": 2 * (8 * 2 * inter * 8 + 32) if spec.gu_fixed else 0, "trace": 0, "phases": 0}
     assert spec.gu_fixed == (cfg == 0)  # TP8 at M = 8 sums the gate_up partials in fixed point, TP1 does not
     for (a, ka), (b, _) in zip(offs, offs[1:] + [(lay["total"], "total")]):
@@ -122,6 +126,12 @@ def test_norm_flags_only_where_the_norm_writes_and_its_consumers_wait():
     spans = spec.sentinel_spans()
     assert spans[0] == (lay["x"], 2 * 4 * cfg.hidden_size * 2) and spans[1] == (lay["aq_copy"], 2 * 4 * cfg.hidden_size)
     assert all(off + n <= lay["total"] for off, n in spans)
+    # without flags an area is one block (the kernel uses block 0 only): EP8 M = 8 flags only the router partials
+    m8 = KernelSpec.from_config(cfg, 8)
+    lay8 = m8.ws_layout()
+    assert not m8.norm_flags and not m8.down_flags and m8.route_flags
+    assert lay8["aq_copy"] - lay8["x"] == m8.x_block and lay8["gu_fixed"] - lay8["gu_part"] == m8.gu_block
+    assert m8.sentinel_spans() == [(lay8["router_part"], 2 * m8.router_block)]
 
 
 def test_fill_sentinels_sets_every_flagged_word_and_zeroes_the_fixed_point_sums():
@@ -230,7 +240,9 @@ def test_staged_spec():
     fused_spec, staged_spec = KernelSpec.from_config(cfg, 2), KernelSpec.from_config(cfg, 2, staged=True)
     assert not fused_spec.staged and staged_spec.staged and fused_spec != staged_spec
     assert staged_spec.unsupported() is None
-    assert staged_spec.ws_layout() == fused_spec.ws_layout()  # the same stage code, the same workspace
+    # the same stage code; the staged build's areas are single blocks (no data flags itself between kernels)
+    assert not (staged_spec.norm_flags or staged_spec.route_flags or staged_spec.down_flags)
+    assert staged_spec.sentinel_spans() == [] and staged_spec.ws_layout()["total"] < fused_spec.ws_layout()["total"]
     assert "trace or what-if" in KernelSpec.from_config(cfg, 2, trace=True, staged=True).unsupported()
     assert "trace or what-if" in KernelSpec.from_config(cfg, 2, whatif=("norm",), staged=True).unsupported()
 

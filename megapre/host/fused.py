@@ -269,6 +269,11 @@ def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) 
     kernel = launch.get_kernel(cubin, manifest, key, device)
     stream = torch.cuda.current_stream(device)
     ws, table = _prepare(spec, device, stream)
+    if out.residual.data_ptr() == residual.data_ptr():
+        # In-place residual update: run alone, the norm stage's tasks write their chunk of the residual output while
+        # the same token's other norm tasks may still read the whole row (in the megakernel the gate_up tasks or a
+        # per-token last reader write it instead). This debug path reads a copy.
+        residual = residual.clone()
     tiles = spec.stage_tiles()
     for stage in range(len(STAGE_NAMES)):
         if tiles[stage] == 0:  # e.g. act, when the down tasks do it (spec.fuse_act)

@@ -316,16 +316,18 @@ class KernelSpec:
     def ws_layout(self) -> dict[str, int]:
         off = {}
         pos = _align((WS_TOKCTR + 8) * 4)  # control words, counters, per-token counters (M <= 8)
+        # data that flags itself lives in two blocks by launch parity; without flags the kernel uses block 0 only
+        norm_blocks, route_blocks, down_blocks = (2 if f else 1 for f in (self.norm_flags, self.route_flags,
+                                                                           self.down_flags))
         for name, nbytes in (
-            # The norm's outputs as its consumers read them, in two blocks by launch parity (norm_flags): x, the bf16
-            # normalized input of the router GEMM, and copies of a_q / a_scale (the outputs themselves are the
-            # caller's); launch L writes block L % 2 and refills block (L + 1) % 2 with the sentinel
-            ("x", 2 * self.x_block),
-            ("aq_copy", 2 * self.aq_block),
-            ("as_copy", 2 * self.as_block),
-            ("router_part", 2 * self.router_block),  # fp32 split-K partials (two parity blocks: route_flags)
-            # fp32 split-K partials (two blocks by launch parity when they flag themselves: down_flags)
-            ("gu_part", 2 * self.gu_block),
+            # The norm's outputs as its consumers read them (norm_flags: launch L writes block L % 2 and refills block
+            # (L + 1) % 2 with the sentinel): x, the bf16 normalized input of the router GEMM, and copies of a_q /
+            # a_scale (the outputs themselves are the caller's)
+            ("x", norm_blocks * self.x_block),
+            ("aq_copy", norm_blocks * self.aq_block),
+            ("as_copy", norm_blocks * self.as_block),
+            ("router_part", route_blocks * self.router_block),  # fp32 split-K partials (route_flags)
+            ("gu_part", down_blocks * self.gu_block),  # fp32 split-K partials (down_flags)
             # their sums in fixed point (int64, atomics: megakernel.py's gate_up_task), then one flag word per
             # token; two blocks by launch parity: the norm tasks of launch L zero block (L + 1) % 2
             ("gu_fixed", 2 * self.gu_fixed_bytes),
@@ -403,10 +405,12 @@ class KernelSpec:
 
     def sentinel_spans(self) -> list[tuple[int, int]]:
         """(byte offset, bytes) of the workspace that starts as NORM_SENTINEL words (0xff bytes): both blocks of
-        the flagged data (the norm's outputs, the gate_up partials)."""
+        each area of data that flags itself (the norm's outputs, the router and gate_up partials)."""
         lay = self.ws_layout()
-        return [(lay["x"], 2 * self.x_block), (lay["aq_copy"], 2 * self.aq_block), (lay["as_copy"], 2 * self.as_block),
-                (lay["gu_part"], 2 * self.gu_block), (lay["router_part"], 2 * self.router_block)]
+        areas = ((self.norm_flags, "x", self.x_block), (self.norm_flags, "aq_copy", self.aq_block),
+                 (self.norm_flags, "as_copy", self.as_block), (self.down_flags, "gu_part", self.gu_block),
+                 (self.route_flags, "router_part", self.router_block))
+        return [(lay[name], 2 * block) for flagged, name, block in areas if flagged]
 
     @property
     def gu_fixed(self) -> bool:
