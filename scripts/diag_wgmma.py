@@ -3,7 +3,7 @@ megakernel issues it (QGMMA, RS), against A in swizzled shared memory (SS, as a 
 GEMM phases run ~0.45 us per 64 KB of weights per SM (~25 clocks per m64n8k32); whether the SS form is faster decides
 whether a TMA -> shared memory -> wgmma design could shorten them.
 
-Each CTA (one warpgroup) stages a 64 x 128 weight tile and 8 x 128 tokens once, then issues `reps` rounds of 16
+Each CTA (one warpgroup; RS2: two, each issuing every round) stages a 64 x 128 weight tile and 8 x 128 tokens once, then issues `reps` rounds of 16
 wgmmas -- 4 K steps on each of 4 independent accumulators -- and one wait per round; thread 0 stamps %globaltimer
 around the rounds. Grid 1 (one SM) and grid 132 (every SM at once).
 
@@ -17,7 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "..", ".diag-build", "wgmma")
 BM, BN, BK, NT = 64, 8, 128, 128
 N_ACC = 4  # independent accumulators per round
-SMEM = {"ss": BM * BK + BN * BK, "rs": BN * BK}  # bytes of dynamic shared memory (each tile 1024-aligned)
+SMEM = {"ss": BM * BK + BN * BK, "rs": BN * BK, "rs2": BN * BK}  # bytes of dynamic shared memory (1024-aligned)
+THREADS = {"ss": NT, "rs": NT, "rs2": 2 * NT}  # rs2: two warpgroups, each issuing every round
 
 
 def build():
@@ -122,8 +123,37 @@ def build():
         tCrB = tiled_mma.make_fragment_B(thr.partition_B(sB))
         timed_rounds(tiled_mma, tCrA, tCrB, reps, False, out_ptr, tidx)
 
+    @cute.kernel
+    def k_rs2(w_ptr: cute.Pointer, x_ptr: cute.Pointer, out_ptr: Int64, reps: Int32):
+        """RS with two warpgroups per CTA (as the megakernel's 256 threads), each running all the rounds on
+        accumulators of its own: whether the two share the SM's tensor cores or overlap. The stamps bracket both
+        (a CTA barrier before each)."""
+        tidx = cute.arch.thread_idx()[0]
+        tiled_mma = make_mma(True)
+        sB_l = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (BM, BN, BK), Float8E4M3FN, 1)
+        gW = cute.make_tensor(w_ptr, cute.make_layout((BM, BK), stride=(BK, 1)))
+        gX = cute.make_tensor(x_ptr, cute.make_layout((BN, BK), stride=(BK, 1)))
+        sB = SmemAllocator().allocate_tensor(Float8E4M3FN, sB_l.outer, byte_alignment=1024, swizzle=sB_l.inner)
+        stage_b(gX, sB, tidx)
+        cute.arch.fence_view_async_shared()
+        thr = tiled_mma.get_slice(tidx % NT)
+        tCgA = thr.partition_A(gW)
+        tCrA = tiled_mma.make_fragment_A(tCgA)
+        cute.autovec_copy(tCgA, tCrA)
+        tCrB = tiled_mma.make_fragment_B(thr.partition_B(sB))
+        cute.arch.sync_threads()
+        t0 = P.globaltimer()
+        s = rounds(tiled_mma, tCrA, tCrB, reps, False)
+        cute.arch.sync_threads()
+        t1 = P.globaltimer()
+        if tidx == 0:
+            bid = cute.arch.block_idx()[0]
+            P.st_u64(out_ptr + Int64(bid) * 16, t1 - t0)
+            P.st_f32(out_ptr + Int64(bid) * 16 + 8, s)
+
     k_ss.set_name_prefix("diag_wgmma_ss", remove_cutlass_symbol=True, keep_mangled_name=False)
     k_rs.set_name_prefix("diag_wgmma_rs", remove_cutlass_symbol=True, keep_mangled_name=False)
+    k_rs2.set_name_prefix("diag_wgmma_rs2", remove_cutlass_symbol=True, keep_mangled_name=False)
 
     @cute.jit
     def host_ss(w: cute.Pointer, x: cute.Pointer, out: Int64, reps: Int32):
@@ -133,10 +163,14 @@ def build():
     def host_rs(w: cute.Pointer, x: cute.Pointer, out: Int64, reps: Int32):
         k_rs(w, x, out, reps).launch(grid=[1, 1, 1], block=[NT, 1, 1])
 
+    @cute.jit
+    def host_rs2(w: cute.Pointer, x: cute.Pointer, out: Int64, reps: Int32):
+        k_rs2(w, x, out, reps).launch(grid=[1, 1, 1], block=[2 * NT, 1, 1])
+
     os.makedirs(OUT_DIR, exist_ok=True)
     gm = cute.AddressSpace.gmem
     manifest = {}
-    for tag, host in (("ss", host_ss), ("rs", host_rs)):
+    for tag, host in (("ss", host_ss), ("rs", host_rs), ("rs2", host_rs2)):
         with tempfile.TemporaryDirectory() as dump:  # the DSL writes its kept artifacts there
             c = cute.compile(host, make_ptr(Float8E4M3FN, 0, gm, assumed_align=16),
                              make_ptr(Float8E4M3FN, 0, gm, assumed_align=16), Int64(0), Int32(1),
@@ -162,14 +196,16 @@ def run(json_path=None):
     clock_mhz = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrClockRate, 0) / 1000
     rows = []
     print(f"device: {name}, {sms} SMs, max SM clock {clock_mhz:.0f} MHz")
-    for tag in ("rs", "ss"):
+    for tag in ("rs", "rs2", "ss"):
+        if tag not in man:
+            continue
         mod = cp.RawModule(path=os.path.join(OUT_DIR, f"{tag}.cubin"))
         fn = mod.get_function(man[tag]["symbol"])
         for grid in (1, sms):
             for reps in (256, 1024):
                 ts = []
                 for _ in range(5):
-                    fn((grid,), (NT,), (w, x, np.uint64(out.data.ptr), np.int32(reps)),
+                    fn((grid,), (THREADS[tag],), (w, x, np.uint64(out.data.ptr), np.int32(reps)),
                        shared_mem=man[tag]["smem"])
                     cp.cuda.runtime.deviceSynchronize()
                     o = out.get().view(np.uint64)[0::2][:grid]
@@ -178,7 +214,9 @@ def run(json_path=None):
                 per = ns / (reps * N_ACC * (BK // 32))
                 rows.append(dict(source=tag, grid=grid, reps=reps, ns=ns, ns_per_wgmma=per,
                                  clocks_per_wgmma=per * clock_mhz / 1000))
-                print(f"{tag.upper()} grid {grid:3d} reps {reps:4d}: {ns:9.0f} ns, {per:6.2f} ns per m64n8k32 "
+                # (rs2: per m64n8k32 of one warpgroup; the same figure as RS means the two warpgroups overlap,
+                # twice it that they share the tensor cores)
+                print(f"{tag.upper():3s} grid {grid:3d} reps {reps:4d}: {ns:9.0f} ns, {per:6.2f} ns per m64n8k32 "
                       f"(~{per * clock_mhz / 1000:5.1f} clocks at the max clock; 2 KB of weights each: "
                       f"{2048 / (per * clock_mhz / 1000):5.1f} B per clock)", flush=True)
     if json_path:
