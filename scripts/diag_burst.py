@@ -1,0 +1,230 @@
+"""How fast one SM pulls a burst of L2-resident data, by load path (GPU machine; cubins built here with CuTe DSL).
+
+The fused kernel's chains are full of such bursts: a norm task reads its token's whole row (28 KB), a TP8 down task
+the gate_up partials of all of h (14 KB x M: 57 KB at M = 4), the route the router partials. Session 27
+(diag_mem_latency.py) timed one of them at ~0.65 us idle and ~1 us under the weight stream for 28 KB -- ~45 / ~28 B
+per ns, well below the ~127 B per ns (64 B per clock) of an SM's L2 path, so the limit looks like the loads in flight
+per SM, not bytes per clock. This probe asks whether another path or more issuing warps move a burst faster:
+- cg / relaxed / nc: 16-byte ld.global.cg / ld.relaxed.gpu (the flagged consumers' load) / ld.global.nc (the
+  weights' load) by the first `warps` warps of the CTA, every load issued before any is used;
+- ldgsts: 16-byte cp.async.cg into shared memory by all 8 warps, then cp.async.wait_all;
+- bulk: one thread asks the TMA unit for 2-KB bulk copies (cp.async.bulk) into shared memory, completing on one
+  mbarrier that every thread waits on.
+One CTA of 256 threads per SM; the grid's last CTA waits 4 us, then times the burst (%globaltimer, from a barrier to
+a barrier after every thread has its data) while the other CTAs idle or stream 64-KB chunks from a 512-MB buffer
+(HBM), as the megakernel's CTAs stream their weights. Each trial reads another 64-KB-aligned L2-resident row.
+
+Build here:  python scripts/diag_burst.py build          (cubins into .diag-build/burst/)
+Run there:   python3 scripts/diag_burst.py run [--json F] (torch + cuda-python, no DSL)"""
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT_DIR = os.path.join(HERE, "..", ".diag-build", "burst")
+THREADS = 256
+SIZES = (14336, 28672, 57344)
+BULK_CHUNK = 2048
+# (mode, issuing warps)
+VARIANTS = (("cg", 2), ("cg", 8), ("relaxed", 2), ("relaxed", 8), ("nc", 8), ("ldgsts", 8), ("bulk", 1))
+STREAM_CHUNK = 65536
+STREAM_CHUNKS = 8192  # 512 MB
+ROW_SLOTS = 8  # rows of 64 KB, one per trial
+WAIT_NS = 4000
+
+
+def name_of(mode, warps, size):
+    return f"{mode}_w{warps}_{size // 1024}k"
+
+
+def build():
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+    import re
+    import tempfile
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass import Int32, Int64, Uint32
+    from cutlass.memory import SmemAllocator
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    from megapre.device import primitives as P
+
+    def cp_async_16(saddr, addr):
+        P._asm([], [saddr, addr], "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", True)
+
+    def cp_async_wait_all():
+        P._asm([], [], "cp.async.commit_group;\n\tcp.async.wait_all;", "", True)
+
+    def mbar_init(saddr):
+        P._asm([], [saddr], "mbarrier.init.shared::cta.b64 [$0], 1;", "r", True)
+        P._asm([], [], "fence.mbarrier_init.release.cluster;", "", True)
+
+    def mbar_expect(saddr, nbytes):
+        P._asm([], [saddr, nbytes], "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", "r,r", True)
+
+    def bulk_g2s(saddr, addr, nbytes, bar):
+        P._asm([], [saddr, addr, nbytes, bar],
+               "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+               "r,l,r,r", True)
+
+    def mbar_wait(saddr, parity):
+        P._asm([], [saddr, parity],
+               "{ .reg .pred P1; LAB_WAIT: mbarrier.try_wait.parity.shared::cta.b64 P1, [$0], $1; @P1 bra DONE; "
+               "bra LAB_WAIT; DONE: }", "r,r", True)
+
+    def make(mode: str, warps: int, size: int):
+        per_thread = size // (warps * 32 * 16) if mode not in ("bulk", "ldgsts") else size // (THREADS * 16)
+        smem_words = (size if mode in ("bulk", "ldgsts") else 0) // 4 + THREADS + 16
+
+        # (plain functions, traced inline: their Python loops unroll)
+        # Every loaded value is used twice, an XOR first and a sum after it, so that all of them stay live and ptxas
+        # keeps every load in flight at once (with one XOR chain alone it reused the registers of the first few
+        # loads, ~5 loads in flight per thread -- the megakernel's bursts keep theirs all live for later math).
+        def use_twice(vals):
+            acc = Uint32(0)
+            for v in vals:
+                acc = acc ^ v[0] ^ v[1] ^ v[2] ^ v[3]
+            tot = Uint32(0)
+            for v in vals:
+                tot = tot + v[0] + v[1] + v[2] + v[3]
+            return acc ^ tot
+
+        def stream_chunk(base):
+            return use_twice([P.ld_nc_v4(base + Int64(j * THREADS * 16)) for j in range(STREAM_CHUNK // (THREADS * 16))])
+
+        def burst_loads(src, tid):
+            load = {"cg": P.ld_cg_v4, "relaxed": P.ld_relaxed_v4, "nc": P.ld_nc_v4}[mode]
+            return use_twice([load(src + Int64((j * warps * 32 + tid) * 16)) for j in range(per_thread)])
+
+        def burst_ldgsts(src, sb, tid):
+            for j in range(per_thread):
+                off = (j * THREADS + tid) * 16
+                cp_async_16(sb + off, src + Int64(off))
+            cp_async_wait_all()
+
+        def burst_bulk(src, sb, bar):
+            mbar_expect(bar, Int32(size))
+            for c in range(size // BULK_CHUNK):
+                bulk_g2s(sb + c * BULK_CHUNK, src + Int64(c * BULK_CHUNK), Int32(BULK_CHUNK), bar)
+
+        @cute.kernel
+        def k(row: Int64, sbuf: Int64, out: Int64, n_stream: Int32, chunk0: Int32):
+            tid = cute.arch.thread_idx()[0]
+            bid = cute.arch.block_idx()[0]
+            nb = cute.arch.grid_dim()[0]
+            s = SmemAllocator().allocate_tensor(Int32, cute.make_layout(smem_words), byte_alignment=128)
+            sb = Int32(s.iterator.toint())
+            bar = sb + (smem_words - 16) * 4
+            scratch = sb + (smem_words - 16 - THREADS) * 4
+            if bid < nb - 1:
+                # the weight stream: 64-KB chunks from HBM, 16 loads of 16 bytes per thread per chunk
+                acc = Uint32(0)
+                for i in cutlass.range(n_stream, unroll=1):
+                    c = (chunk0 + i * (nb - 1) + bid) % STREAM_CHUNKS
+                    acc = acc ^ stream_chunk(sbuf + Int64(c) * STREAM_CHUNK + Int64(tid * 16))
+                if acc == Uint32(0x7F123457):
+                    P.st_b32(out + Int64(64 + bid * 4), acc)
+            else:
+                if cutlass.const_expr(mode == "bulk"):
+                    if tid == 0:
+                        mbar_init(bar)
+                cute.arch.sync_threads()
+                t_start = P.globaltimer()
+                t = t_start
+                while t - t_start < Int64(WAIT_NS):
+                    t = P.globaltimer()
+                cute.arch.sync_threads()
+                t0 = P.globaltimer()
+                src = row + (t0 >> 62)  # (+0: the burst's addresses wait for the start stamp)
+                acc = Uint32(0)
+                warp = tid >> 5
+                if cutlass.const_expr(mode in ("cg", "relaxed", "nc")):
+                    if warp < warps:
+                        acc = burst_loads(src, tid)
+                elif cutlass.const_expr(mode == "ldgsts"):
+                    burst_ldgsts(src, sb, tid)
+                    acc = Uint32(P.lds_b32(sb + tid * 16))
+                else:
+                    if tid == 0:
+                        burst_bulk(src, sb, bar)
+                    mbar_wait(bar, Int32(0))
+                    acc = Uint32(P.lds_b32(sb + tid * 16))
+                P.sts_b32(scratch + tid * 4, Int32(acc))  # (the use stays above the barrier: a shared store)
+                cute.arch.sync_threads()
+                t1 = P.globaltimer()
+                if tid == 0:
+                    P.st_u64(out, t1 - t0)
+                if acc == Uint32(0x7F123457):
+                    P.st_b32(out + Int64(64 + tid * 4), acc)
+
+        k.set_name_prefix(f"diag_burst_{name_of(mode, warps, size)}", remove_cutlass_symbol=True,
+                          keep_mangled_name=False)
+
+        @cute.jit
+        def host(row: Int64, sbuf: Int64, out: Int64, n_stream: Int32, chunk0: Int32, grid: Int32):
+            k(row, sbuf, out, n_stream, chunk0).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
+
+        return host, smem_words * 4
+
+    os.makedirs(OUT_DIR, exist_ok=True)
+    manifest = {}
+    for mode, warps in VARIANTS:
+        for size in SIZES:
+            nm = name_of(mode, warps, size)
+            host, smem = make(mode, warps, size)
+            with tempfile.TemporaryDirectory() as dump:
+                c = cute.compile(host, Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(1),
+                                 options=f"--gpu-arch sm_90a --keep-ptx --keep-cubin --dump-dir {dump}")
+            ptx, cubin = c.artifacts.PTX, c.artifacts.CUBIN
+            sym = re.search(r"\.visible \.entry (\w+)\(", ptx).group(1)
+            open(os.path.join(OUT_DIR, f"{nm}.cubin"), "wb").write(cubin)
+            manifest[nm] = dict(mode=mode, warps=warps, size=size, symbol=sym, dyn_smem_bytes=smem + 256,
+                                block=[THREADS, 1, 1], param_types=["u64", "u64", "u64", "s32", "s32"])
+            print(f"built {nm} ({sym})", flush=True)
+    json.dump(manifest, open(os.path.join(OUT_DIR, "manifest.json"), "w"), indent=1)
+
+
+def run(json_path=None):
+    import torch
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    from megapre.host.launch import LoadedKernel
+    man = json.load(open(os.path.join(OUT_DIR, "manifest.json")))
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    name = torch.cuda.get_device_name(dev)
+    sbuf = torch.randint(0, 255, (STREAM_CHUNKS * STREAM_CHUNK,), dtype=torch.uint8, device=dev)
+    rows = torch.randint(0, 255, (ROW_SLOTS * 65536,), dtype=torch.uint8, device=dev)
+    out = torch.zeros(4096, dtype=torch.int64, device=dev)
+    print(f"device: {name}, {sms} SMs; time from a barrier to a barrier once every thread has its data, median of "
+          f"{ROW_SLOTS - 1} trials (after one untimed)", flush=True)
+    results = []
+    chunk0 = 0
+    for nm, m in man.items():
+        k = LoadedKernel(open(os.path.join(OUT_DIR, f"{nm}.cubin"), "rb").read(), m, dev)
+        line = [f"{nm:18s}"]
+        for streaming in (0, 8):
+            ts = []
+            for trial in range(ROW_SLOTS):
+                rows[trial * 65536: trial * 65536 + m["size"]].add_(0)  # rewrite the row: L2-resident, not in L1
+                k.launch((rows.data_ptr() + trial * 65536, sbuf.data_ptr(), out.data_ptr(), streaming, chunk0),
+                         grid=sms)
+                chunk0 = (chunk0 + streaming * (sms - 1)) % STREAM_CHUNKS
+                torch.cuda.synchronize()
+                if trial:
+                    ts.append(int(out[0].item()))
+            ns = statistics.median(ts)
+            results.append(dict(variant=nm, mode=m["mode"], warps=m["warps"], bytes=m["size"],
+                                stream=bool(streaming), ns=ns, trials=ts, bytes_per_ns=m["size"] / ns))
+            line.append(f"{'stream' if streaming else 'idle'} {ns:6.0f} ns ({m['size'] / ns:5.1f} B/ns)")
+        print("  ".join(line), flush=True)
+    if json_path:
+        json.dump(dict(device=name, rows=results), open(json_path, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "build":
+        build()
+    elif len(sys.argv) > 1 and sys.argv[1] == "run":
+        run(sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--json" else None)
+    else:
+        print(__doc__)
