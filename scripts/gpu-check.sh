@@ -2,7 +2,7 @@
 # One call on the lent GPU machine runs everything that needs the GPU and leaves logs + JSON under $OUT:
 #   tests (GPU tests included), the benchmark table, and (when asked) the Nsight Systems profile.
 # Usage (from the repository root, on the GPU machine):
-#   bash scripts/gpu-check.sh [tests] [bench] [bench-hmma] [ab] [whatif] [demo] [trace] [sass] [profile] [reliability]
+#   bash scripts/gpu-check.sh [tests] [bench] [bench-hmma] [ab] [whatif] [period] [demo] [trace] [sass] [profile] [reliability]
 # The GPU machine cannot install packages: megapre runs from the source tree (PYTHONPATH) with its torch,
 # triton and cuda-bindings; fused-kernel cubins come prebuilt in .megapre-cache/ (carried, see README).
 set -uo pipefail
@@ -35,6 +35,9 @@ for step in $steps; do
       python3 -m megapre bench --shapes ep8 --backends fused fused-no-norm fused-no-route fused-no-act \
         fused-no-weights fused-no-router-w fused-no-gu-w fused-no-down-w fused-no-fence fused-skeleton fused-queue fused-queue-no-fence fused-launch fused-empty fused-no-norm-hop fused-no-norm-hop-route --json "$OUT/bench-whatif.json" 2>&1 \
         | tee "$OUT/bench-whatif.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
+    period)  # the bench build's period split into the calls' chains and the launch boundary (what-if "stamps":
+             # `python -m megapre build --whatif --shapes ep8 --m 1 2 4 8` cubins carried)
+      python3 scripts/period_split.py --json "$OUT/period.json" 2>&1 | tee "$OUT/period.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     demo)
       python3 -m megapre demo 2>&1 | tee "$OUT/demo.txt"; rc=$(( rc | ${PIPESTATUS[0]} )) ;;
     profile)

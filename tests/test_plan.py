@@ -100,7 +100,7 @@ def test_workspace_layout_is_disjoint_and_aligned(cfg):
     sizes = {"x": nb * 8 * 7168 * 2, "aq_copy": nb * 8 * 7168, "as_copy": nb * 8 * 56 * 4,
              "router_part": rb * spec.router_splits * 8 * 256 * 4,
              "gu_part": db * spec.gu_splits * 8 * 2 * inter * 4, "h_q": 8 * inter, "h_scale": 8 * inter // 128 * 4,
-             "gu_fixed": 2 * (8 * 2 * inter * 8 + 32) if spec.gu_fixed else 0, "trace": 0, "phases": 0}
+             "gu_fixed": 2 * (8 * 2 * inter * 8 + 32) if spec.gu_fixed else 0, "trace": 0, "phases": 0, "period": 0}
     assert spec.gu_fixed == (cfg == 0)  # TP8 at M = 8 sums the gate_up partials in fixed point, TP1 does not
     for (a, ka), (b, _) in zip(offs, offs[1:] + [(lay["total"], "total")]):
         assert a + sizes[ka] <= b
@@ -223,6 +223,17 @@ def test_whatif_specs(monkeypatch):
     for r, q in zip(rows, real):
         assert r[:2] == q[:2]
         assert (r[2:4] == [-1, 0]) if r[0] in (ROUTER, GATE_UP) else (r == q), (r, q)
+    # "stamps" leaves nothing out: the same table, protocol and workspace, plus its period records at the end
+    monkeypatch.delenv("MEGAPRE_WHATIF")
+    from megapre.host.plan import PERIOD_CTAS, PERIOD_SLOTS
+    for m in (1, 4, 8):
+        plain, stamps = KernelSpec.from_config(cfg, m), KernelSpec.from_config(cfg, m, whatif=("stamps",))
+        assert task_table(stamps) == task_table(plain) and stamps.norm_flags == plain.norm_flags
+        assert (stamps.route_flags, stamps.down_flags) == (plain.route_flags, plain.down_flags)
+        lay, lay_s = plain.ws_layout(), stamps.ws_layout()
+        assert all(lay_s[k] == v for k, v in lay.items() if k != "total") and lay["period"] == lay["total"]
+        assert lay_s["total"] >= lay_s["period"] + PERIOD_SLOTS * PERIOD_CTAS * 16
+        assert stamps.launch_grid(132) <= PERIOD_CTAS
     monkeypatch.setenv("MEGAPRE_WHATIF", "everything")
     assert "MEGAPRE_WHATIF" in KernelSpec.from_config(cfg, 1).unsupported()
     monkeypatch.setenv("MEGAPRE_WHATIF", "norm")

@@ -40,8 +40,8 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
-from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PHASE_SLOTS, ROUTE, ROUTER, THREADS, TRACE_INTS,
-                         TRACE_POINTS, TRACE_RETRIES, TARGET_BITS, TERMINAL_STAGES, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR,
+from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PERIOD_CTAS, PERIOD_SLOTS, PHASE_SLOTS, ROUTE, ROUTER,
+                         THREADS, TRACE_INTS, TRACE_POINTS, TRACE_RETRIES, TARGET_BITS, TERMINAL_STAGES, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR,
                          WS_HEAD, WS_TOKCTR, KernelSpec, task_table, terminal_tasks)
 from . import primitives as P
 
@@ -59,6 +59,7 @@ def build_kernel(spec: KernelSpec):
     LAY = S.ws_layout()
     OFF_X, OFF_RP, OFF_GU, OFF_GX, OFF_HQ, OFF_HS, OFF_TR, OFF_PH = (
         LAY[k] for k in ("x", "router_part", "gu_part", "gu_fixed", "h_q", "h_scale", "trace", "phases"))
+    OFF_PERIOD = LAY["period"]
     OFF_GXF = OFF_GX + S.gu_fixed_flags_at  # the per-token fallback flags after the fixed-point sums
     # The norm's outputs as its consumers read them (x, copies of a_q / a_scale) and the fixed-point sums: two
     # blocks each, launch L using block L % 2 (KernelSpec.norm_flags; launch_parity)
@@ -126,6 +127,8 @@ def build_kernel(spec: KernelSpec):
     # the L2 weight prefetch a CTA's first GEMM task issues after its own weight loads (prefetch_after_weights): its
     # slice (-1: none), the number of slices, then the w13 and w2 addresses (u64); set by thread 0 in the prologue
     SI_PF = 1272
+    SI_WAIT_T = KernelSpec.SMEM_INTS - 2  # (what-if "stamps": int64, after SI_PF's 6 words)
+    STAMPS = "stamps" in S.whatif
     assert SI_CNT + PAIR_WARPS * THREADS <= SI_PF and SI_PF + 6 <= KernelSpec.SMEM_INTS
     # 8-input sorting network (19 comparators, depth 6): position a receives the better of (a, b)
     SORT8 = (((0, 2), (1, 3), (4, 6), (5, 7)), ((0, 4), (1, 5), (2, 6), (3, 7)), ((0, 1), (2, 3), (4, 5), (6, 7)),
@@ -310,7 +313,7 @@ def build_kernel(spec: KernelSpec):
         if cutlass.const_expr(G > WARPS):
             w2, w3 = P.ld_nc_v2(norm_w + Int64(g2 * 128 + lane * 4) * 2)
             P.sts_v2(sf + S_ACT + (THREADS + tid) * 8, w2, w3)
-        griddep_if_first(waits)  # hidden and residual come from the previous kernel
+        griddep_if_first(waits, si)  # hidden and residual come from the previous kernel
         stamp(NORM, 0, tile, ws, tid)
         if cutlass.const_expr("norm" in WHATIF):
             return
@@ -605,19 +608,29 @@ def build_kernel(spec: KernelSpec):
     def take_ticket(ws: Int64, si: Int32) -> Int32:
         """Thread 0: the next queue ticket of this launch, counted from the first task after the static ones."""
         P.griddep_wait()  # the ticket counter was last written by the previous launch
+        stamp_wait(si)
         t64 = P.atom_add_relaxed_u64(ws + WS_HEAD * 4, Int64(1))  # relaxed: data is ordered by the counters
         if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
             learn_launch(t64, si)
         return ticket_index(t64, si)
 
     @cute.jit
-    def griddep_if_first(waits: Int32):
+    def stamp_wait(si: Int32):
+        """(What-if "stamps") thread 0: when this CTA's first griddepcontrol.wait returned (later ones keep it)."""
+        if cutlass.const_expr(STAMPS):
+            if cute.arch.thread_idx()[0] == 0:
+                if P.lds_u64(si + SI_WAIT_T * 4) == Int64(0):
+                    P.sts_u64(si + SI_WAIT_T * 4, P.globaltimer())
+
+    @cute.jit
+    def griddep_if_first(waits: Int32, si: Int32):
         """A CTA's first task (waits == FIRST_TASK) starts before the previous kernel has finished (PDL): it calls
         griddepcontrol.wait before it reads anything that kernel writes or writes anything it reads. Later tasks
         come after it. (Inside a branch on purpose: in straight-line code ptxas hoisted the wait above the
         task's weight loads, so that they only went out after the previous kernel had finished -- ec53080.)"""
         if waits == FIRST_TASK:
             P.griddep_wait()
+            stamp_wait(si)
 
     @cute.jit
     def next_ticket_early(waits: Int32, ws: Int64, si: Int32, tid: Int32) -> Int64:
@@ -705,7 +718,7 @@ def build_kernel(spec: KernelSpec):
 
     @cute.jit
     def wait_ready(waits: Int32, ws: Int64, si: Int32, tid: Int32):
-        griddep_if_first(waits)
+        griddep_if_first(waits, si)
         if waits != 0 and tid == 0:
             if P.lds_b32(si + (SI_TASK + T_KNOWN) * 4) == 0:
                 # a static first task: the launch number from a plain read of the ticket counter (taking a
@@ -1485,7 +1498,7 @@ def build_kernel(spec: KernelSpec):
             c0, c1, c2, c3 = P.ld_nc_v4f(bias + Int64(e0 + 4 * v) * 4)
             cbias.extend([c0, c1, c2, c3])
         if cutlass.const_expr("route" in WHATIF):  # what-if: the route's fills and wait, none of its work
-            griddep_if_first(waits)
+            griddep_if_first(waits, si)
             route_fills(o_sorted, o_eids, tid)
             wait_ready(waits, ws, si, tid)
             stamp(ROUTE, 0, Int32(0), ws, tid)
@@ -1507,7 +1520,7 @@ def build_kernel(spec: KernelSpec):
                     P.sts_b32(si + (SI_CNT + w * THREADS + tid) * 4, Int32(0))
             cute.arch.sync_threads()  # (pass 0's token sort has read them)
             if p == 1:
-                griddep_if_first(waits)  # the previous kernel may still read the outputs written below (PDL)
+                griddep_if_first(waits, si)  # the previous kernel may still read the outputs written below (PDL)
                 route_fills(o_sorted, o_eids, tid)
                 wait_ready(waits, ws, si, tid)  # (its barrier orders the fills before the pair stores below)
                 stamp(ROUTE, 0, Int32(0), ws, tid)
@@ -1725,6 +1738,8 @@ def build_kernel(spec: KernelSpec):
                 P.sts_b32(si + (SI_TASK + T_NORM_SEEN) * 4, Int32(0))
                 P.sts_b32(si + (SI_TASK + T_NEXT) * 4, Int32(-1))
                 P.sts_b32(si + SI_PF * 4, Int32(-1))
+                if cutlass.const_expr(STAMPS):
+                    P.sts_u64(si + SI_WAIT_T * 4, Int64(0))
                 # Weights and the norm's inputs do not depend on the previous kernel: ask L2 for them before it
                 # has finished. (A prefetch is only a hint -- L2 is where every SM's writes land, so hidden /
                 # residual prefetched before the previous kernel wrote them are still read fresh after
@@ -1851,6 +1866,13 @@ def build_kernel(spec: KernelSpec):
                             P.st_u64(rec + 8, t_taken)
                             P.st_u64(rec + 16, t_ready)
                             P.st_u64(rec + 24, P.globaltimer())
+            if cutlass.const_expr(STAMPS):
+                # (what-if "stamps") when this CTA's first griddepcontrol.wait returned, and now, as it leaves
+                if tid == 0:
+                    slot = P.lds_b32(si + (SI_TASK + T_LAUNCH) * 4) & (PERIOD_SLOTS - 1)
+                    rec = ws + OFF_PERIOD + Int64((slot * PERIOD_CTAS + bid) * 16)
+                    P.st_u64(rec, P.lds_u64(si + SI_WAIT_T * 4))
+                    P.st_u64(rec + 8, P.globaltimer())
 
     megapre_kernel.set_name_prefix("megapre_preamble", remove_cutlass_symbol=True, keep_mangled_name=False)
 

@@ -79,7 +79,10 @@ ERR_INTS = 8
 # griddepcontrol.wait): the dependency graph a design without the norm's hop would have (its consumers normalizing
 # their own K chunk), less that design's extra math.
 WHATIF_PARTS = ("norm", "route", "act", "weights", "gemm", "waits", "fence", "router_w", "gu_w", "down_w", "empty",
-                "norm_hop")
+                "norm_hop", "stamps")
+# "stamps" leaves nothing out: every CTA records when its first griddepcontrol.wait returned and when it left, per
+# launch (slot L % PERIOD_SLOTS of the workspace's "period" area), for scripts/period_split.py
+PERIOD_SLOTS, PERIOD_CTAS = 16, 160
 
 
 # The bench's what-if backends (python -m megapre bench --backends ...; built by python -m megapre build --whatif):
@@ -101,6 +104,7 @@ WHATIF_VARIANTS = {
     "fused-no-norm-hop-route": ("norm_hop", "route"),  # ... and no route work: the shared chain alone
     "fused-no-fence": ("fence",),  # what the release fences cost
     "fused-queue-no-fence": ("norm", "route", "act", "weights", "gemm", "fence"),
+    "fused-stamps": ("stamps",),  # all the work, plus two time stamps per CTA (scripts/period_split.py)
 }
 # what a bench variant sets while it runs; a what-if spec refuses to launch without the second one
 WHATIF_ENV, WHATIF_BENCH_ENV = "MEGAPRE_WHATIF", "MEGAPRE_WHATIF_BENCH"
@@ -335,6 +339,8 @@ class KernelSpec:
             ("h_scale", self.m * (self.inter // QUANT_GROUP) * 4),
             ("trace", (sum(self.stage_tiles().values()) * TRACE_INTS * 8) if self.trace else 0),
             ("phases", N_COUNTERS * PHASE_SLOTS * 8 if self.trace else 0),
+            # (what-if "stamps") per launch slot and CTA: (first griddepcontrol.wait returned, left), int64 ns
+            ("period", PERIOD_SLOTS * PERIOD_CTAS * 16 if "stamps" in self.whatif else 0),
         ):
             off[name] = pos
             pos = _align(pos + nbytes)
