@@ -8,7 +8,8 @@ replay (after the first) into
   chain    = the last CTA of call k leaving - the first wait of call k returning  (the call's dependency chains)
   boundary = the first wait of call k + 1 returning - the last CTA of call k leaving (grid completion + PDL release)
   period   = chain + boundary = the first wait of call k + 1 - the first wait of call k
-and shows how the CTAs' waits and exits spread. It also benches fused and fused-stamps per call, so that the stamps'
+and shows how the CTAs' waits and exits spread, and how often the route's CTA (TP8: the grid's last, which takes the
+queue's first task) is the last to leave rather than a down task's. It also benches fused and fused-stamps per call, so that the stamps'
 cost is visible in the same run.
 
 Usage (GPU machine; the what-if cubins built here and carried in .megapre-cache):
@@ -47,8 +48,9 @@ def read_calls(spec, ws, grid: int) -> list[dict]:
         exits = [int(e) for e in rec[slot, :, 1] if int(e) > 0]
         if len(waits) < grid or len(exits) < grid:
             continue
+        last_cta = max(range(grid), key=lambda b: int(rec[slot, b, 1]))
         calls.append(dict(slot=slot, wait_first=min(waits), wait_last=max(waits), exit_first=min(exits),
-                          exit_last=max(exits), exits=sorted(exits)))
+                          exit_last=max(exits), exits=sorted(exits), last_cta=last_cta))
     return sorted(calls, key=lambda c: c["wait_first"])
 
 
@@ -63,7 +65,7 @@ def split(config_name: str, m: int, replays: int, device) -> dict:
         graph = bench.capture_graph(case, backend)
         spec, ws = stamps_workspace(m)
         grid = spec.launch_grid(torch.cuda.get_device_properties(device).multi_processor_count)
-        chain, boundary, period, wait_spread, exit_q = [], [], [], [], []
+        chain, boundary, period, wait_spread, exit_q, route_last = [], [], [], [], [], []
         for _ in range(replays):
             graph.replay()
             torch.cuda.synchronize()
@@ -77,11 +79,14 @@ def split(config_name: str, m: int, replays: int, device) -> dict:
                 wait_spread.append((a["wait_last"] - a["wait_first"]) / 1000)
                 ex = [(e - a["wait_first"]) / 1000 for e in a["exits"]]
                 exit_q.append([ex[0], ex[len(ex) // 2], ex[int(len(ex) * 0.9)], ex[-1]])
+                # TP8 grids end with the route's CTA (no static task: it takes the queue's first task, the route)
+                route_last.append(a["last_cta"] == grid - 1)
     med = statistics.median
     row.update(grid=grid, replays=replays, calls=len(period), period_us=med(period), chain_us=med(chain),
                boundary_us=med(boundary), wait_spread_us=med(wait_spread),
                exits_us={q: med(e[i] for e in exit_q) for i, q in enumerate(("first", "median", "p90", "last"))},
-               chain_range_us=[min(chain), max(chain)], boundary_range_us=[min(boundary), max(boundary)])
+               chain_range_us=[min(chain), max(chain)], boundary_range_us=[min(boundary), max(boundary)],
+               route_cta_last=sum(route_last) / len(route_last))
     return row
 
 
@@ -95,7 +100,8 @@ def main():
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(device)}; per call, medians over the replays' calls 2..15 "
           f"(times from the call's first griddepcontrol.wait return)", flush=True)
-    print("shape  M  fused  stamps | period  chain  boundary | waits spread | CTAs leave: first  median  p90  last")
+    print("shape  M  fused  stamps | period  chain  boundary | waits spread | CTAs leave: first  median  p90  last | "
+          "route's CTA last")
     rows = []
     for shape in args.shapes:
         for m in args.m:
@@ -104,7 +110,8 @@ def main():
             e = r["exits_us"]
             print(f"{shape:5s} {m:2d}  {r['fused_us']:5.2f}  {r['fused-stamps_us']:5.2f}  | {r['period_us']:5.2f}  "
                   f"{r['chain_us']:5.2f}  {r['boundary_us']:5.2f}    | {r['wait_spread_us']:5.2f}        | "
-                  f"{e['first']:5.2f}  {e['median']:5.2f}  {e['p90']:5.2f}  {e['last']:5.2f}", flush=True)
+                  f"{e['first']:5.2f}  {e['median']:5.2f}  {e['p90']:5.2f}  {e['last']:5.2f} | "
+                  f"{100 * r['route_cta_last']:3.0f} %", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(device), rows=rows), f, indent=1)
