@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from megapre.config import SHAPE_PRESETS  # noqa: E402
 from megapre.host import bench, fused  # noqa: E402
-from megapre.host.plan import PERIOD_CTAS, PERIOD_SLOTS  # noqa: E402
+from megapre.host.plan import PERIOD_CTAS, PERIOD_SLOTS, STAGE_NAMES, task_table  # noqa: E402
 
 
 def stamps_workspace(m: int):
@@ -50,7 +50,8 @@ def read_calls(spec, ws, grid: int) -> list[dict]:
             continue
         last_cta = max(range(grid), key=lambda b: int(rec[slot, b, 1]))
         calls.append(dict(slot=slot, wait_first=min(waits), wait_last=max(waits), exit_first=min(exits),
-                          exit_last=max(exits), exits=sorted(exits), last_cta=last_cta))
+                          exit_last=max(exits), exits=sorted(exits), last_cta=last_cta,
+                          exit_route=int(rec[slot, grid - 1, 1])))
     return sorted(calls, key=lambda c: c["wait_first"])
 
 
@@ -66,6 +67,9 @@ def split(config_name: str, m: int, replays: int, device) -> dict:
         spec, ws = stamps_workspace(m)
         grid = spec.launch_grid(torch.cuda.get_device_properties(device).multi_processor_count)
         chain, boundary, period, wait_spread, exit_q, route_last = [], [], [], [], [], []
+        route_gap, last_first_stage = [], []
+        rows = task_table(spec)
+        first_stage = {b: STAGE_NAMES[rows[b][0]] for b in range(spec.n_static(grid))}  # a static CTA's first task
         for _ in range(replays):
             graph.replay()
             torch.cuda.synchronize()
@@ -81,12 +85,15 @@ def split(config_name: str, m: int, replays: int, device) -> dict:
                 exit_q.append([ex[0], ex[len(ex) // 2], ex[int(len(ex) * 0.9)], ex[-1]])
                 # TP8 grids end with the route's CTA (no static task: it takes the queue's first task, the route)
                 route_last.append(a["last_cta"] == grid - 1)
+                route_gap.append((a["exit_last"] - a["exit_route"]) / 1000)
+                last_first_stage.append(first_stage.get(a["last_cta"], "none"))
     med = statistics.median
     row.update(grid=grid, replays=replays, calls=len(period), period_us=med(period), chain_us=med(chain),
                boundary_us=med(boundary), wait_spread_us=med(wait_spread),
                exits_us={q: med(e[i] for e in exit_q) for i, q in enumerate(("first", "median", "p90", "last"))},
                chain_range_us=[min(chain), max(chain)], boundary_range_us=[min(boundary), max(boundary)],
-               route_cta_last=sum(route_last) / len(route_last))
+               route_cta_last=sum(route_last) / len(route_last), route_cta_before_last_us=med(route_gap),
+               last_cta_first_task={k: last_first_stage.count(k) for k in sorted(set(last_first_stage))})
     return row
 
 
@@ -101,7 +108,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name(device)}; per call, medians over the replays' calls 2..15 "
           f"(times from the call's first griddepcontrol.wait return)", flush=True)
     print("shape  M  fused  stamps | period  chain  boundary | waits spread | CTAs leave: first  median  p90  last | "
-          "route's CTA last")
+          "route's CTA: last / leaves before the last by | the last CTA's first task")
     rows = []
     for shape in args.shapes:
         for m in args.m:
@@ -111,7 +118,8 @@ def main():
             print(f"{shape:5s} {m:2d}  {r['fused_us']:5.2f}  {r['fused-stamps_us']:5.2f}  | {r['period_us']:5.2f}  "
                   f"{r['chain_us']:5.2f}  {r['boundary_us']:5.2f}    | {r['wait_spread_us']:5.2f}        | "
                   f"{e['first']:5.2f}  {e['median']:5.2f}  {e['p90']:5.2f}  {e['last']:5.2f} | "
-                  f"{100 * r['route_cta_last']:3.0f} %", flush=True)
+                  f"{100 * r['route_cta_last']:3.0f} % / {r['route_cta_before_last_us']:4.2f} | "
+                  f"{r['last_cta_first_task']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(device), rows=rows), f, indent=1)
