@@ -41,8 +41,9 @@ from cutlass import Float32, Int32, Int64, Uint32
 from cutlass.memory import SmemAllocator
 
 from ..host.plan import (ACT, DOWN, GATE_UP, N_COUNTERS, NORM, PERIOD_CTAS, PERIOD_SLOTS, PHASE_SLOTS, ROUTE, ROUTER,
-                         THREADS, TRACE_INTS, TRACE_POINTS, TRACE_RETRIES, TARGET_BITS, TERMINAL_STAGES, TILE_BITS, WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR,
-                         WS_HEAD, WS_TOKCTR, KernelSpec, task_table, terminal_tasks)
+                         TARGET_BITS, TERMINAL_STAGES, THREADS, TILE_BITS, TRACE_INTS, TRACE_POINTS, TRACE_RETRIES,
+                         WARPS, WS_COUNTERS, WS_ERROR, WS_ERRPTR, WS_HEAD, WS_TOKCTR, KernelSpec, task_table,
+                         terminal_tasks)
 from . import primitives as P
 
 SPIN_LIMIT = 1 << 22  # ~0.5 s of polling; past it a wait gives up, records an error and moves on
