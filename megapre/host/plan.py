@@ -320,20 +320,11 @@ class KernelSpec:
     def ws_layout(self) -> dict[str, int]:
         off = {}
         pos = _align((WS_TOKCTR + 8) * 4)  # control words, counters, per-token counters (M <= 8)
-        # data that flags itself lives in two blocks by launch parity; without flags the kernel uses block 0 only
-        norm_blocks, route_blocks, down_blocks = (2 if f else 1 for f in (self.norm_flags, self.route_flags,
-                                                                           self.down_flags))
         for name, nbytes in (
-            # The norm's outputs as its consumers read them (norm_flags: launch L writes block L % 2 and refills block
-            # (L + 1) % 2 with the sentinel): x, the bf16 normalized input of the router GEMM, and copies of a_q /
-            # a_scale (the outputs themselves are the caller's)
-            ("x", norm_blocks * self.x_block),
-            ("aq_copy", norm_blocks * self.aq_block),
-            ("as_copy", norm_blocks * self.as_block),
-            ("router_part", route_blocks * self.router_block),  # fp32 split-K partials (route_flags)
-            ("gu_part", down_blocks * self.gu_block),  # fp32 split-K partials (down_flags)
-            # their sums in fixed point (int64, atomics: megakernel.py's gate_up_task), then one flag word per
-            # token; two blocks by launch parity: the norm tasks of launch L zero block (L + 1) % 2
+            # data that flags itself in two blocks by launch parity; without flags the kernel uses block 0 only
+            *((name, (2 if flagged else 1) * block) for name, block, flagged in self.parity_areas()),
+            # the gate_up partials' sums in fixed point (int64, atomics: megakernel.py's gate_up_task), then one flag
+            # word per token; two blocks by launch parity: the norm tasks of launch L zero block (L + 1) % 2
             ("gu_fixed", 2 * self.gu_fixed_bytes),
             ("h_q", self.m * self.inter),  # fp8 SiLU-and-mul output
             ("h_scale", self.m * (self.inter // QUANT_GROUP) * 4),
@@ -409,14 +400,21 @@ class KernelSpec:
     def gu_block(self) -> int:
         return self.gu_splits * self.m * 2 * self.inter * 4
 
+    def parity_areas(self) -> tuple:
+        """(workspace area, bytes of one block, whether its data flags itself) for the areas that hold two blocks by
+        launch parity where their data flags itself (launch L writes block L % 2 and refills block (L + 1) % 2 with
+        the sentinel), one block otherwise: the norm's outputs as its consumers read them (norm_flags) -- x, the bf16
+        normalized input of the router GEMM, and copies of a_q / a_scale (the outputs themselves are the caller's) --
+        and the fp32 split-K partials of the router (route_flags) and of gate_up (down_flags)."""
+        return (("x", self.x_block, self.norm_flags), ("aq_copy", self.aq_block, self.norm_flags),
+                ("as_copy", self.as_block, self.norm_flags), ("router_part", self.router_block, self.route_flags),
+                ("gu_part", self.gu_block, self.down_flags))
+
     def sentinel_spans(self) -> list[tuple[int, int]]:
         """(byte offset, bytes) of the workspace that starts as NORM_SENTINEL words (0xff bytes): both blocks of
-        each area of data that flags itself (the norm's outputs, the router and gate_up partials)."""
+        each area of data that flags itself (parity_areas)."""
         lay = self.ws_layout()
-        areas = ((self.norm_flags, "x", self.x_block), (self.norm_flags, "aq_copy", self.aq_block),
-                 (self.norm_flags, "as_copy", self.as_block), (self.down_flags, "gu_part", self.gu_block),
-                 (self.route_flags, "router_part", self.router_block))
-        return [(lay[name], 2 * block) for flagged, name, block in areas if flagged]
+        return [(lay[name], 2 * block) for name, block, flagged in self.parity_areas() if flagged]
 
     @property
     def gu_fixed(self) -> bool:
