@@ -105,9 +105,9 @@ def build():
         tCrB = tiled_mma.make_fragment_B(thr.partition_B(sB))
         timed_rounds(tiled_mma, tCrA, tCrB, reps, True, out_ptr, tidx)
 
-    @cute.kernel
-    def k_rs(w_ptr: cute.Pointer, x_ptr: cute.Pointer, out_ptr: Int64, reps: Int32):
-        tidx = cute.arch.thread_idx()[0]
+    def rs_operands(w_ptr, x_ptr, tidx):
+        """(traced inline) The RS kernels' tiled MMA and operands: the weight tile loaded into this warpgroup
+        thread's A fragments (thread tidx % NT of its warpgroup), the tokens staged into shared memory for B."""
         tiled_mma = make_mma(True)
         sB_l = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (BM, BN, BK), Float8E4M3FN, 1)
         gW = cute.make_tensor(w_ptr, cute.make_layout((BM, BK), stride=(BK, 1)))
@@ -116,11 +116,16 @@ def build():
         stage_b(gX, sB, tidx)
         cute.arch.fence_view_async_shared()
         cute.arch.sync_threads()
-        thr = tiled_mma.get_slice(tidx)
+        thr = tiled_mma.get_slice(tidx % NT)
         tCgA = thr.partition_A(gW)
         tCrA = tiled_mma.make_fragment_A(tCgA)
         cute.autovec_copy(tCgA, tCrA)
-        tCrB = tiled_mma.make_fragment_B(thr.partition_B(sB))
+        return tiled_mma, tCrA, tiled_mma.make_fragment_B(thr.partition_B(sB))
+
+    @cute.kernel
+    def k_rs(w_ptr: cute.Pointer, x_ptr: cute.Pointer, out_ptr: Int64, reps: Int32):
+        tidx = cute.arch.thread_idx()[0]
+        tiled_mma, tCrA, tCrB = rs_operands(w_ptr, x_ptr, tidx)
         timed_rounds(tiled_mma, tCrA, tCrB, reps, False, out_ptr, tidx)
 
     @cute.kernel
@@ -129,18 +134,7 @@ def build():
         accumulators of its own: whether the two share the SM's tensor cores or overlap. The stamps bracket both
         (a CTA barrier before each)."""
         tidx = cute.arch.thread_idx()[0]
-        tiled_mma = make_mma(True)
-        sB_l = sm90_utils.make_smem_layout_b(LayoutEnum.ROW_MAJOR, (BM, BN, BK), Float8E4M3FN, 1)
-        gW = cute.make_tensor(w_ptr, cute.make_layout((BM, BK), stride=(BK, 1)))
-        gX = cute.make_tensor(x_ptr, cute.make_layout((BN, BK), stride=(BK, 1)))
-        sB = SmemAllocator().allocate_tensor(Float8E4M3FN, sB_l.outer, byte_alignment=1024, swizzle=sB_l.inner)
-        stage_b(gX, sB, tidx)
-        cute.arch.fence_view_async_shared()
-        thr = tiled_mma.get_slice(tidx % NT)
-        tCgA = thr.partition_A(gW)
-        tCrA = tiled_mma.make_fragment_A(tCgA)
-        cute.autovec_copy(tCgA, tCrA)
-        tCrB = tiled_mma.make_fragment_B(thr.partition_B(sB))
+        tiled_mma, tCrA, tCrB = rs_operands(w_ptr, x_ptr, tidx)
         cute.arch.sync_threads()
         t0 = P.globaltimer()
         s = rounds(tiled_mma, tCrA, tCrB, reps, False)
