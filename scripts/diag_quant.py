@@ -16,7 +16,7 @@ for shape, cfg in [("ep8", megapre.PreambleConfig.deepseek_v3_ep8(ep_rank=5)), (
         megapre.run(h, r, w, backend="fused", out=out)
         torch.cuda.synchronize()
         spec = KernelSpec.from_config(cfg, m)
-        ws = [v for k, v in fused._workspaces.items() if k[0] == spec][0]
+        ws = fused.workspace_of(spec)
         lay = spec.ws_layout()
         kx = ws[lay["x"]: lay["x"] + m * 7168 * 2].view(torch.bfloat16).view(m, 7168)
         _, rx, rstd = ref.add_rmsnorm(h, r, w.norm_weight, cfg.rms_norm_eps)

@@ -26,15 +26,7 @@ import torch  # noqa: E402
 
 from megapre.config import SHAPE_PRESETS  # noqa: E402
 from megapre.host import bench, fused  # noqa: E402
-from megapre.host.plan import PERIOD_CTAS, PERIOD_SLOTS, STAGE_NAMES, task_table  # noqa: E402
-
-
-def stamps_workspace(m: int):
-    """The workspace of the last launched fused-stamps spec with M = m, and its spec."""
-    found = [(spec, ws) for (spec, _, _), ws in fused._workspaces.items() if "stamps" in spec.whatif and spec.m == m]
-    if not found:
-        raise RuntimeError("no fused-stamps workspace: build the what-if cubins (python -m megapre build --whatif)")
-    return found[-1]
+from megapre.host.plan import PERIOD_CTAS, PERIOD_SLOTS, STAGE_NAMES, KernelSpec, task_table  # noqa: E402
 
 
 def read_calls(spec, ws, grid: int) -> list[dict]:
@@ -64,7 +56,8 @@ def split(config_name: str, m: int, replays: int, device) -> dict:
             row[f"{name}_us"] = bench.time_graph(case, backend)
     with bench.variant("fused-stamps") as backend:
         graph = bench.capture_graph(case, backend)
-        spec, ws = stamps_workspace(m)
+        spec = KernelSpec.from_config(cfg, m)  # (MEGAPRE_WHATIF=stamps while the variant is on)
+        ws = fused.workspace_of(spec, device)  # (the graph's: the workspace made last)
         grid = spec.launch_grid(torch.cuda.get_device_properties(device).multi_processor_count)
         chain, boundary, period, wait_spread, exit_q, route_last = [], [], [], [], [], []
         route_gap, last_first_stage = [], []

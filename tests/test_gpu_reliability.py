@@ -80,8 +80,7 @@ def test_launch_counters_across_the_32_bit_wrap(m):
     megapre.run(h, r, w, backend="fused", out=out)  # workspace, table
     torch.cuda.synchronize()
     spec = KernelSpec.from_config(cfg, m)
-    ws = next(v for k, v in fused._workspaces.items() if k[0] == spec and k[1] == torch.cuda.current_device()
-              and k[2] == torch.cuda.current_stream().cuda_stream)
+    ws = fused.workspace_of(spec, stream=torch.cuda.current_stream())
     grid = spec.launch_grid(torch.cuda.get_device_properties(0).multi_processor_count)
     per_launch = tickets_per_launch(spec, grid)
     tiles = spec.stage_tiles()

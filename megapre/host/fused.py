@@ -283,14 +283,26 @@ def run_stages(hidden, residual, weights: PreambleWeights, out: PreambleOutput) 
     return out
 
 
+def workspace_of(spec: KernelSpec, device=None, stream=None) -> torch.Tensor:
+    """The workspace launches of this spec used on the device (default: the current one): the given stream's, or
+    else the one made last. For scripts and tests that read what the kernel left there."""
+    device = torch.device(device or "cuda")
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    found = [ws for (sp, dev, st), ws in _workspaces.items()
+             if sp == spec and dev == idx and (stream is None or st == stream.cuda_stream)]
+    if not found:
+        raise LookupError(f"no workspace of this spec on cuda:{idx}{'' if stream is None else ' on that stream'}: "
+                          f"nothing launched it there yet (M = {spec.m}, what-if {spec.whatif}, trace {spec.trace})")
+    return found[-1]
+
+
 def _traced_workspace(config, m: int, device) -> tuple:
     """(spec, workspace, task records [n, TRACE_INTS] on the CPU, first ticket time) of the last traced launch
     (synchronizes)."""
     device = torch.device(device or "cuda")
     spec = KernelSpec.from_config(config, m, trace=True)
     torch.cuda.synchronize(device)
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    ws = next(v for k, v in _workspaces.items() if k[0] == spec and k[1] == idx)
+    ws = workspace_of(spec, device)
     lay = spec.ws_layout()
     rec = ws[lay["trace"]: lay["trace"] + spec.n_tasks * TRACE_INTS * 8].view(torch.int64).view(-1, TRACE_INTS).cpu()
     return spec, ws, rec, int(rec[:, 1].min())
