@@ -183,16 +183,17 @@ def naive_add_rmsnorm(hidden, residual, weight, eps):
 
 # ---- FP8 group quantization ------------------------------------------------------------------------------
 def naive_group_quant_fp8(x, group=128):
-    """Per token, per group: scale = fp32(max(amax, 1e-10) / 448), q = fp8(fp32(clamp(x / scale)))."""
+    """Per token, per group: scale = fp32(max(amax, 1e-10) / 448), q = fp8(fp32(clamp(x / scale))) -- NaNs left out
+    of the amax and a NaN quotient clamped to -448, as vLLM's fmaxf / fminf kernel does."""
     rows = x.double().tolist()
     q_rows, s_rows = [], []
     for row in rows:
         qr, sr = [], []
         for g0 in range(0, len(row), group):
             grp = row[g0:g0 + group]
-            amax = max(abs(v) for v in grp)
+            amax = max((abs(v) for v in grp if v == v), default=0.0)
             scale = torch.tensor(max(amax, QUANT_EPS) / FP8_MAX, dtype=torch.float64).float().item()
-            vals = [min(max(v / scale, -FP8_MAX), FP8_MAX) for v in grp]
+            vals = [min(max(v / scale, -FP8_MAX), FP8_MAX) if v / scale == v / scale else -FP8_MAX for v in grp]
             qr.extend(vals)
             sr.append(scale)
         q_rows.append(qr)

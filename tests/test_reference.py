@@ -320,6 +320,30 @@ def test_group_quant_fp8(seed):
     torch.testing.assert_close(ref.dequant_groups(q, s), deq.reshape(m, k), rtol=0, atol=0)
 
 
+def test_group_quant_fp8_nonfinite_as_vllm():
+    """vLLM's per_token_group_quant_8bit kernel: absmax = fmaxf(eps, |x|...) skips NaNs, and q = fminf(fmaxf(x / s,
+    -448), 448) takes a NaN quotient to -448 (fmaxf returns its non-NaN operand); torch's amax and clamp would
+    propagate the NaN instead."""
+    x = torch.zeros(3, 256)
+    x[0, :128] = float("nan")            # a group of NaNs (a row whose rstd is NaN): scale from eps, every code -448
+    x[0, 128:] = torch.linspace(-2, 2, 128)
+    x[1, :128] = torch.linspace(-3, 3, 128)
+    x[1, 5] = float("nan")               # one NaN among finite values: the scale is the finite values' (3 / 448)
+    x[2, 7] = float("inf")               # inf: scale inf, finite / inf = 0, inf / inf = NaN -> -448
+    x[2, 9] = -5.0
+    x = x.to(torch.bfloat16)
+    q, s = ref.group_quant_fp8(x)
+    nq, ns = naive_group_quant_fp8(x)
+    assert torch.equal(s, ns) and torch.equal(q.view(torch.uint8), nq.view(torch.uint8))
+    codes = q.view(torch.uint8)
+    neg448 = torch.tensor(-448.0).to(FP8).view(torch.uint8).item()
+    assert s[0, 0].item() == pytest.approx(1e-10 / 448.0, rel=1e-6) and (codes[0, :128] == neg448).all()
+    assert s[1, 0].item() == pytest.approx(3.0 / 448.0, rel=1e-6) and codes[1, 5].item() == neg448
+    assert q[1, 127].float().item() == 448.0  # (the finite values quantize as without the NaN)
+    assert s[2, 0].item() == float("inf") and codes[2, 7].item() == neg448
+    assert q[2, 9].float().item() == 0.0 and not torch.isnan(q.float()).any()
+
+
 def _loop_dequant(w, scale, block=128):
     n, k = w.shape
     out = torch.empty(n, k, dtype=torch.float64)

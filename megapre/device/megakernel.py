@@ -266,8 +266,8 @@ def build_kernel(spec: KernelSpec):
         amax = P.fmax(P.warp_amax(x0, x1, x2, x3), Float32(1e-10))  # one redux.sync instead of five shuffle rounds
         # = IEEE fl32(amax / 448) and fl32(x_i / scale), bit for bit, without div.rn's branches: on the FMA pipe
         # (P.div_fast) where that is exact -- amax <= 2^60, so the scale and every quotient stay in range --, else
-        # in double precision. amax is the warp's (redux), so the branch is warp-uniform. (A NaN amax reads as 1e-10
-        # through max.f32, as before; its NaN values give the canonical NaN on either path.)
+        # in double precision. amax is the warp's (redux), so the branch is warp-uniform. (NaNs: left out of amax, and
+        # their quotients clamp to -448 in f32x4_to_e4m3x4, as vLLM's fmaxf / fminf kernel gives them.)
         scale = P.div_fast(amax, Float32(448.0))
         q0, q1, q2, q3 = P.div4_by_fast(scale, x0, x1, x2, x3)
         if P.div_fast_ok(amax, Float32(448.0)) == 0:  # inf or huge

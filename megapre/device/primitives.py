@@ -178,8 +178,18 @@ def round_to_e4m3_grid(x: Float32) -> Float32:
 
 
 @cute.jit
+def max_neg448(x: Float32) -> Float32:
+    """max(x, -448): max.f32 returns its non-NaN operand, so a NaN becomes -448 -- vLLM's fmaxf(q, -448)."""
+    return _asm([Float32], [x], "max.f32 $0, $1, 0fC3E00000;", "=f,f")
+
+
+@cute.jit
 def f32x4_to_e4m3x4(a: Float32, b: Float32, c: Float32, d: Float32) -> Uint32:
-    """Four f32 -> four e4m3 (nearest even, saturated to +-448, NaN kept), ``a`` in byte 0."""
+    """Four quotients -> four e4m3 codes as vLLM's fminf(fmaxf(q, -448), 448) and conversion give them: a NaN -448,
+    the rest rounded to nearest even and saturated to +-448; ``a`` in byte 0. (The max also keeps NaNs away from
+    round_to_e4m3_grid, which would carry a canonical NaN's mantissa into the sign bit. A quotient here is at most
+    ~448 or inf -- |x| <= amax -- so the grid rounding cannot overflow the exponent.)"""
+    a, b, c, d = max_neg448(a), max_neg448(b), max_neg448(c), max_neg448(d)
     a, b, c, d = round_to_e4m3_grid(a), round_to_e4m3_grid(b), round_to_e4m3_grid(c), round_to_e4m3_grid(d)
     return _asm([Uint32], [a, b, c, d],
                 "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;"
@@ -223,13 +233,14 @@ def warp_max_i32(v: Int32) -> Int32:
 
 @cute.jit
 def warp_amax(a: Float32, b: Float32, c: Float32, d: Float32) -> Float32:
-    """max |x| over 4 values per lane and the warp in one redux.sync: |x| as bits orders like an unsigned
-    integer (sign cleared), +inf below every NaN -- so a NaN propagates, as torch's amax does."""
+    """max |x| over 4 values per lane and the warp, NaNs skipped as vLLM's fmaxf reduction skips them: max.f32 over
+    the lane's four (it returns the non-NaN operand), a lane of four NaNs read as 0, then one redux.sync over the
+    bits (|x| as bits orders like an unsigned integer). A group of NaNs gives 0."""
     return _asm([Float32], [a, b, c, d],
-                "{ .reg .b32 t0, t1, t2, t3; mov.b32 t0, $1; mov.b32 t1, $2; mov.b32 t2, $3; mov.b32 t3, $4;"
-                " and.b32 t0, t0, 0x7fffffff; and.b32 t1, t1, 0x7fffffff; and.b32 t2, t2, 0x7fffffff;"
-                " and.b32 t3, t3, 0x7fffffff; max.u32 t0, t0, t1; max.u32 t2, t2, t3; max.u32 t0, t0, t2;"
-                " redux.sync.max.u32 t0, t0, 0xffffffff; mov.b32 $0, t0; }", "=f,f,f,f,f")
+                "{ .reg .f32 a, b, c, d; .reg .b32 t; .reg .pred p; abs.f32 a, $1; abs.f32 b, $2; abs.f32 c, $3;"
+                " abs.f32 d, $4; max.f32 a, a, b; max.f32 c, c, d; max.f32 a, a, c; mov.b32 t, a;"
+                " setp.gt.u32 p, t, 0x7f800000; selp.b32 t, 0, t, p;"
+                " redux.sync.max.u32 t, t, 0xffffffff; mov.b32 $0, t; }", "=f,f,f,f,f")
 
 
 @cute.jit

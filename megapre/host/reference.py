@@ -7,6 +7,8 @@ Rounding points copied from vLLM (they decide which bf16 value a kernel must pro
   residual = bf16(hidden + residual)                          (fused_add_rms_norm)
   x        = bf16(bf16(residual * rstd) * norm_weight)        rstd = rsqrt(mean(residual^2) + eps)
   a_scale  = max(amax_128, 1e-10) / 448, a_q = fp8(clamp(x / a_scale))   (per_token_group_quant_fp8)
+             (as vLLM's CUDA kernel, whose fmaxf / fminf drop NaNs: amax over the non-NaN values, and a NaN
+             quotient clamps to -448)
   gate_up  = bf16(block-scaled FP8 GEMM)                      (w8a8 block FP8 linear, bf16 out)
   h        = bf16(bf16(silu(gate)) * up)                      (silu_and_mul)
   shared   = bf16(block-scaled FP8 GEMM of quant(h))
@@ -37,11 +39,15 @@ def group_quant_fp8(x: torch.Tensor, group: int = QUANT_GROUP):
     """Per-token, per-``group`` FP8 e4m3 quantization. Returns (q fp8 [M,K], scale fp32 [M,K/group])."""
     m, k = x.shape
     xg = x.float().reshape(m, k // group, group)
-    amax = xg.abs().amax(dim=-1).clamp_min(QUANT_EPS)
+    mag = xg.abs()
+    # vLLM's kernel: local_absmax = fmaxf(eps, |x|...), which skips NaNs (torch's amax would propagate them)
+    amax = torch.where(torch.isnan(mag), torch.zeros_like(mag), mag).amax(dim=-1).clamp_min(QUANT_EPS)
     # True IEEE division, as vLLM's kernel: torch's tensor / python-scalar on CUDA multiplies by the
     # reciprocal instead, which is one ulp off for some values (and then every code of the group can move).
     scale = amax / torch.full_like(amax, FP8_E4M3_MAX)
-    q = (xg / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8)
+    q = xg / scale[..., None]
+    # ... and fminf(fmaxf(q, -448), 448), which takes a NaN quotient (a NaN input, or inf / inf) to -448
+    q = torch.where(torch.isnan(q), torch.full_like(q, -FP8_E4M3_MAX), q.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)).to(FP8)
     return q.reshape(m, k), scale
 
 

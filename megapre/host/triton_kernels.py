@@ -17,6 +17,18 @@ FP8_MAX = tl.constexpr(448.0)
 QUANT_EPS = tl.constexpr(1e-10)
 
 
+# FP8 group quantization as vLLM's CUDA kernel (per_token_group_quant_8bit) does it with fmaxf / fminf, which
+# drop NaNs: the group's amax skips NaN values, and a NaN quotient clamps to -448 (tl.clamp gave +448).
+@triton.jit
+def _abs_not_nan(x):
+    return tl.where(x != x, 0.0, tl.abs(x))
+
+
+@triton.jit
+def _clamp_fp8(q):
+    return tl.where(q != q, -FP8_MAX, tl.clamp(q, -FP8_MAX, FP8_MAX))
+
+
 @triton.jit
 def add_rmsnorm_quant_kernel(hidden_ptr, residual_ptr, norm_w_ptr, res_out_ptr, x_out_ptr, q_ptr, s_ptr,
                              eps, H: tl.constexpr, NG: tl.constexpr, NG_P2: tl.constexpr, GROUP: tl.constexpr):
@@ -42,10 +54,10 @@ def add_rmsnorm_quant_kernel(hidden_ptr, residual_ptr, norm_w_ptr, res_out_ptr, 
     x = ((resf * rstd).to(tl.bfloat16).to(tl.float32) * w).to(tl.bfloat16)
     tl.store(x_out_ptr + row + offs, x, mask=mask)
     xf = x.to(tl.float32)
-    amax = tl.max(tl.abs(xf), axis=1)
+    amax = tl.max(_abs_not_nan(xf), axis=1)
     # div_rn: IEEE division like vLLM's kernel (Triton's "/" is div.full, an approximation)
     scale = tl.math.div_rn(tl.maximum(amax, QUANT_EPS), tl.full(amax.shape, FP8_MAX, tl.float32))
-    q = tl.clamp(tl.math.div_rn(xf, scale[:, None] + tl.zeros_like(xf)), -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    q = _clamp_fp8(tl.math.div_rn(xf, scale[:, None] + tl.zeros_like(xf))).to(tl.float8e4nv)
     tl.store(q_ptr + row + offs, q, mask=mask)
     tl.store(s_ptr + m * NG + tl.arange(0, NG_P2), scale, mask=tl.arange(0, NG_P2) < NG)
 
@@ -228,8 +240,7 @@ def silu_mul_quant_kernel(partials_ptr, q_ptr, s_ptr, M, SPLITS: tl.constexpr, I
     up = up.to(tl.bfloat16).to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)
     h = (act * up).to(tl.bfloat16).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(h), axis=0), QUANT_EPS)
+    amax = tl.maximum(tl.max(_abs_not_nan(h), axis=0), QUANT_EPS)
     scale = tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32))
-    tl.store(q_ptr + m * I + c, tl.clamp(tl.math.div_rn(h, scale + tl.zeros_like(h)), -FP8_MAX, FP8_MAX)
-             .to(tl.float8e4nv))
+    tl.store(q_ptr + m * I + c, _clamp_fp8(tl.math.div_rn(h, scale + tl.zeros_like(h))).to(tl.float8e4nv))
     tl.store(s_ptr + m * (I // GROUP) + g, scale)
