@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Interleaved A/B of `python -m megapre bench` on one machine, the way docs/performance-log.md's comparisons are
 # made: every tree is benched in turn, and the whole round twice (a call's first bench can read ~0.6 us high), each
-# tree with its own cubins. A tree is the working tree "." or a scratch copy beside it, e.g. an older commit:
+# tree with its own cubins, every other round in reverse order. A tree is the working tree "." or a scratch copy beside it, e.g. an older commit:
 #   mkdir .v2 && git archive <sha> | tar -x -C .v2 && (cd .v2 && MEGAPRE_CACHE=$PWD/.megapre-cache \
 #       PYTHONPATH=$PWD python -m megapre build)          # here, then carry .megapre-cache and .v2
 # Usage (GPU machine, repository root): bash scripts/ab.sh ". .v2" [bench arguments, e.g. --shapes ep8 --backends fused]
@@ -15,7 +15,11 @@ shift
 root=$PWD
 rc=0
 for round in $(seq 1 "$ROUNDS"); do
-  for tree in $trees; do
+  # every other round in reverse order (A B, B A, ...): a tree benched second read up to 0.2 us slower than the same
+  # cubins benched first (session 29, call 6), and alternating cancels that out of the rounds' average
+  order=$trees
+  [ $((round % 2)) -eq 0 ] && order=$(echo $trees | tr ' ' '\n' | tac | tr '\n' ' ')
+  for tree in $order; do
     tag=$(basename "$(cd "$tree" && pwd)"); tag=${tag#.}
     [ "$tree" = "." ] && tag=head
     (cd "$tree" && MEGAPRE_CACHE="$root/$tree/.megapre-cache" PYTHONPATH="$root/$tree" \
