@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Interleaved A/B of `python -m megapre bench` on one machine, the way docs/performance-log.md's comparisons are
 # made: every tree is benched in turn, and the whole round twice (a call's first bench can read ~0.6 us high), each
-# tree with its own cubins, every other round in reverse order. A tree is the working tree "." or a scratch copy beside it, e.g. an older commit:
+# tree with its own cubins, every other round in reverse order. A tree is the working tree "." or a scratch copy
+# beside it, e.g. an older commit:
 #   mkdir .v2 && git archive <sha> | tar -x -C .v2 && (cd .v2 && MEGAPRE_CACHE=$PWD/.megapre-cache \
 #       PYTHONPATH=$PWD python -m megapre build)          # here, then carry .megapre-cache and .v2
 # Usage (GPU machine, repository root): bash scripts/ab.sh ". .v2" [bench arguments, e.g. --shapes ep8 --backends fused]
