@@ -16,8 +16,9 @@ shift
 root=$PWD
 rc=0
 for round in $(seq 1 "$ROUNDS"); do
-  # every other round in reverse order (A B, B A, ...): a tree benched second read up to 0.2 us slower than the same
-  # cubins benched first (session 29, call 6), and alternating cancels that out of the rounds' average
+  # every other round in reverse order (A B, B A, ...): the bench's level drifts by 0.1-0.2 us from one bench to the
+  # next (session 29, calls 6-7: an A/A run's pairs differed by up to 0.2 us, its four-round means by <= 0.025), and
+  # alternating spreads that drift over every tree
   order=$trees
   [ $((round % 2)) -eq 0 ] && order=$(echo $trees | tr ' ' '\n' | tac | tr '\n' ' ')
   for tree in $order; do
