@@ -201,6 +201,28 @@ def test_huge_gate_up_values(backend, m):
     check_output(out, want, w)
 
 
+@pytest.mark.parametrize("backend", ["unfused", "fused", "stages"])
+@pytest.mark.parametrize("m", [1, 8])
+def test_nan_in_an_h_group(backend, m):
+    """A NaN code in one up_proj row of w13 makes one column of h NaN for every token. Its 128-group of h then
+    quantizes as vLLM's kernel does it -- the scale from the group's finite values, the NaN's code -448 -- in every
+    backend's act (the fused one: through the flagged fp32 partials at M = 1, the fixed-point sums' fallback at
+    M = 8), so shared_out stays finite and matches the reference."""
+    import dataclasses
+    base = _weights("ep8r0")
+    _skip_unless_available(backend, base.config, m)
+    inter = base.config.shared_local_intermediate
+    w13 = base.w13.clone()
+    w13.view(torch.uint8)[inter + 37, 1000] = 0x7F  # e4m3 NaN: up row 37 -> h column 37 (group 0)
+    w = dataclasses.replace(base, w13=w13)
+    hidden, residual = _inputs(m, w.config.hidden_size, int.from_bytes(os.urandom(4), "little"))
+    out = megapre.PreambleOutput.empty(w.config, m, "cuda").poison()
+    _run(hidden, residual, w, backend, out)
+    want = reference(hidden, residual, w)
+    assert torch.isfinite(want.shared_out.float()).all()
+    check_output(out, want, w)
+
+
 @pytest.mark.parametrize("backend", ["unfused", "fused"])
 @pytest.mark.parametrize("m", [5, 6])
 def test_nan_inf_inputs(backend, m):
