@@ -222,9 +222,5 @@ def run(json_path=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "build":
-        build()
-    elif len(sys.argv) > 1 and sys.argv[1] == "run":
-        run(sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--json" else None)
-    else:
-        print(__doc__)
+    from _diag_cli import main
+    main(__doc__, build, run)
