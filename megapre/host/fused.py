@@ -4,7 +4,7 @@ Launch: by default with programmatic dependent launch (PDL), so the kernel's CTA
 previous kernel in the stream drains and prefetch the weights into L2 before griddepcontrol.wait; the task
 queue does not need co-resident CTAs (a task only waits on tasks with lower tickets, all taken by running
 CTAs). MEGAPRE_PDL=0 launches cooperatively instead (no overlap with the previous kernel).
-MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default: all for TP8, none for TP1).
+MEGAPRE_PREFETCH_CTAS=n: how many CTAs share the L2 weight prefetch (default: 64 for TP8, none for TP1; _prefetch_ctas).
 
 Per (device, stream, spec) it keeps a workspace (ever-growing ticket and counters, split-K partials,
 intermediates) and the task table on the device, both made on the first call, which therefore must not be
@@ -172,7 +172,8 @@ def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
     from the queue; since CTAs start on static tasks whose weight loads go out under PDL (b70c2ad), TP1 M = 1 is
     fastest with no prefetch at all: 25.9 us against 26.5 (64 CTAs) and 28.1 (all). Since the router's weights
     are no longer prefetched (session 13), TP8 is fastest with 64: EP8 M = 1 / 2 -0.08..-0.1 us against every CTA,
-    M = 4 / 8 even; 40 lost 0.2-0.3 at M = 4 / 8 (H200, one call, two rounds). The CTAs that start late -- on the
+    M = 4 / 8 even; 40 lost 0.2-0.3 at M = 4 / 8 (H200, one call, two rounds); session 29 (four rounds): 32 even with
+    64, none +0.14..+0.63 us. The CTAs that start late -- on the
     SMs the previous call's last tasks hold, ~57 of 132 at M = 1 -- then prefetch nothing they would need sooner
     than they could load it themselves."""
     v = os.environ.get("MEGAPRE_PREFETCH_CTAS")
