@@ -173,9 +173,8 @@ def _prefetch_ctas(spec: KernelSpec, num_sms: int) -> int:
     fastest with no prefetch at all: 25.9 us against 26.5 (64 CTAs) and 28.1 (all). Since the router's weights
     are no longer prefetched (session 13), TP8 is fastest with 64: EP8 M = 1 / 2 -0.08..-0.1 us against every CTA,
     M = 4 / 8 even; 40 lost 0.2-0.3 at M = 4 / 8 (H200, one call, two rounds); session 29 (four rounds): 32 even with
-    64, none +0.14..+0.63 us. The CTAs that start late -- on the
-    SMs the previous call's last tasks hold, ~57 of 132 at M = 1 -- then prefetch nothing they would need sooner
-    than they could load it themselves."""
+    64, none +0.14..+0.63 us. The CTAs that start late -- on the SMs the previous call's last tasks hold, ~57 of 132
+    at M = 1 -- then prefetch nothing they would need sooner than they could load it themselves."""
     v = os.environ.get("MEGAPRE_PREFETCH_CTAS")
     if os.environ.get("MEGAPRE_NO_PREFETCH") == "1":
         return 0
