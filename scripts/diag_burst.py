@@ -40,58 +40,20 @@ def name_of(mode, warps, size):
 
 def build():
     os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
-    import re
-    import tempfile
     import cutlass
     import cutlass.cute as cute
     from cutlass import Int32, Int64, Uint32
     from cutlass.memory import SmemAllocator
     sys.path.insert(0, os.path.join(HERE, ".."))
     from megapre.device import primitives as P
-
-    def cp_async_16(saddr, addr):
-        P._asm([], [saddr, addr], "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", True)
-
-    def cp_async_wait_all():
-        P._asm([], [], "cp.async.commit_group;\n\tcp.async.wait_all;", "", True)
-
-    def mbar_init(saddr):
-        P._asm([], [saddr], "mbarrier.init.shared::cta.b64 [$0], 1;", "r", True)
-        P._asm([], [], "fence.mbarrier_init.release.cluster;", "", True)
-
-    def mbar_expect(saddr, nbytes):
-        P._asm([], [saddr, nbytes], "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", "r,r", True)
-
-    def bulk_g2s(saddr, addr, nbytes, bar):
-        P._asm([], [saddr, addr, nbytes, bar],
-               "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
-               "r,l,r,r", True)
-
-    def mbar_wait(saddr, parity):
-        P._asm([], [saddr, parity],
-               "{ .reg .pred P1; LAB_WAIT: mbarrier.try_wait.parity.shared::cta.b64 P1, [$0], $1; @P1 bra DONE; "
-               "bra LAB_WAIT; DONE: }", "r,r", True)
+    from _diag_dsl import (bulk_g2s, compile_cubin, cp_async_16, cp_async_commit, cp_async_wait_all, mbar_expect,
+                           mbar_init, mbar_wait, stream_chunk, use_twice)
 
     def make(mode: str, warps: int, size: int):
         per_thread = size // (warps * 32 * 16) if mode not in ("bulk", "ldgsts") else size // (THREADS * 16)
         smem_words = (size if mode in ("bulk", "ldgsts") else 0) // 4 + THREADS + 16
 
         # (plain functions, traced inline: their Python loops unroll)
-        # Every loaded value is used twice, an XOR first and a sum after it, so that all of them stay live and ptxas
-        # keeps every load in flight at once (with one XOR chain alone it reused the registers of the first few
-        # loads, ~5 loads in flight per thread -- the megakernel's bursts keep theirs all live for later math).
-        def use_twice(vals):
-            acc = Uint32(0)
-            for v in vals:
-                acc = acc ^ v[0] ^ v[1] ^ v[2] ^ v[3]
-            tot = Uint32(0)
-            for v in vals:
-                tot = tot + v[0] + v[1] + v[2] + v[3]
-            return acc ^ tot
-
-        def stream_chunk(base):
-            return use_twice([P.ld_nc_v4(base + Int64(j * THREADS * 16)) for j in range(STREAM_CHUNK // (THREADS * 16))])
-
         def burst_loads(src, tid):
             load = {"cg": P.ld_cg_v4, "relaxed": P.ld_relaxed_v4, "nc": P.ld_nc_v4}[mode]
             return use_twice([load(src + Int64((j * warps * 32 + tid) * 16)) for j in range(per_thread)])
@@ -100,6 +62,7 @@ def build():
             for j in range(per_thread):
                 off = (j * THREADS + tid) * 16
                 cp_async_16(sb + off, src + Int64(off))
+            cp_async_commit()
             cp_async_wait_all()
 
         def burst_bulk(src, sb, bar):
@@ -121,7 +84,7 @@ def build():
                 acc = Uint32(0)
                 for i in cutlass.range(n_stream, unroll=1):
                     c = (chunk0 + i * (nb - 1) + bid) % STREAM_CHUNKS
-                    acc = acc ^ stream_chunk(sbuf + Int64(c) * STREAM_CHUNK + Int64(tid * 16))
+                    acc = acc ^ stream_chunk(sbuf + Int64(c) * STREAM_CHUNK + Int64(tid * 16), THREADS, STREAM_CHUNK)
                 if acc == Uint32(0x7F123457):
                     P.st_b32(out + Int64(64 + bid * 4), acc)
             else:
@@ -172,12 +135,8 @@ def build():
         for size in SIZES:
             nm = name_of(mode, warps, size)
             host, smem = make(mode, warps, size)
-            with tempfile.TemporaryDirectory() as dump:
-                c = cute.compile(host, Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(1),
-                                 options=f"--gpu-arch sm_90a --keep-ptx --keep-cubin --dump-dir {dump}")
-            ptx, cubin = c.artifacts.PTX, c.artifacts.CUBIN
-            sym = re.search(r"\.visible \.entry (\w+)\(", ptx).group(1)
-            open(os.path.join(OUT_DIR, f"{nm}.cubin"), "wb").write(cubin)
+            sym = compile_cubin(host, (Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(1)),
+                                os.path.join(OUT_DIR, f"{nm}.cubin"))
             manifest[nm] = dict(mode=mode, warps=warps, size=size, symbol=sym, dyn_smem_bytes=smem + 256,
                                 block=[THREADS, 1, 1], param_types=["u64", "u64", "u64", "s32", "s32"])
             print(f"built {nm} ({sym})", flush=True)

@@ -1,4 +1,5 @@
-"""Does an SM's burst wait behind its own weight loads, by the path those weights take? (GPU machine; cubins built here.)
+"""Does an SM's burst wait behind its own weight loads, by the path those weights take? (GPU machine; cubins built
+here.)
 
 Sessions 27-28 found every latency-critical burst of the megakernel's chains -- a down task's act partials, a gate_up
 task's a_q poll -- coming back only after the same SM's 32-64 KB of weights, which it asked for first (register
@@ -45,58 +46,19 @@ def name_of(path, wbytes):
 
 def build():
     os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
-    import re
-    import tempfile
     import cutlass
     import cutlass.cute as cute
     from cutlass import Int32, Int64, Uint32
     from cutlass.memory import SmemAllocator
     sys.path.insert(0, os.path.join(HERE, ".."))
     from megapre.device import primitives as P
-
-    def cp_async_16(saddr, addr):
-        P._asm([], [saddr, addr], "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", True)
-
-    def cp_async_commit():
-        P._asm([], [], "cp.async.commit_group;", "", True)
-
-    def cp_async_wait_all():
-        P._asm([], [], "cp.async.wait_all;", "", True)
-
-    def mbar_init(saddr):
-        P._asm([], [saddr], "mbarrier.init.shared::cta.b64 [$0], 1;", "r", True)
-        P._asm([], [], "fence.mbarrier_init.release.cluster;", "", True)
-
-    def mbar_expect(saddr, nbytes):
-        P._asm([], [saddr, nbytes], "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;", "r,r", True)
-
-    def bulk_g2s(saddr, addr, nbytes, bar):
-        P._asm([], [saddr, addr, nbytes, bar],
-               "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
-               "r,l,r,r", True)
-
-    def mbar_wait(saddr, parity):
-        P._asm([], [saddr, parity],
-               "{ .reg .pred P1; LAB_WAIT: mbarrier.try_wait.parity.shared::cta.b64 P1, [$0], $1; @P1 bra DONE; "
-               "bra LAB_WAIT; DONE: }", "r,r", True)
-
-    # every loaded value used twice (an XOR chain, then a sum) so that ptxas keeps all of them in flight at once
-    def use_twice(vals):
-        acc = Uint32(0)
-        for v in vals:
-            acc = acc ^ v[0] ^ v[1] ^ v[2] ^ v[3]
-        tot = Uint32(0)
-        for v in vals:
-            tot = tot + v[0] + v[1] + v[2] + v[3]
-        return acc ^ tot
+    from _diag_dsl import (bulk_g2s, compile_cubin, cp_async_16, cp_async_commit, cp_async_wait_all, mbar_expect,
+                           mbar_init, mbar_wait, stream_chunk, use_twice)
 
     def make(path: str, wbytes: int):
         smem_words = (wbytes if path in ("ldgsts", "bulk") else 0) // 4 + 2 * THREADS + 16
         per_thread_w = wbytes // (THREADS * 16)
         per_thread_a = ACT_BYTES // (ACT_WARPS * 32 * 16)
-
-        def stream_chunk(base):
-            return use_twice([P.ld_nc_v4(base + Int64(j * THREADS * 16)) for j in range(STREAM_CHUNK // (THREADS * 16))])
 
         @cute.kernel
         def k(slots: Int64, sbuf: Int64, out: Int64, n_stream: Int32, chunk0: Int32):
@@ -111,7 +73,7 @@ def build():
                 acc = Uint32(0)
                 for i in cutlass.range(n_stream, unroll=1):
                     c = (chunk0 + i * (nb - 1) + bid) % STREAM_CHUNKS
-                    acc = acc ^ stream_chunk(sbuf + Int64(c) * STREAM_CHUNK + Int64(tid * 16))
+                    acc = acc ^ stream_chunk(sbuf + Int64(c) * STREAM_CHUNK + Int64(tid * 16), THREADS, STREAM_CHUNK)
                 if acc == Uint32(0x7F123457):
                     P.st_b32(out + Int64(64 + bid * 4), acc)
             else:
@@ -184,12 +146,8 @@ def build():
     for path, wbytes in VARIANTS:
         nm = name_of(path, wbytes)
         host, smem = make(path, wbytes)
-        with tempfile.TemporaryDirectory() as dump:
-            c = cute.compile(host, Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(1),
-                             options=f"--gpu-arch sm_90a --keep-ptx --keep-cubin --dump-dir {dump}")
-        ptx, cubin = c.artifacts.PTX, c.artifacts.CUBIN
-        sym = re.search(r"\.visible \.entry (\w+)\(", ptx).group(1)
-        open(os.path.join(OUT_DIR, f"{nm}.cubin"), "wb").write(cubin)
+        sym = compile_cubin(host, (Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(1)),
+                            os.path.join(OUT_DIR, f"{nm}.cubin"))
         manifest[nm] = dict(path=path, weight_bytes=wbytes, symbol=sym, dyn_smem_bytes=smem + 256,
                             block=[THREADS, 1, 1], param_types=["u64", "u64", "u64", "s32", "s32"])
         print(f"built {nm} ({sym})", flush=True)

@@ -23,8 +23,6 @@ THREADS = {"ss": NT, "rs": NT, "rs2": 2 * NT}  # rs2: two warpgroups, each issui
 
 def build():
     os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
-    import re
-    import tempfile
     import cutlass
     import cutlass.cute as cute
     import cutlass.utils.hopper_helpers as sm90_utils
@@ -35,6 +33,7 @@ def build():
     from cutlass.memory import SmemAllocator
     sys.path.insert(0, os.path.join(HERE, ".."))
     from megapre.device import primitives as P
+    from _diag_dsl import compile_cubin
 
     def make_mma(rs: bool):
         kw = dict(a_source=OperandSource.RMEM) if rs else {}
@@ -165,13 +164,9 @@ def build():
     gm = cute.AddressSpace.gmem
     manifest = {}
     for tag, host in (("ss", host_ss), ("rs", host_rs), ("rs2", host_rs2)):
-        with tempfile.TemporaryDirectory() as dump:  # the DSL writes its kept artifacts there
-            c = cute.compile(host, make_ptr(Float8E4M3FN, 0, gm, assumed_align=16),
-                             make_ptr(Float8E4M3FN, 0, gm, assumed_align=16), Int64(0), Int32(1),
-                             options=f"--gpu-arch sm_90a --keep-ptx --keep-cubin --dump-dir {dump}")
-        ptx, cubin = c.artifacts.PTX, c.artifacts.CUBIN
-        name = re.search(r"\.visible \.entry (\w+)\(", ptx).group(1)
-        open(os.path.join(OUT_DIR, f"{tag}.cubin"), "wb").write(cubin)
+        name = compile_cubin(host, (make_ptr(Float8E4M3FN, 0, gm, assumed_align=16),
+                                    make_ptr(Float8E4M3FN, 0, gm, assumed_align=16), Int64(0), Int32(1)),
+                             os.path.join(OUT_DIR, f"{tag}.cubin"))
         manifest[tag] = dict(symbol=name, smem=SMEM[tag] + 2048)
     json.dump(manifest, open(os.path.join(OUT_DIR, "manifest.json"), "w"), indent=1)
     print(json.dumps(manifest, indent=1))
