@@ -1,17 +1,22 @@
-"""What the CuTe-DSL probes built here (diag_burst.py, diag_order.py; diag_wgmma.py for compile_cubin) share:
-cp.async / mbarrier / TMA bulk-copy wrappers, a use of loaded values that keeps them all in flight, the "weight
-stream" the other CTAs run (64-KB chunks from HBM, as the megakernel's CTAs stream their weights), and the compile
-step that writes a cubin for the run-there half. Imported only by `build` (it needs the DSL)."""
+"""What the CuTe-DSL probes built here (diag_burst.py, diag_order.py, diag_stream_kind.py; diag_wgmma.py for
+compile_cubin) share: cp.async / mbarrier / TMA bulk-copy wrappers, a use of loaded values that keeps them all in
+flight, the "weight stream" the other CTAs run (64-KB chunks from HBM, as the megakernel's CTAs stream their weights),
+and the compile step that writes a cubin and its manifest entry for the run-there half. Imported only by `build` (it
+needs the DSL)."""
+import json
 import os
 import re
 import sys
 import tempfile
 
+import cutlass
 import cutlass.cute as cute
-from cutlass import Int64, Uint32
+from cutlass import Int32, Int64, Uint32
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from megapre.device import primitives as P  # noqa: E402
+from _diag_cli import STREAM_CHUNK, STREAM_CHUNKS, STREAM_THREADS  # noqa: E402
+
 
 def cp_async_16(saddr, addr):
     P._asm([], [saddr, addr], "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", True)
@@ -74,3 +79,32 @@ def compile_cubin(host, args, path: str) -> str:
     with open(path, "wb") as f:
         f.write(c.artifacts.CUBIN)
     return re.search(r"\.visible \.entry (\w+)\(", c.artifacts.PTX).group(1)
+
+
+@cute.jit
+def weight_stream(sbuf: Int64, n_stream: Int32, chunk0: Int32) -> Uint32:
+    """A streaming CTA's part of the weight stream: n_stream chunks of sbuf (STREAM_CHUNKS x STREAM_CHUNK bytes), the
+    i-th of CTA b being chunk (chunk0 + i * (grid - 1) + b) % STREAM_CHUNKS -- every streamer's chunks distinct, the
+    grid's last CTA being the probe. Returns the XOR of what it read (the caller keeps it alive)."""
+    tid = cute.arch.thread_idx()[0]
+    bid = cute.arch.block_idx()[0]
+    nb = cute.arch.grid_dim()[0]
+    acc = Uint32(0)
+    for i in cutlass.range(n_stream, unroll=1):
+        c = (chunk0 + i * (nb - 1) + bid) % STREAM_CHUNKS
+        acc = acc ^ stream_chunk(sbuf + Int64(c) * STREAM_CHUNK + Int64(tid * 16), STREAM_THREADS, STREAM_CHUNK)
+    return acc
+
+
+def add_cubin(manifest: dict, out_dir: str, nm: str, host, args, smem_bytes: int, param_types, **meta) -> None:
+    """Compile `host` into out_dir/nm.cubin (compile_cubin) and record its manifest entry for the run-there half:
+    `meta` (what the variant is), its entry symbol, its dynamic shared memory (with 256 bytes to spare), one block of
+    STREAM_THREADS threads and the kernel's parameter types."""
+    sym = compile_cubin(host, args, os.path.join(out_dir, f"{nm}.cubin"))
+    manifest[nm] = dict(**meta, symbol=sym, dyn_smem_bytes=smem_bytes + 256, block=[STREAM_THREADS, 1, 1],
+                        param_types=list(param_types))
+    print(f"built {nm} ({sym})", flush=True)
+
+
+def write_manifest(out_dir: str, manifest: dict) -> None:
+    json.dump(manifest, open(os.path.join(out_dir, "manifest.json"), "w"), indent=1)

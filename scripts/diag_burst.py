@@ -21,15 +21,14 @@ import os
 import statistics
 import sys
 
+from _diag_cli import STREAM_CHUNK, STREAM_CHUNKS, STREAM_THREADS as THREADS, open_probe
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "..", ".diag-build", "burst")
-THREADS = 256
 SIZES = (14336, 28672, 57344)
 BULK_CHUNK = 2048
 # (mode, issuing warps)
 VARIANTS = (("cg", 2), ("cg", 8), ("relaxed", 2), ("relaxed", 8), ("nc", 8), ("ldgsts", 8), ("bulk", 1))
-STREAM_CHUNK = 65536
-STREAM_CHUNKS = 8192  # 512 MB
 ROW_SLOTS = 8  # rows of 64 KB, one per trial
 WAIT_NS = 4000
 
@@ -46,8 +45,8 @@ def build():
     from cutlass.memory import SmemAllocator
     sys.path.insert(0, os.path.join(HERE, ".."))
     from megapre.device import primitives as P
-    from _diag_dsl import (bulk_g2s, compile_cubin, cp_async_16, cp_async_commit, cp_async_wait_all, mbar_expect,
-                           mbar_init, mbar_wait, stream_chunk, use_twice)
+    from _diag_dsl import (add_cubin, bulk_g2s, cp_async_16, cp_async_commit, cp_async_wait_all, mbar_expect,
+                           mbar_init, mbar_wait, use_twice, weight_stream, write_manifest)
 
     def make(mode: str, warps: int, size: int):
         per_thread = size // (warps * 32 * 16) if mode not in ("bulk", "ldgsts") else size // (THREADS * 16)
@@ -81,10 +80,7 @@ def build():
             scratch = sb + (smem_words - 16 - THREADS) * 4
             if bid < nb - 1:
                 # the weight stream: 64-KB chunks from HBM, 16 loads of 16 bytes per thread per chunk
-                acc = Uint32(0)
-                for i in cutlass.range(n_stream, unroll=1):
-                    c = (chunk0 + i * (nb - 1) + bid) % STREAM_CHUNKS
-                    acc = acc ^ stream_chunk(sbuf + Int64(c) * STREAM_CHUNK + Int64(tid * 16), THREADS, STREAM_CHUNK)
+                acc = weight_stream(sbuf, n_stream, chunk0)
                 if acc == Uint32(0x7F123457):
                     P.st_b32(out + Int64(64 + bid * 4), acc)
             else:
@@ -135,22 +131,14 @@ def build():
         for size in SIZES:
             nm = name_of(mode, warps, size)
             host, smem = make(mode, warps, size)
-            sym = compile_cubin(host, (Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(1)),
-                                os.path.join(OUT_DIR, f"{nm}.cubin"))
-            manifest[nm] = dict(mode=mode, warps=warps, size=size, symbol=sym, dyn_smem_bytes=smem + 256,
-                                block=[THREADS, 1, 1], param_types=["u64", "u64", "u64", "s32", "s32"])
-            print(f"built {nm} ({sym})", flush=True)
-    json.dump(manifest, open(os.path.join(OUT_DIR, "manifest.json"), "w"), indent=1)
+            add_cubin(manifest, OUT_DIR, nm, host, (Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(1)), smem,
+                      ["u64", "u64", "u64", "s32", "s32"], mode=mode, warps=warps, size=size)
+    write_manifest(OUT_DIR, manifest)
 
 
 def run(json_path=None):
     import torch
-    sys.path.insert(0, os.path.join(HERE, ".."))
-    from megapre.host.launch import LoadedKernel
-    man = json.load(open(os.path.join(OUT_DIR, "manifest.json")))
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    name = torch.cuda.get_device_name(dev)
+    man, kernels, dev, sms, name = open_probe(OUT_DIR)
     sbuf = torch.randint(0, 255, (STREAM_CHUNKS * STREAM_CHUNK,), dtype=torch.uint8, device=dev)
     rows = torch.randint(0, 255, (ROW_SLOTS * 65536,), dtype=torch.uint8, device=dev)
     out = torch.zeros(4096, dtype=torch.int64, device=dev)
@@ -159,7 +147,7 @@ def run(json_path=None):
     results = []
     chunk0 = 0
     for nm, m in man.items():
-        k = LoadedKernel(open(os.path.join(OUT_DIR, f"{nm}.cubin"), "rb").read(), m, dev)
+        k = kernels[nm]
         line = [f"{nm:18s}"]
         for streaming in (0, 8):
             ts = []

@@ -25,16 +25,15 @@ import os
 import statistics
 import sys
 
+from _diag_cli import STREAM_CHUNK, STREAM_CHUNKS, STREAM_THREADS as THREADS, open_probe
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "..", ".diag-build", "order")
-THREADS = 256
 ACT_BYTES = 14336  # 2 warps x 32 lanes x 14 loads of 16 bytes
 ACT_WARPS = 2
 BULK_CHUNK = 2048
 VARIANTS = (("none", 0), ("nc", 32768), ("reg", 32768), ("ldgsts", 32768), ("bulk", 32768), ("reg", 65536),
             ("ldgsts", 65536), ("bulk", 65536))
-STREAM_CHUNK = 65536
-STREAM_CHUNKS = 8192  # 512 MB
 SLOT = 131072  # one trial's weights (<= 64 KB) and act row, 64 KB each
 SLOTS = 8
 WAIT_NS = 4000
@@ -52,8 +51,8 @@ def build():
     from cutlass.memory import SmemAllocator
     sys.path.insert(0, os.path.join(HERE, ".."))
     from megapre.device import primitives as P
-    from _diag_dsl import (bulk_g2s, compile_cubin, cp_async_16, cp_async_commit, cp_async_wait_all, mbar_expect,
-                           mbar_init, mbar_wait, stream_chunk, use_twice)
+    from _diag_dsl import (add_cubin, bulk_g2s, cp_async_16, cp_async_commit, cp_async_wait_all, mbar_expect,
+                           mbar_init, mbar_wait, use_twice, weight_stream, write_manifest)
 
     def make(path: str, wbytes: int):
         smem_words = (wbytes if path in ("ldgsts", "bulk") else 0) // 4 + 2 * THREADS + 16
@@ -70,10 +69,7 @@ def build():
             bar = sb + (smem_words - 16) * 4
             scratch = sb + (smem_words - 16 - 2 * THREADS) * 4
             if bid < nb - 1:
-                acc = Uint32(0)
-                for i in cutlass.range(n_stream, unroll=1):
-                    c = (chunk0 + i * (nb - 1) + bid) % STREAM_CHUNKS
-                    acc = acc ^ stream_chunk(sbuf + Int64(c) * STREAM_CHUNK + Int64(tid * 16), THREADS, STREAM_CHUNK)
+                acc = weight_stream(sbuf, n_stream, chunk0)
                 if acc == Uint32(0x7F123457):
                     P.st_b32(out + Int64(64 + bid * 4), acc)
             else:
@@ -146,22 +142,14 @@ def build():
     for path, wbytes in VARIANTS:
         nm = name_of(path, wbytes)
         host, smem = make(path, wbytes)
-        sym = compile_cubin(host, (Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(1)),
-                            os.path.join(OUT_DIR, f"{nm}.cubin"))
-        manifest[nm] = dict(path=path, weight_bytes=wbytes, symbol=sym, dyn_smem_bytes=smem + 256,
-                            block=[THREADS, 1, 1], param_types=["u64", "u64", "u64", "s32", "s32"])
-        print(f"built {nm} ({sym})", flush=True)
-    json.dump(manifest, open(os.path.join(OUT_DIR, "manifest.json"), "w"), indent=1)
+        add_cubin(manifest, OUT_DIR, nm, host, (Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(1)), smem,
+                  ["u64", "u64", "u64", "s32", "s32"], path=path, weight_bytes=wbytes)
+    write_manifest(OUT_DIR, manifest)
 
 
 def run(json_path=None):
     import torch
-    sys.path.insert(0, os.path.join(HERE, ".."))
-    from megapre.host.launch import LoadedKernel
-    man = json.load(open(os.path.join(OUT_DIR, "manifest.json")))
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    name = torch.cuda.get_device_name(dev)
+    man, kernels, dev, sms, name = open_probe(OUT_DIR)
     sbuf = torch.randint(0, 255, (STREAM_CHUNKS * STREAM_CHUNK,), dtype=torch.uint8, device=dev)
     slots = torch.randint(0, 255, (SLOTS * SLOT,), dtype=torch.uint8, device=dev)
     out = torch.zeros(4096, dtype=torch.int64, device=dev)
@@ -171,7 +159,7 @@ def run(json_path=None):
     results = []
     chunk0 = 0
     for nm, m in man.items():
-        k = LoadedKernel(open(os.path.join(OUT_DIR, f"{nm}.cubin"), "rb").read(), m, dev)
+        k = kernels[nm]
         line = [f"{nm:10s}"]
         for streaming in (0, 8):
             act, wts = [], []

@@ -29,12 +29,11 @@ import os
 import statistics
 import sys
 
+from _diag_cli import STREAM_CHUNK, STREAM_CHUNKS, STREAM_THREADS as THREADS, open_probe
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "..", ".diag-build", "stream_kind")
-THREADS = 256
 BURSTS = (("act14", 14336, 2, "relaxed"), ("row28", 28672, 8, "cg"))
-STREAM_CHUNK = 65536
-STREAM_CHUNKS = 8192  # 512 MB
 L2_CHUNKS = 128  # 8 MB
 PIECES = 8  # a prefetched chunk goes out as 8 bulk prefetches of 8 KB
 SLOT = 65536
@@ -58,7 +57,7 @@ def build():
     from cutlass.memory import SmemAllocator
     sys.path.insert(0, os.path.join(HERE, ".."))
     from megapre.device import primitives as P
-    from _diag_dsl import compile_cubin, stream_chunk, use_twice
+    from _diag_dsl import add_cubin, stream_chunk, use_twice, weight_stream, write_manifest
 
     def make(nbytes: int, warps: int, load_kind: str):
         per_thread = nbytes // (warps * 32 * 16)
@@ -76,10 +75,7 @@ def build():
             if bid < nb - 1:
                 acc = Uint32(0)
                 if kind == 1:
-                    for i in cutlass.range(n_stream, unroll=1):
-                        c = (chunk0 + i * (nb - 1) + bid) % STREAM_CHUNKS
-                        acc = acc ^ stream_chunk(hbm + Int64(c) * STREAM_CHUNK + Int64(tid * 16), THREADS,
-                                                 STREAM_CHUNK)
+                    acc = weight_stream(hbm, n_stream, chunk0)
                 elif kind == 2:
                     if tid == 0:
                         # PIECES pieces per chunk; with gap_ns > 0 piece j goes out gap_ns * j after the first
@@ -137,7 +133,8 @@ def build():
         @cute.jit
         def host(slot: Int64, hbm: Int64, l2buf: Int64, out: Int64, kind: Int32, chunk0: Int32, n_stream: Int32,
                  wait_ns: Int32, gap_ns: Int32, grid: Int32):
-            k(slot, hbm, l2buf, out, kind, chunk0, n_stream, wait_ns, gap_ns).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1])
+            k(slot, hbm, l2buf, out, kind, chunk0, n_stream, wait_ns, gap_ns).launch(grid=[grid, 1, 1],
+                                                                                     block=[THREADS, 1, 1])
 
         return host, smem_words * 4
 
@@ -145,35 +142,26 @@ def build():
     manifest = {}
     for nm, nbytes, warps, load_kind in BURSTS:
         host, smem = make(nbytes, warps, load_kind)
-        sym = compile_cubin(host, (Int64(0), Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(0), Int32(0), Int32(0),
-                             Int32(1)),
-                            os.path.join(OUT_DIR, f"{nm}.cubin"))
-        manifest[nm] = dict(bytes=nbytes, warps=warps, load=load_kind, symbol=sym, dyn_smem_bytes=smem + 256,
-                            block=[THREADS, 1, 1], param_types=["u64", "u64", "u64", "u64", "s32", "s32", "s32", "s32", "s32"])
-        print(f"built {nm} ({sym})", flush=True)
-    json.dump(manifest, open(os.path.join(OUT_DIR, "manifest.json"), "w"), indent=1)
+        add_cubin(manifest, OUT_DIR, nm, host, (Int64(0), Int64(0), Int64(0), Int64(0), Int32(0), Int32(0), Int32(0),
+                                                Int32(0), Int32(0), Int32(1)), smem,
+                  ["u64", "u64", "u64", "u64", "s32", "s32", "s32", "s32", "s32"], bytes=nbytes, warps=warps,
+                  load=load_kind)
+    write_manifest(OUT_DIR, manifest)
 
 
 def run(json_path=None):
     import torch
-    sys.path.insert(0, os.path.join(HERE, ".."))
-    from megapre.host.launch import LoadedKernel
-    man = json.load(open(os.path.join(OUT_DIR, "manifest.json")))
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    name = torch.cuda.get_device_name(dev)
+    _, kernels, dev, sms, name = open_probe(OUT_DIR)
     hbm = torch.randint(0, 255, (STREAM_CHUNKS * STREAM_CHUNK,), dtype=torch.uint8, device=dev)
     l2buf = torch.randint(0, 255, (L2_CHUNKS * STREAM_CHUNK,), dtype=torch.uint8, device=dev)
     slots = torch.randint(0, 255, (SLOTS * SLOT,), dtype=torch.uint8, device=dev)
     out = torch.zeros(4096, dtype=torch.int64, device=dev)
-    print(f"device: {name}, {sms} SMs; one SM pulls an L2-resident burst, @ns after its start, while the other SMs idle, "
-          f"load xN 64-KB chunks each from HBM into registers (ld), L2-prefetch them (pf; paced: 8-KB pieces 250 ns "
-          f"apart) or load L2-resident chunks (l2); ns from the first request to the burst in registers, median of "
-          f"{SLOTS - 1} trials (after one untimed), two rounds", flush=True)
+    print(f"device: {name}, {sms} SMs; one SM pulls an L2-resident burst, @ns after its start, while the other SMs "
+          f"idle, load xN 64-KB chunks each from HBM into registers (ld), L2-prefetch them (pf; paced: 8-KB pieces "
+          f"250 ns apart) or load L2-resident chunks (l2); ns from the first request to the burst in registers, median "
+          f"of {SLOTS - 1} trials (after one untimed), two rounds", flush=True)
     results = []
     chunk0 = 0
-    kernels = {nm: LoadedKernel(open(os.path.join(OUT_DIR, f"{nm}.cubin"), "rb").read(), m, dev)
-               for nm, m in man.items()}
     for rnd in range(2):
         for label, kind, n_stream, wait_ns, gap_ns in CONFIGS:
             line = [f"{label:18s} r{rnd}"]
