@@ -1,8 +1,8 @@
-"""What the CuTe-DSL probes built here (diag_burst.py, diag_order.py, diag_stream_kind.py; diag_wgmma.py for
-compile_cubin) share: cp.async / mbarrier / TMA bulk-copy wrappers, a use of loaded values that keeps them all in
-flight, the "weight stream" the other CTAs run (64-KB chunks from HBM, as the megakernel's CTAs stream their weights),
-and the compile step that writes a cubin and its manifest entry for the run-there half. Imported only by `build` (it
-needs the DSL)."""
+"""What the CuTe-DSL probes built here (diag_burst.py, diag_order.py, diag_stream_kind.py, diag_dsmem_hop.py;
+diag_wgmma.py for compile_cubin) share: cp.async / mbarrier / TMA bulk-copy wrappers, a use of loaded values that
+keeps them all in flight, the "weight stream" the other CTAs run (64-KB chunks from HBM, as the megakernel's CTAs
+stream their weights), and the compile step that writes a cubin and its manifest entry for the run-there half.
+Imported only by `build` (it needs the DSL)."""
 import json
 import os
 import re
