@@ -1,6 +1,6 @@
 """What the CuTe-DSL probes built here (diag_burst.py, diag_order.py, diag_stream_kind.py, diag_dsmem_hop.py;
 diag_wgmma.py for compile_cubin) share: cp.async / mbarrier / TMA bulk-copy wrappers, a use of loaded values that
-keeps them all in flight, the "weight stream" the other CTAs run (64-KB chunks from HBM, as the megakernel's CTAs
+keeps them all in flight, the probe CTA's timed start, the "weight stream" the other CTAs run (64-KB chunks from HBM, as the megakernel's CTAs
 stream their weights), and the compile step that writes a cubin and its manifest entry for the run-there half.
 Imported only by `build` (it needs the DSL)."""
 import json
@@ -94,6 +94,19 @@ def weight_stream(sbuf: Int64, n_stream: Int32, chunk0: Int32) -> Uint32:
         c = (chunk0 + i * (nb - 1) + bid) % STREAM_CHUNKS
         acc = acc ^ stream_chunk(sbuf + Int64(c) * STREAM_CHUNK + Int64(tid * 16), STREAM_THREADS, STREAM_CHUNK)
     return acc
+
+
+@cute.jit
+def start_after(wait_ns: Int32) -> Int64:
+    """The probe CTA's start: a barrier, wait_ns of spinning on %globaltimer while the other CTAs' stream gets going,
+    another barrier, and the stamp the probe's time counts from (returned)."""
+    cute.arch.sync_threads()
+    t_start = P.globaltimer()
+    t = t_start
+    while t - t_start < Int64(wait_ns):
+        t = P.globaltimer()
+    cute.arch.sync_threads()
+    return P.globaltimer()
 
 
 def add_cubin(manifest: dict, out_dir: str, nm: str, host, args, smem_bytes: int, param_types, **meta) -> None:

@@ -52,7 +52,8 @@ def build():
     from cutlass.memory import SmemAllocator
     sys.path.insert(0, ROOT)
     from megapre.device import primitives as P
-    from _diag_dsl import add_cubin, mbar_init, mbar_expect, mbar_wait, use_twice, weight_stream, write_manifest
+    from _diag_dsl import (add_cubin, mbar_init, mbar_expect, mbar_wait, start_after, use_twice, weight_stream,
+                           write_manifest)
 
     def cluster_sync():
         P._asm([], [], "barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned;", "", True)
@@ -99,13 +100,7 @@ def build():
                     P.st_b32(out + Int64(64 + bid * 4), acc)
             elif bid == nb - 2:
                 # the producer: wait, stamp, then N bytes of "results" (the launch's tag in every word) to the consumer
-                cute.arch.sync_threads()
-                t_start = P.globaltimer()
-                t = t_start
-                while t - t_start < Int64(wait_ns):
-                    t = P.globaltimer()
-                cute.arch.sync_threads()
-                t0 = P.globaltimer()
+                t0 = start_after(wait_ns)
                 v = Uint32(seq) + Uint32(t0 >> 62)  # (+0: the values wait for the start stamp)
                 if cutlass.const_expr(mode == "dsmem"):
                     rbar = mapa(base + S_MBAR, Int32(1))

@@ -52,7 +52,7 @@ def build():
     sys.path.insert(0, os.path.join(HERE, ".."))
     from megapre.device import primitives as P
     from _diag_dsl import (add_cubin, bulk_g2s, cp_async_16, cp_async_commit, cp_async_wait_all, mbar_expect,
-                           mbar_init, mbar_wait, use_twice, weight_stream, write_manifest)
+                           mbar_init, mbar_wait, start_after, use_twice, weight_stream, write_manifest)
 
     def make(path: str, wbytes: int):
         smem_words = (wbytes if path in ("ldgsts", "bulk") else 0) // 4 + 2 * THREADS + 16
@@ -76,13 +76,7 @@ def build():
                 if cutlass.const_expr(path == "bulk"):
                     if tid == 0:
                         mbar_init(bar)
-                cute.arch.sync_threads()
-                t_start = P.globaltimer()
-                t = t_start
-                while t - t_start < Int64(WAIT_NS):
-                    t = P.globaltimer()
-                cute.arch.sync_threads()
-                t0 = P.globaltimer()
+                t0 = start_after(Int32(WAIT_NS))
                 base = slots + (t0 >> 62)  # (+0: every address waits for the start stamp)
                 wsrc = base
                 asrc = base + Int64(65536)

@@ -57,7 +57,7 @@ def build():
     from cutlass.memory import SmemAllocator
     sys.path.insert(0, os.path.join(HERE, ".."))
     from megapre.device import primitives as P
-    from _diag_dsl import add_cubin, stream_chunk, use_twice, weight_stream, write_manifest
+    from _diag_dsl import add_cubin, start_after, stream_chunk, use_twice, weight_stream, write_manifest
 
     def make(nbytes: int, warps: int, load_kind: str):
         per_thread = nbytes // (warps * 32 * 16)
@@ -108,13 +108,7 @@ def build():
                 if acc == Uint32(0x7F123457):
                     P.st_b32(out + Int64(64 + bid * 4), acc)
             else:
-                cute.arch.sync_threads()
-                t_start = P.globaltimer()
-                t = t_start
-                while t - t_start < Int64(wait_ns):
-                    t = P.globaltimer()
-                cute.arch.sync_threads()
-                t0 = P.globaltimer()
+                t0 = start_after(wait_ns)
                 src = slot + (t0 >> 62)  # (+0: every address waits for the start stamp)
                 warp = tid >> 5
                 acc = Uint32(0)
