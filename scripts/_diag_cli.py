@@ -38,65 +38,12 @@ def open_probe(out_dir: str):
             torch.cuda.get_device_name(dev))
 
 
-class ClusterKernel:
-    """A probe cubin loaded into torch's context (cuda-python) and launched with its manifest's cluster size as the
-    cluster-dimension attribute (none at size 1; sizes above 8 need the non-portable attribute), optionally with the
-    programmatic-dependent-launch attribute -- megapre's LoadedKernel has neither clusters nor that choice. Every
-    driver return code is checked."""
 
-    def __init__(self, path: str, meta: dict, device):
-        import torch
-        sys.path.insert(0, ROOT)
-        from megapre.host.launch import _CTYPES, _driver, check
-        self.drv, self.check, self.meta = _driver(), check, meta
-        self.cluster = int(meta.get("cluster", 1))
-        attrs = self.drv.CUfunction_attribute
-        with torch.cuda.device(device):
-            torch.empty(1, device=device)  # torch's primary context current
-            self.module = check(self.drv.cuModuleLoadData(open(path, "rb").read()), "cuModuleLoadData")
-            self.function = check(self.drv.cuModuleGetFunction(self.module, meta["symbol"].encode()),
-                                  "cuModuleGetFunction")
-            check(self.drv.cuFuncSetAttribute(self.function, attrs.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                              meta["dyn_smem_bytes"]), "cuFuncSetAttribute(max dynamic smem)")
-            if self.cluster > 8:
-                check(self.drv.cuFuncSetAttribute(self.function,
-                                                  attrs.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1),
-                      "cuFuncSetAttribute(non-portable cluster size)")
-        self.types = tuple(_CTYPES[t] for t in meta["param_types"])
-
-    def config(self, grid: int, pdl: bool = False):
-        import torch
-        cfg = self.drv.CUlaunchConfig()
-        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid, 1, 1
-        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = self.meta["block"]
-        cfg.sharedMemBytes = self.meta["dyn_smem_bytes"]
-        cfg.hStream = self.drv.CUstream(torch.cuda.current_stream().cuda_stream)
-        ids = self.drv.CUlaunchAttributeID
-        attrs = []
-        if self.cluster > 1:
-            a = self.drv.CUlaunchAttribute()
-            a.id = ids.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            a.value.clusterDim.x, a.value.clusterDim.y, a.value.clusterDim.z = self.cluster, 1, 1
-            attrs.append(a)
-        if pdl:
-            a = self.drv.CUlaunchAttribute()
-            a.id = ids.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            a.value.programmaticStreamSerializationAllowed = 1
-            attrs.append(a)
-        cfg.attrs = attrs
-        cfg.numAttrs = len(attrs)
-        return cfg
-
-    def max_clusters(self, sms: int) -> int:
-        """How many clusters (CTAs at size 1) of this kernel can be resident at once."""
-        if self.cluster == 1:
-            per_sm = self.check(self.drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                self.function, self.meta["block"][0], self.meta["dyn_smem_bytes"]),
-                "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-            return per_sm * sms
-        return self.check(self.drv.cuOccupancyMaxActiveClusters(self.function, self.config(sms * self.cluster)),
-                          "cuOccupancyMaxActiveClusters")
-
-    def launch(self, args: tuple, grid: int, pdl: bool = False):
-        self.check(self.drv.cuLaunchKernelEx(self.config(grid, pdl), self.function, (args, self.types), 0),
-                   "cuLaunchKernelEx(probe)")
+def resident_clusters(k, sms: int) -> int:
+    """How many clusters of a loaded probe kernel (megapre.host.launch.LoadedKernel; CTAs where it has no cluster
+    size) can be resident on the device at once."""
+    if k.cluster == 1:
+        return k.per_sm * sms
+    from megapre.host.launch import _driver, check
+    return check(_driver().cuOccupancyMaxActiveClusters(k.function, k.launch_config(sms * k.cluster)),
+                 "cuOccupancyMaxActiveClusters")

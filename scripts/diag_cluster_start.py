@@ -22,7 +22,7 @@ import random
 import statistics
 import sys
 
-from _diag_cli import ROOT, STREAM_THREADS as THREADS, ClusterKernel
+from _diag_cli import ROOT, STREAM_THREADS as THREADS, open_probe, resident_clusters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "..", ".diag-build", "cluster_start")
@@ -127,16 +127,7 @@ def leave_times(pattern: str, n: int, rng: random.Random) -> list[int]:
 
 def run(json_path=None):
     import torch
-    man = json.load(open(os.path.join(OUT_DIR, "manifest.json")))
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    name = torch.cuda.get_device_name(dev)
-    kernels = {}
-    for nm, m in man.items():
-        try:
-            kernels[nm] = ClusterKernel(os.path.join(OUT_DIR, f"{nm}.cubin"), m, dev)
-        except RuntimeError as e:  # (a cluster size the card does not allow)
-            print(f"{nm}: not loaded ({e})")
+    _, kernels, dev, sms, name = open_probe(OUT_DIR)
     tail = kernels.pop("tail")
     rng = random.Random(0)
     print(f"device: {name}, {sms} SMs; a tail kernel holds every SM and its CTAs leave one by one; the next kernel "
@@ -147,7 +138,7 @@ def run(json_path=None):
     for pattern in ("at once", "megakernel"):
         for nm, k in kernels.items():
             c = k.cluster
-            fits = k.max_clusters(sms)
+            fits = resident_clusters(k, sms)
             grid = c * min(fits, sms // c)
             if grid == 0:
                 print(f"{pattern:10s} C = {c:2d}: no cluster fits")

@@ -29,7 +29,7 @@ import os
 import statistics
 import sys
 
-from _diag_cli import ROOT, STREAM_CHUNK, STREAM_CHUNKS, STREAM_THREADS as THREADS, ClusterKernel
+from _diag_cli import ROOT, STREAM_CHUNK, STREAM_CHUNKS, STREAM_THREADS as THREADS, open_probe, resident_clusters
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "..", ".diag-build", "dsmem_hop")
@@ -174,12 +174,8 @@ def build():
 
 def run(json_path=None):
     import torch
-    man = json.load(open(os.path.join(OUT_DIR, "manifest.json")))
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    name = torch.cuda.get_device_name(dev)
-    kernels = {nm: ClusterKernel(os.path.join(OUT_DIR, f"{nm}.cubin"), m, dev) for nm, m in man.items()}
-    fits = min(k.max_clusters(sms) for k in kernels.values())
+    _, kernels, dev, sms, name = open_probe(OUT_DIR)
+    fits = min(resident_clusters(k, sms) for k in kernels.values())
     grid = CLUSTER * min(fits, sms // CLUSTER)
     hbm = torch.randint(0, 255, (STREAM_CHUNKS * STREAM_CHUNK,), dtype=torch.uint8, device=dev)
     slots = torch.zeros(TRIALS * SLOT, dtype=torch.uint8, device=dev)
@@ -212,7 +208,7 @@ def run(json_path=None):
                     if trial:
                         ns.append(t1 - t0)
                 med = statistics.median(ns)
-                results.append(dict(hop=nm, mode=k.meta["mode"], bytes=k.meta["bytes"], round=rnd, config=label,
+                results.append(dict(hop=nm, mode=k.manifest["mode"], bytes=k.manifest["bytes"], round=rnd, config=label,
                                     kind=kind, n_stream=n_stream, wait_ns=wait_ns, ns=med, trials=ns))
                 line.append(f"{nm} {med:5.0f}")
             print("  |  ".join(line), flush=True)

@@ -49,18 +49,27 @@ class LoadedKernel:
             check(drv.cuFuncSetAttribute(self.function,
                                          drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                          smem), "cuFuncSetAttribute(max dynamic smem)")
+            # thread-block clusters (the diagnostic probes' cubins; the megakernel has none): launched with the
+            # cluster-dimension attribute, and sizes above the portable 8 must be allowed explicitly
+            self.cluster = int(manifest.get("cluster", 1))
+            if self.cluster > 8:
+                check(drv.cuFuncSetAttribute(
+                    self.function, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1),
+                    "cuFuncSetAttribute(non-portable cluster size)")
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
             per_sm = check(drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, manifest["block"][0],
                                                                            smem),
                            "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+        self.per_sm = per_sm
         if per_sm < 1:
             raise RuntimeError(f"megakernel cannot run on {torch.cuda.get_device_name(device)}: "
                                f"0 CTAs fit per SM with {smem} bytes of shared memory")
         self.smem = smem
         self.types = tuple(_CTYPES[t] for t in manifest["param_types"])
 
-    def launch(self, args: tuple, grid: int, stream: torch.cuda.Stream | None = None, cooperative: bool = False,
-               pdl: bool = False):
+    def launch_config(self, grid: int, stream: torch.cuda.Stream | None = None, cooperative: bool = False,
+                      pdl: bool = False):
+        """The CUlaunchConfig of a launch of `grid` CTAs on `stream` (torch's current one by default)."""
         drv = _driver()
         stream = stream or torch.cuda.current_stream(self.device)
         cfg = drv.CUlaunchConfig()
@@ -79,9 +88,19 @@ class LoadedKernel:
             attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
             attr.value.programmaticStreamSerializationAllowed = 1
             attrs.append(attr)
+        if self.cluster > 1:
+            attr = drv.CUlaunchAttribute()
+            attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = self.cluster, 1, 1
+            attrs.append(attr)
         cfg.attrs = attrs
         cfg.numAttrs = len(attrs)
-        check(drv.cuLaunchKernelEx(cfg, self.function, (args, self.types), 0), "cuLaunchKernelEx(megapre)")
+        return cfg
+
+    def launch(self, args: tuple, grid: int, stream: torch.cuda.Stream | None = None, cooperative: bool = False,
+               pdl: bool = False):
+        check(_driver().cuLaunchKernelEx(self.launch_config(grid, stream, cooperative, pdl), self.function,
+                                         (args, self.types), 0), "cuLaunchKernelEx(megapre)")
 
 
 _loaded: dict = {}
